@@ -1,0 +1,169 @@
+"""Models and tokenizers: a hub name, a local folder, or the built-in tiny model.
+
+`load` returns a ready (model, tokenizer) pair: dtype chosen for the device, a pad token, left padding
+(generation appends on the right), a chat template, a neutral generation config, gradient
+checkpointing, and optionally LoRA adapters (peft) and Liger kernels.
+
+The tiny model is a randomly initialised Qwen2 (the same architecture as Qwen2.5) with a byte-level
+BPE tokenizer trained in a second on the run's own training text, so nothing is downloaded. Like
+Qwen's, the tokenizer splits numbers into single digits.
+
+    python llms.py     # builds the tiny model and prints its size and a tokenized prompt
+"""
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+
+TINY = "tiny"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen's chat layout, so prompts of the tiny model look like those of the real one.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `corpus`: any text encodes (bytes are the fallback), digits stay single."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny_model(vocab_size: int, hidden: int, layers: int, seed: int):
+    """A small Qwen2: same blocks as Qwen2.5 (GQA, RoPE, SwiGLU, RMSNorm, tied embeddings)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
+                         num_key_value_heads=max(1, hidden // 64), max_position_embeddings=1024,
+                         tie_word_embeddings=True, rope_theta=10000.0)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def chat_prompt(tokenizer, system_prompt: str, user: str) -> str:
+    """The prompt text for one question, ending where the assistant starts writing."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS, the model's (Qwen2.5 lists two), chat ends."""
+    ids = {tokenizer.eos_token_id}
+    model_eos = model.generation_config.eos_token_id
+    ids.update(model_eos if isinstance(model_eos, list) else [model_eos])
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def _from_pretrained(cls, name: str, **kwargs):
+    """from_pretrained with an error that says what to do when the name cannot be reached."""
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except OSError as e:
+        where = "the local folder" if os.path.isdir(name) else "the model hub"
+        raise RuntimeError(
+            f"could not load {name!r} from {where}: {str(e).splitlines()[0][:300]}\n"
+            f"If this machine is offline, pass a local folder that holds config.json, the weights and "
+            f"the tokenizer files: --model_name /path/to/model (or --model_name tiny for the built-in "
+            f"model).") from None
+
+
+def load(model_name: str, device: str, dtype: str = "auto", gradient_checkpointing: bool = False,
+         lora_r: int = 0, lora_alpha: int = 32, lora_dropout: float = 0.0,
+         lora_target_modules: list[str] | None = None, liger: bool = False,
+         trust_remote_code: bool = False, adapter_path: str = "", tiny_corpus: list[str] | None = None,
+         tiny_vocab_size: int = 512, tiny_hidden: int = 128, tiny_layers: int = 4, seed: int = 0):
+    """(model, tokenizer) on `device`, in train mode. `adapter_path` resumes a LoRA adapter."""
+    torch_dtype = pick_dtype(dtype, device)
+    if model_name == TINY:
+        if not tiny_corpus:
+            raise ValueError("the tiny model trains its tokenizer on the training text: pass tiny_corpus")
+        tokenizer = build_tiny_tokenizer(tiny_corpus, tiny_vocab_size)
+        model = build_tiny_model(len(tokenizer), tiny_hidden, tiny_layers, seed).to(torch_dtype)
+    else:
+        tokenizer = _from_pretrained(AutoTokenizer, model_name, trust_remote_code=trust_remote_code)
+        model = _from_pretrained(AutoModelForCausalLM, model_name, dtype=torch_dtype,
+                                 trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # prompts end where generation starts
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    # transformers fills every sampling setting we leave unset from the model's own generation config
+    # (Qwen2.5: repetition_penalty 1.05, top_k 20, top_p 0.8). Replace it with a neutral one so that
+    # only the settings rollout.py passes apply.
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids(tokenizer, model),
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.config.use_cache = True
+    model.to(device)
+
+    if liger and device.startswith("cuda"):
+        patch_liger(model)  # Triton kernels need a GPU; the fused loss itself also runs on CPU
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter_path or lora_r > 0:
+        from peft import LoraConfig, PeftModel, get_peft_model
+        if adapter_path:
+            model = PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+        else:
+            model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                     target_modules=lora_target_modules, task_type="CAUSAL_LM"))
+    model.train()
+    return model, tokenizer
+
+
+def patch_liger(model) -> None:
+    """Swap in Liger's RMSNorm, RoPE and SwiGLU kernels (Qwen2 and Llama); the loss is fused elsewhere."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2
+
+    patchers = {"qwen2": apply_liger_kernel_to_qwen2, "llama": apply_liger_kernel_to_llama}
+    kind = model.config.model_type
+    if kind not in patchers:
+        raise ValueError(f"--liger patches Qwen2 and Llama models; {kind!r} is neither: drop --liger")
+    patchers[kind](rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                   fused_linear_cross_entropy=False, model=model)
+
+
+def decoder_and_head(model):
+    """(the transformer body returning final hidden states, the output projection), LoRA or not.
+
+    Log-probs are computed from hidden states chunk by chunk so that the full (chains x length x
+    vocab) logits tensor never exists at once. LoRA layers live inside the body, so they apply.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model, base.get_output_embeddings()
+
+
+if __name__ == "__main__":
+    import data
+
+    train, _ = data.arithmetic_task(2000, 100, seed=0)
+    tok_corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in train]
+    m, tok = load(TINY, "cpu", tiny_corpus=tok_corpus)
+    prompt = chat_prompt(tok, "Solve step by step.", train[0]["question"])
+    ids = tok(prompt)["input_ids"]
+    print(f"tiny model: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}")
+    print(f"prompt of {len(ids)} tokens:", [tok.decode([i]) for i in ids])

@@ -1,0 +1,113 @@
+"""Rollout, the one structure every sampling idea hands to the loss, and plain sampling.
+
+A sampling idea only decides which tokens exist and which of them the policy is trained on:
+
+    input_ids      (N, L) long   full sequences, prompt included, left padded
+    attention_mask (N, L) long   1 on real tokens, 0 on padding
+    loss_mask      (N, L) float  1 only on tokens the policy sampled and is trained on
+    group          (N,)   long   which prompt each chain belongs to (0..B-1)
+    texts          N strings     what the reward functions read (the completion)
+    info           N dicts       per-chain facts for rewards and logs (e.g. "truncated")
+
+N = B prompts x G chains, chains of one prompt are adjacent. Plain sampling is one batched HF
+`generate` call with every sampling setting passed explicitly.
+
+    python rollout.py     # samples a few chains from the untrained tiny model and prints the masks
+"""
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    group: torch.Tensor
+    texts: list[str]
+    info: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, exactly as HF generate computes them while sampling."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_mask(completions: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (N, T) of tokens up to and including the first EOS, truncated (N,) bool: no EOS at all)."""
+    is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device))
+    # a token is kept while no EOS came strictly before it
+    eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return (~eos_before).long(), ~is_eos.any(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+             temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """New tokens (N, T) for already-tokenized, left-padded prompts; T <= max_new_tokens.
+
+    Every setting is explicit: no top-k, no repetition penalty, all EOS ids, temperature 0 = greedy.
+    The model samples in eval mode with its KV cache, and is put back in train mode afterwards.
+    """
+    was_training = model.training
+    model.eval()  # also turns gradient checkpointing off, so the KV cache works
+    gen = model.generation_config
+    config = GenerationConfig(
+        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+        top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
+        repetition_penalty=1.0, max_new_tokens=max_new_tokens, min_new_tokens=0, use_cache=True,
+        eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    model.train(was_training)
+    return out[:, input_ids.shape[1]:]
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device) -> tuple[torch.Tensor, ...]:
+    """Left-padded (ids, mask); a prompt longer than max_prompt_tokens keeps its end (the question)."""
+    tokenizer.truncation_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                    max_length=max_prompt_tokens, add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def assemble(tokenizer, prompt_ids, prompt_mask, completions, eos_ids, group, info) -> Rollout:
+    """Join prompts (N, P) and sampled completions (N, T) into a Rollout trained on the completions."""
+    comp_mask, truncated = completion_mask(completions, eos_ids)
+    for d, t in zip(info, truncated.tolist()):
+        d["truncated"] = t
+    # tokens after the first EOS are padding; set them to pad so that the sequences are clean
+    completions = torch.where(comp_mask.bool(), completions, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, completions], 1),
+        attention_mask=torch.cat([prompt_mask, comp_mask], 1),
+        loss_mask=torch.cat([torch.zeros_like(prompt_mask), comp_mask], 1).float(),
+        group=group, texts=texts, info=info)
+
+
+def sample(model, tokenizer, prompts: list[str], num_chains: int, max_prompt_tokens: int,
+           max_new_tokens: int, temperature: float, top_p: float = 1.0) -> Rollout:
+    """Plain GRPO sampling: B prompts x G chains in one batched generate call."""
+    device = next(model.parameters()).device
+    ids, mask = tokenize_prompts(tokenizer, prompts, max_prompt_tokens, device)
+    ids, mask = ids.repeat_interleave(num_chains, 0), mask.repeat_interleave(num_chains, 0)  # (N, P)
+    completions = generate(model, ids, mask, max_new_tokens, temperature, top_p)  # (N, T)
+    group = torch.arange(len(prompts), device=device).repeat_interleave(num_chains)
+    info = [{} for _ in range(len(group))]
+    return assemble(tokenizer, ids, mask, completions, model.generation_config.eos_token_id, group, info)
+
+
+if __name__ == "__main__":
+    import data
+    import llms
+
+    train, _ = data.arithmetic_task(500, 10, seed=0)
+    m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] for ex in train])
+    r = sample(m, tok, [llms.chat_prompt(tok, "", train[0]["question"])], num_chains=2,
+               max_prompt_tokens=128, max_new_tokens=12, temperature=1.0)
+    print("input_ids", tuple(r.input_ids.shape), "\nloss_mask\n", r.loss_mask.long(), "\ntexts", r.texts, r.info)
