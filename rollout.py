@@ -102,6 +102,19 @@ def sample(model, tokenizer, prompts: list[str], num_chains: int, max_prompt_tok
     return assemble(tokenizer, ids, mask, completions, model.generation_config.eos_token_id, group, info)
 
 
+def teacher_forced(tokenizer, prompts: list[str], completions: list[str], max_prompt_tokens: int,
+                   max_new_tokens: int) -> Rollout:
+    """A Rollout of given completions (each followed by EOS): the SFT warm start and tests use it."""
+    ids, mask = tokenize_prompts(tokenizer, prompts, max_prompt_tokens, "cpu")
+    rows = [tokenizer(c, add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [tokenizer.eos_token_id]
+            for c in completions]
+    width = max(len(r) for r in rows)
+    completions_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    group = torch.arange(len(prompts))
+    return assemble(tokenizer, ids, mask, completions_ids, [tokenizer.eos_token_id], group,
+                    [{} for _ in prompts])
+
+
 if __name__ == "__main__":
     import data
     import llms

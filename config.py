@@ -1,0 +1,212 @@
+"""The one flat config: defaults here, then `--config recipe.yaml`, then `--key value` flags.
+
+Every field is read somewhere; the resolved config is written to out_dir/config.json. The defaults
+are the reference setup: Qwen2.5-1.5B-Instruct on GSM8K, 16 chains per prompt, temperature 1.0,
+learning rate 5e-6, 786 completion tokens, 256 prompt tokens.
+
+    python config.py --config configs/tiny.yaml --max_steps 3     # prints the resolved config
+"""
+import dataclasses
+import difflib
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+GSM8K_SYSTEM_PROMPT = ("Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n"
+                       "</answer>")
+
+
+@dataclass
+class Config:
+    # --- model (llms.py)
+    model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, local folder, or "tiny" (built in)
+    dtype: str = "auto"                # auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32
+    gradient_checkpointing: bool = True
+    lora_r: int = 0                    # 0 = full fine-tuning
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    liger: bool = False                # Liger's fused linear GRPO loss (+ its kernels on GPU)
+    trust_remote_code: bool = False    # model code from the hub is never run unless you say so
+    tiny_hidden: int = 128             # size of the built-in tiny model
+    tiny_layers: int = 4
+    tiny_vocab_size: int = 512
+    # --- data (data.py)
+    dataset: str = "openai/gsm8k"      # hub name, local jsonl/parquet file or folder, or "arithmetic"
+    dataset_config: str = "main"
+    train_split: str = "train"
+    test_split: str = "test"
+    test_dataset: str = ""             # a separate held-out file, needed when `dataset` is one file
+    question_field: str = "question"
+    answer_field: str = "answer"       # GSM8K layout: solution steps, then "#### <answer>"
+    system_prompt: str = GSM8K_SYSTEM_PROMPT
+    arithmetic_train_size: int = 4000  # the built-in task
+    arithmetic_test_size: int = 200
+    arithmetic_min_steps: int = 2
+    arithmetic_max_steps: int = 4
+    # --- sampling (rollout.py)
+    rollout: str = "plain"             # plain (later: guided, ghpo, verifier)
+    prompts_per_step: int = 4          # B questions per step
+    num_chains: int = 16               # G chains per question
+    max_prompt_tokens: int = 256
+    max_completion_tokens: int = 786
+    temperature: float = 1.0           # sampling and training log-probs use the same temperature
+    top_p: float = 1.0
+    # --- rewards (rewards.py): name -> weight
+    rewards: dict = field(default_factory=lambda: {
+        "correctness": 2.0, "strict_format": 0.5, "soft_format": 0.5, "integer_answer": 0.5})
+    # --- loss (train.py)
+    loss_type: str = "grpo"            # grpo, bnpo, dr_grpo, dapo, gspo, cispo, reinforce
+    adv_scale: str = "group"           # divide advantages by: group std, batch std, or none (Dr. GRPO)
+    beta: float = 0.0                  # k3 KL weight; 0 loads no reference model
+    eps_low: float = 0.2               # clip ratio to [1 - eps_low, 1 + eps_high]
+    eps_high: float = 0.2              # DAPO's clip-higher: 0.28; CISPO caps its weight at 1 + eps_high
+    num_iterations: int = 1            # optimizer steps per rollout (>1 uses stored old log-probs)
+    micro_batch_size: int = 8          # chains per forward/backward; gradients accumulate over the step
+    logp_chunk: int = 256              # positions per log-prob chunk (bounds the logits memory)
+    # --- optimizer
+    optimizer: str = "adamw8bit"       # adamw8bit (bitsandbytes) or adamw
+    learning_rate: float = 5e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    warmup_steps: int = 10
+    lr_schedule: str = "constant"      # constant or cosine (after warmup)
+    max_grad_norm: float = 1.0
+    # --- supervised warm start on the reference solutions, before GRPO (0 = none)
+    sft_steps: int = 0
+    sft_batch_size: int = 32
+    sft_learning_rate: float = 1e-3
+    # --- evaluation (evaluator.py)
+    eval_every: int = 25
+    eval_n: int = 0                    # 0 = the whole test split, else a fixed seeded subset
+    eval_temperature: float = 0.0      # 0 = greedy
+    eval_samples: int = 1              # chains per question; pass@k uses k = eval_samples
+    eval_batch_size: int = 64          # questions per generate call
+    # --- run
+    out_dir: str = "out/run"
+    max_steps: int = 200
+    save_every: int = 50
+    keep_last: int = 2
+    log_samples: int = 4               # chains written to samples.jsonl per step
+    seed: int = 0
+    device: str = "auto"               # auto, cpu, cuda
+    resume: str = ""                   # a run folder: continue it from its latest checkpoint
+
+
+CHOICES = {
+    "rollout": ["plain"], "loss_type": ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"],
+    "adv_scale": ["group", "batch", "none"], "optimizer": ["adamw8bit", "adamw"],
+    "lr_schedule": ["constant", "cosine"], "dtype": ["auto", "bf16", "fp16", "fp32"],
+    "device": ["auto", "cpu", "cuda"],
+}
+LIGER_LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"]
+
+
+def _convert(key: str, value, kind):
+    """A flag's string (or a YAML value) as the field's type, or an error naming the key."""
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind in (int, float, str):
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return kind(value)
+        if kind is list:
+            return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        if kind is dict:  # --rewards correctness=1,strict_format=0.5
+            if isinstance(value, str):
+                value = dict(item.split("=", 1) for item in value.split(",") if item.strip())
+            return {str(k).strip(): float(v) for k, v in value.items()}
+    except (ValueError, TypeError, AttributeError):
+        pass
+    raise ValueError(f"config key {key!r} wants a {kind.__name__}, got {value!r}")
+
+
+def _unknown(key: str, valid) -> ValueError:
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown config key {key!r}.{hint} (python config.py --help lists all keys)")
+
+
+def update(cfg: Config, values: dict) -> Config:
+    types = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+    for key, value in values.items():
+        if key not in types:
+            raise _unknown(key, list(types))
+        setattr(cfg, key, _convert(key, value, typing.get_origin(types[key]) or types[key]))
+    return cfg
+
+
+def parse_flags(argv: list[str]) -> dict:
+    """['--a', '1', '--b=2', '--liger'] -> {'a': '1', 'b': '2', 'liger': 'true'}."""
+    flags, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected --key value, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, value = arg[2:], argv[i + 1]
+            i += 1
+        else:
+            key, value = arg[2:], "true"  # a bare flag switches a bool on
+        flags[key.replace("-", "_")] = value
+        i += 1
+    return flags
+
+
+def validate(cfg: Config) -> None:
+    for key, options in CHOICES.items():
+        if getattr(cfg, key) not in options:
+            raise ValueError(f"{key} must be one of {options}, got {getattr(cfg, key)!r}")
+    if cfg.liger and cfg.loss_type not in LIGER_LOSSES:
+        raise ValueError(f"--liger supports loss_type in {LIGER_LOSSES}; drop --liger for {cfg.loss_type!r}")
+    if cfg.num_chains < 2 and cfg.adv_scale != "none":
+        raise ValueError("group-normalised advantages need num_chains >= 2")
+    for key in ("prompts_per_step", "num_chains", "micro_batch_size", "max_steps", "eval_every",
+                "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.eval_temperature == 0 and cfg.eval_samples > 1:
+        raise ValueError("greedy evaluation (eval_temperature 0) gives one answer per question: "
+                         "set eval_samples 1 or eval_temperature > 0")
+
+
+def load(argv: list[str]) -> Config:
+    """Defaults, then the YAML recipe (--config), then flags; --resume starts from the run's config."""
+    flags = parse_flags(argv)
+    cfg = Config()
+    if "resume" in flags:
+        with open(f"{flags['resume']}/config.json") as f:
+            update(cfg, json.load(f))
+    if "config" in flags:
+        with open(flags.pop("config")) as f:
+            update(cfg, yaml.safe_load(f) or {})
+    update(cfg, flags)
+    validate(cfg)
+    return cfg
+
+
+def save(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+if __name__ == "__main__":
+    if "--help" in sys.argv or "-h" in sys.argv:
+        for f in dataclasses.fields(Config):
+            print(f"--{f.name} ({typing.get_type_hints(Config)[f.name].__name__})")
+        sys.exit()
+    print(json.dumps(dataclasses.asdict(load(sys.argv[1:])), indent=2))

@@ -1,0 +1,386 @@
+"""GRPO training, top to bottom like an algorithm box.
+
+    python train.py --config configs/tiny.yaml                      # CPU demo, built-in model and task
+    python train.py --model_name Qwen/Qwen2.5-1.5B-Instruct          # the reference GSM8K setup
+    python train.py --resume out/run                                 # continue from the last checkpoint
+
+For each step: take B questions, sample G chains for each (rollout.py), score every chain with the
+reward functions (rewards.py), normalise rewards within each question's group into advantages, and
+take an optimizer step on the policy loss over the tokens the policy sampled (Rollout.loss_mask).
+
+Where this differs from the papers, on purpose:
+- One optimizer step per rollout by default (num_iterations 1): the ratio is then exactly 1 and
+  clipping never acts, so a loss near 0 is expected; the gradient is still the policy gradient.
+- Group std is the population std (no Bessel correction), so a group of 2 chains is well defined.
+- The built-in tiny model is first warm-started by a short supervised pass on reference solutions
+  (sft_steps), so that GRPO starts from a policy that sometimes succeeds.
+"""
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as recompute
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
+
+import checkpoint
+import config
+import data
+import evaluator
+import llms
+import plot
+import rewards
+import rollout
+
+# ----------------------------------------------------------------------------------------------
+# Log-probs at the sampling temperature, never materialising the whole (n, L, vocab) fp32 logits
+
+
+def _chunk_logps(hidden, weight, bias, targets, temperature):
+    logits = F.linear(hidden, weight, bias).float() / temperature  # (n, c, V), one chunk only
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logps(model, input_ids, attention_mask, start: int, temperature: float, chunk: int):
+    """log p(x_t | x_<t) for positions t >= start: (n, L - start) fp32.
+
+    The body runs once; the output projection runs on `chunk` positions at a time and is recomputed
+    in backward (activation checkpointing), so only one chunk of logits ever exists.
+    """
+    body, head = llms.decoder_and_head(model)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=rollout.position_ids(attention_mask)).last_hidden_state  # (n, L, H)
+    out = []
+    for s in range(start, input_ids.shape[1], chunk):
+        e = min(s + chunk, input_ids.shape[1])
+        args = (hidden[:, s - 1:e - 1], head.weight, head.bias, input_ids[:, s:e], temperature)
+        out.append(recompute(_chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                   else _chunk_logps(*args))
+    return torch.cat(out, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages and the GRPO loss family
+
+
+def group_advantages(rewards_total, group, scale: str):
+    """(advantages (N,), share of groups whose rewards are all equal: they give no gradient)."""
+    n_groups = int(group.max()) + 1
+    count = torch.bincount(group, minlength=n_groups).float()
+    mean = torch.zeros(n_groups).index_add_(0, group, rewards_total) / count
+    centred = rewards_total - mean[group]
+    std = (torch.zeros(n_groups).index_add_(0, group, centred ** 2) / count).sqrt()
+    zero_frac = (std < 1e-6).float().mean().item()
+    if scale == "group":
+        return centred / (std[group] + 1e-4), zero_frac
+    if scale == "batch":
+        return centred / (rewards_total.std() + 1e-4), zero_frac
+    return centred, zero_frac
+
+
+def policy_loss(logps, old_logps, ref_logps, advantages, mask, cfg, num_seqs, num_tokens, num_micro):
+    """The loss of one micro-batch, scaled so that the sum over micro-batches is the step's loss.
+
+    logps, old_logps, ref_logps, mask: (n, T); advantages: (n,). The step has num_seqs chains with
+    num_tokens trained tokens in num_micro micro-batches. Per-token terms, then one normalisation:
+      grpo, gspo, reinforce: mean over each chain's tokens, then mean over chains
+      bnpo: mean over the micro-batch's tokens;   dapo, cispo: mean over all tokens of the step
+      dr_grpo: sum over tokens / (chains x max_completion_tokens), no length bias
+    """
+    A = advantages.unsqueeze(1)  # (n, 1)
+    log_ratio = logps - old_logps
+    if cfg.loss_type == "gspo":  # one ratio per sequence: the geometric mean of its token ratios
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    ratio = torch.exp(log_ratio)
+    lo, hi = 1 - cfg.eps_low, 1 + cfg.eps_high
+    if cfg.loss_type == "cispo":  # REINFORCE weighted by a capped, stop-gradient ratio
+        per_token = -torch.clamp(ratio, max=hi).detach() * A * logps
+    elif cfg.loss_type == "reinforce":  # plain policy gradient: no ratio, no clipping
+        per_token = -A * logps
+    else:  # PPO's clipped surrogate
+        per_token = -torch.min(ratio * A, torch.clamp(ratio, lo, hi) * A)
+    clipped = ((((ratio < lo) & (A < 0)) | ((ratio > hi) & (A > 0))).float() * torch.ones_like(mask)
+               if cfg.loss_type != "reinforce" else torch.zeros_like(mask))
+    kl = torch.zeros_like(logps)
+    if cfg.beta > 0:  # k3 estimator of KL(policy || reference), always >= 0
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + cfg.beta * kl
+
+    masked = per_token * mask
+    if cfg.loss_type in ("grpo", "gspo", "reinforce"):
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_seqs
+    elif cfg.loss_type == "bnpo":
+        loss = masked.sum() / mask.sum().clamp(min=1) / num_micro
+    elif cfg.loss_type == "dr_grpo":
+        loss = masked.sum() / (num_seqs * cfg.max_completion_tokens)
+    else:  # dapo, cispo
+        loss = masked.sum() / num_tokens
+    stats = {"kl": (kl.detach() * mask).sum().item(), "clip": (clipped * mask).sum().item()}
+    return loss, stats
+
+
+def liger_loss(model, ids, attn, mask, start, advantages, old_logps, ref_logps, cfg,
+               num_seqs, num_tokens, num_micro):
+    """The same loss through Liger's fused linear GRPO kernel: hidden states in, no logits tensor."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    body, head = llms.decoder_and_head(model)
+    hidden = body(input_ids=ids, attention_mask=attn, position_ids=rollout.position_ids(attn)).last_hidden_state
+    loss_fn = LigerFusedLinearGRPOLoss(
+        beta=cfg.beta, use_ref_model=cfg.beta > 0, compiled=ids.is_cuda,
+        loss_type="grpo" if cfg.loss_type == "gspo" else cfg.loss_type,
+        importance_sampling_level="sequence" if cfg.loss_type == "gspo" else "token",
+        epsilon_low=cfg.eps_low, epsilon_high=1 + cfg.eps_high if cfg.loss_type == "cispo" else cfg.eps_high,
+        max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature)
+    loss, metrics = loss_fn(hidden[:, start - 1:-1], head.weight, ids[:, start:], mask, advantages,
+                            bias=head.bias, ref_per_token_logps=ref_logps, old_per_token_logps=old_logps,
+                            num_items_in_batch=num_tokens if cfg.loss_type in ("dapo", "cispo") else None)
+    # Liger normalises over the micro-batch it sees; rescale to the step's normalisers as above
+    n = ids.shape[0]
+    if cfg.loss_type in ("grpo", "gspo", "dr_grpo"):
+        loss = loss * n / num_seqs
+    elif cfg.loss_type == "bnpo":
+        loss = loss / num_micro
+    active = mask.sum().item()
+    kl = metrics[0].item() * active if cfg.beta > 0 else 0.0
+    return loss, {"kl": kl, "clip": metrics[-1].item() * active}
+
+
+def first_trained_column(loss_mask) -> int:
+    """Columns before it are prompt for every chain: no log-probs are needed there."""
+    return max(1, int(loss_mask.sum(0).nonzero()[0]))
+
+
+def train_on_rollout(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> dict:
+    """num_iterations optimizer steps on one rollout, in micro-batches; returns the logged figures."""
+    device = r.input_ids.device
+    start = first_trained_column(r.loss_mask)
+    mask = r.loss_mask[:, start:]
+    n, num_tokens = len(r), mask.sum()
+    mbs = [slice(i, min(i + cfg.micro_batch_size, n)) for i in range(0, n, cfg.micro_batch_size)]
+    adv = advantages.to(device)
+
+    def logps_of(m, s):
+        return token_logps(m, r.input_ids[s], r.attention_mask[s], start, cfg.temperature, cfg.logp_chunk)
+
+    with torch.no_grad():  # fixed per rollout: old policy (if reused) and reference log-probs
+        old = [logps_of(model, s) for s in mbs] if cfg.num_iterations > 1 else [None] * len(mbs)
+        ref = [None] * len(mbs)
+        if cfg.beta > 0 and ref_model is not None:
+            ref = [logps_of(ref_model, s) for s in mbs]
+        elif cfg.beta > 0:  # LoRA: the reference is the base model, i.e. the adapter switched off
+            with model.disable_adapter():
+                ref = [logps_of(model, s) for s in mbs]
+
+    totals = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "grad_norm": 0.0}
+    for _ in range(cfg.num_iterations):
+        for k, s in enumerate(mbs):
+            if cfg.liger:
+                loss, st = liger_loss(model, r.input_ids[s], r.attention_mask[s], mask[s], start, adv[s],
+                                      old[k], ref[k], cfg, n, num_tokens, len(mbs))
+            else:
+                logps = logps_of(model, s)
+                old_k = old[k] if old[k] is not None else logps.detach()
+                loss, st = policy_loss(logps, old_k, ref[k], adv[s], mask[s], cfg, n, num_tokens, len(mbs))
+            loss.backward()
+            totals["loss"] += loss.item()
+            totals["kl"] += st["kl"]
+            totals["clip"] += st["clip"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        totals["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()  # before clipping
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    it = cfg.num_iterations
+    tokens = num_tokens.item() * it
+    return {"loss": totals["loss"] / it, "grad_norm": totals["grad_norm"] / it,
+            "kl": totals["kl"] / max(1, tokens), "clip_frac": totals["clip"] / max(1, tokens)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: optimizer, schedule, supervised warm start
+
+
+def make_optimizer(model, cfg):
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+        optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(params, **kwargs)
+
+    def factor(step):  # step counts GRPO steps; linear warmup, then constant or cosine to 0
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warm_start(model, tokenizer, examples, cfg, device) -> None:
+    """Supervised pass on reference solutions (cross-entropy on the completion tokens only)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_learning_rate)
+    rng = random.Random(cfg.seed)
+    for _ in tqdm(range(cfg.sft_steps), desc="warm start (SFT)", leave=False):
+        batch = rng.sample(examples, min(cfg.sft_batch_size, len(examples)))
+        prompts = [llms.chat_prompt(tokenizer, cfg.system_prompt, ex["question"]) for ex in batch]
+        r = rollout.teacher_forced(tokenizer, prompts, [data.target_text(ex) for ex in batch],
+                                   cfg.max_prompt_tokens, cfg.max_completion_tokens)
+        start = first_trained_column(r.loss_mask)
+        mask = r.loss_mask[:, start:].to(device)
+        logps = token_logps(model, r.input_ids.to(device), r.attention_mask.to(device), start, 1.0, cfg.logp_chunk)
+        loss = -(logps * mask).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def step_batch(examples, step: int, size: int, seed: int) -> list[dict]:
+    """The questions of a step: a fresh seeded shuffle per epoch, so a resumed run sees the same order."""
+    epoch_len = max(1, len(examples) // size)
+    epoch, pos = divmod(step - 1, epoch_len)
+    order = list(range(len(examples)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [examples[i] for i in order[pos * size:(pos + 1) * size]]
+
+
+def peak_mem_gb() -> float:
+    """Peak GPU memory allocated by torch; on CPU the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def main(argv: list[str]) -> None:
+    hf_logging.disable_progress_bar()  # keep the terminal to our own bar
+    cfg = config.load(argv)
+    if cfg.resume:
+        cfg.out_dir = cfg.resume
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    rewards.check_names(cfg.rewards)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+
+    # 1. data: train and held-out test examples {"question", "answer", "solution"}
+    train_set, test_set = data.load(
+        cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.test_split, cfg.test_dataset,
+        cfg.question_field, cfg.answer_field, cfg.seed, cfg.arithmetic_train_size,
+        cfg.arithmetic_test_size, cfg.arithmetic_min_steps, cfg.arithmetic_max_steps)
+    eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
+    print(f"data: {len(train_set)} train questions, evaluating on {len(eval_set)} held-out questions")
+
+    # 2. model: a fresh run starts from model_name; a resumed one from its latest checkpoint
+    ckpt = checkpoint.latest(cfg.out_dir) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        raise FileNotFoundError(f"--resume {cfg.resume}: no complete checkpoint in {cfg.resume}/checkpoints")
+    base_dir = os.path.join(cfg.out_dir, "base_model")  # the tiny model after its warm start
+    base_name = base_dir if cfg.model_name == llms.TINY and os.path.isdir(base_dir) else cfg.model_name
+    lora_resume = ckpt is not None and checkpoint.is_adapter(ckpt)
+    model_kwargs = dict(device=device, dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
+                        lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        lora_target_modules=cfg.lora_target_modules, liger=cfg.liger,
+                        trust_remote_code=cfg.trust_remote_code, tiny_vocab_size=cfg.tiny_vocab_size,
+                        tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed,
+                        tiny_corpus=[f"system\n{cfg.system_prompt}\nuser\n{ex['question']}\nassistant\n"
+                                     f"{data.target_text(ex)}" for ex in train_set])
+    model_name = ckpt if (ckpt and not lora_resume) else base_name
+    model, tokenizer = llms.load(model_name, adapter_path=ckpt if lora_resume else "", **model_kwargs)
+
+    # 3. warm start (fresh runs only); the result is the base model that LoRA and the reference use
+    if ckpt is None and cfg.sft_steps > 0:
+        warm_start(model, tokenizer, train_set, cfg, device)
+        if cfg.model_name == llms.TINY:
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
+            base_name = base_dir
+    ref_model = None
+    if cfg.beta > 0 and cfg.lora_r == 0:  # full fine-tuning needs a frozen copy; LoRA disables its adapter
+        ref_model, _ = llms.load(base_name, **{**model_kwargs, "lora_r": 0, "gradient_checkpointing": False})
+        ref_model.eval().requires_grad_(False)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    config.save(cfg, os.path.join(cfg.out_dir, "config.json"))
+
+    first_step = 1
+    if ckpt is not None:
+        state = checkpoint.load_state(ckpt, optimizer, scheduler)
+        first_step = state["step"] + 1
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            checkpoint.truncate_log(os.path.join(cfg.out_dir, name), state["step"])
+        checkpoint.set_rng_state(state["rng"])  # last, so that loading consumed no randomness
+        print(f"resumed from {ckpt} at step {state['step']}")
+
+    def run_eval(step):
+        metrics, records = evaluator.evaluate(
+            model, tokenizer, eval_set, cfg.system_prompt, cfg.max_prompt_tokens, cfg.max_completion_tokens,
+            cfg.eval_temperature, cfg.eval_samples, cfg.eval_batch_size)
+        append_jsonl(metrics_path, {"step": step, "split": "eval", **metrics})
+        os.makedirs(os.path.join(cfg.out_dir, "eval"), exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "eval", f"step_{step:06d}.jsonl"), "w") as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in records)
+        plot.plot([cfg.out_dir], cfg.out_dir)
+        return metrics["accuracy"]
+
+    accuracy = run_eval(0) if first_step == 1 else float("nan")
+    bar = tqdm(range(first_step, cfg.max_steps + 1), initial=first_step - 1, total=cfg.max_steps, desc="GRPO")
+    for step in bar:
+        t0 = time.time()
+        # 4. sample B questions x G chains
+        batch = step_batch(train_set, step, cfg.prompts_per_step, cfg.seed)
+        prompts = [llms.chat_prompt(tokenizer, cfg.system_prompt, ex["question"]) for ex in batch]
+        r = rollout.sample(model, tokenizer, prompts, cfg.num_chains, cfg.max_prompt_tokens,
+                           cfg.max_completion_tokens, cfg.temperature, cfg.top_p)
+        # 5. rewards (N, K) from plain functions, weighted sum (N,), group-normalised advantages (N,)
+        answers = [batch[g]["answer"] for g in r.group.tolist()]
+        per_fn, names = rewards.score(r.texts, answers, r.info, cfg.rewards)
+        total = rewards.total(per_fn, names, cfg.rewards)
+        advantages, zero_adv_frac = group_advantages(total, r.group.cpu(), cfg.adv_scale)
+        # 6. policy update on the sampled tokens only
+        stats = train_on_rollout(model, ref_model, r, advantages, optimizer, cfg)
+        scheduler.step()
+
+        # 7. log, evaluate, plot, checkpoint
+        dt = time.time() - t0
+        completion_lens = r.loss_mask.sum(1)
+        row = {"step": step, "split": "train", "reward": total.mean().item(),
+               **{f"reward/{k}": per_fn[:, i].mean().item() for i, k in enumerate(names)},
+               "reward_std": total.std().item(), "zero_adv_frac": zero_adv_frac,
+               "completion_len": completion_lens.float().mean().item(),
+               "truncated_frac": sum(d["truncated"] for d in r.info) / len(r), **stats,
+               "lr": scheduler.get_last_lr()[0], "step_time_s": dt,
+               "tokens_per_s": completion_lens.sum().item() / dt, "peak_mem_gb": peak_mem_gb()}
+        append_jsonl(metrics_path, row)
+        for i in range(min(cfg.log_samples, len(r))):
+            append_jsonl(os.path.join(cfg.out_dir, "samples.jsonl"), {
+                "step": step, "question": batch[r.group[i]]["question"], "answer": answers[i],
+                "completion": r.texts[i], "rewards": dict(zip(names, per_fn[i].tolist())),
+                "advantage": advantages[i].item(), "info": r.info[i]})
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            accuracy = run_eval(step)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            checkpoint.save(cfg.out_dir, step, model, tokenizer, optimizer, scheduler, cfg.keep_last)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{accuracy:.2f}", loss=f"{row['loss']:.3f}")
+    print(f"done: {cfg.out_dir}/metrics.jsonl, curves in {cfg.out_dir}/reward.png and accuracy.png")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
