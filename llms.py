@@ -2,7 +2,7 @@
 
 `load` returns a ready (model, tokenizer) pair: dtype chosen for the device, a pad token, left padding
 (generation appends on the right), a chat template, a neutral generation config, gradient
-checkpointing, and optionally LoRA adapters (peft) and Liger kernels.
+checkpointing, and optionally Liger kernels. `add_lora` then swaps full fine-tuning for LoRA (peft).
 
 The tiny model is a randomly initialised Qwen2 (the same architecture as Qwen2.5) with a byte-level
 BPE tokenizer trained in a second on the run's own training text, so nothing is downloaded. Like
@@ -92,11 +92,9 @@ def _from_pretrained(cls, name: str, **kwargs):
 
 
 def load(model_name: str, device: str, dtype: str = "auto", gradient_checkpointing: bool = False,
-         lora_r: int = 0, lora_alpha: int = 32, lora_dropout: float = 0.0,
-         lora_target_modules: list[str] | None = None, liger: bool = False,
-         trust_remote_code: bool = False, adapter_path: str = "", tiny_corpus: list[str] | None = None,
+         liger: bool = False, trust_remote_code: bool = False, tiny_corpus: list[str] | None = None,
          tiny_vocab_size: int = 512, tiny_hidden: int = 128, tiny_layers: int = 4, seed: int = 0):
-    """(model, tokenizer) on `device`, in train mode. `adapter_path` resumes a LoRA adapter."""
+    """(model, tokenizer) on `device`, in train mode, all weights trainable (see add_lora)."""
     torch_dtype = pick_dtype(dtype, device)
     if model_name == TINY:
         if not tiny_corpus:
@@ -124,15 +122,18 @@ def load(model_name: str, device: str, dtype: str = "auto", gradient_checkpointi
         patch_liger(model)  # Triton kernels need a GPU; the fused loss itself also runs on CPU
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if adapter_path or lora_r > 0:
-        from peft import LoraConfig, PeftModel, get_peft_model
-        if adapter_path:
-            model = PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
-        else:
-            model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                     target_modules=lora_target_modules, task_type="CAUSAL_LM"))
     model.train()
     return model, tokenizer
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], adapter_path: str = ""):
+    """Freeze the model and train LoRA adapters instead: new ones, or those saved at adapter_path."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_path:
+        return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                            target_modules=target_modules, task_type="CAUSAL_LM"))
 
 
 def patch_liger(model) -> None:

@@ -77,6 +77,7 @@ def group_advantages(rewards_total, group, scale: str):
     centred = rewards_total - mean[group]
     std = (torch.zeros(n_groups).index_add_(0, group, centred ** 2) / count).sqrt()
     zero_frac = (std < 1e-6).float().mean().item()
+    centred = torch.where(std[group] < 1e-6, 0.0, centred)  # exactly 0, not float residue / 1e-4
     if scale == "group":
         return centred / (std[group] + 1e-4), zero_frac
     if scale == "batch":
@@ -105,8 +106,12 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, cfg, num_seqs, nu
         per_token = -A * logps
     else:  # PPO's clipped surrogate
         per_token = -torch.min(ratio * A, torch.clamp(ratio, lo, hi) * A)
-    clipped = ((((ratio < lo) & (A < 0)) | ((ratio > hi) & (A > 0))).float() * torch.ones_like(mask)
-               if cfg.loss_type != "reinforce" else torch.zeros_like(mask))
+    if cfg.loss_type == "reinforce":
+        clipped = torch.zeros_like(mask)
+    elif cfg.loss_type == "cispo":  # only the cap acts, and only where it changes the update
+        clipped = ((ratio > hi) & (A > 0)).float() * torch.ones_like(mask)
+    else:
+        clipped = (((ratio < lo) & (A < 0)) | ((ratio > hi) & (A > 0))).float() * torch.ones_like(mask)
     kl = torch.zeros_like(logps)
     if cfg.beta > 0:  # k3 estimator of KL(policy || reference), always >= 0
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
@@ -293,29 +298,30 @@ def main(argv: list[str]) -> None:
     ckpt = checkpoint.latest(cfg.out_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
         raise FileNotFoundError(f"--resume {cfg.resume}: no complete checkpoint in {cfg.resume}/checkpoints")
-    base_dir = os.path.join(cfg.out_dir, "base_model")  # the tiny model after its warm start
-    base_name = base_dir if cfg.model_name == llms.TINY and os.path.isdir(base_dir) else cfg.model_name
+    base_dir = os.path.join(cfg.out_dir, "base_model")  # the model after its warm start, if any
+    base_name = base_dir if os.path.isdir(base_dir) else cfg.model_name
     lora_resume = ckpt is not None and checkpoint.is_adapter(ckpt)
     model_kwargs = dict(device=device, dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
-                        lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        lora_target_modules=cfg.lora_target_modules, liger=cfg.liger,
-                        trust_remote_code=cfg.trust_remote_code, tiny_vocab_size=cfg.tiny_vocab_size,
-                        tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed,
+                        liger=cfg.liger, trust_remote_code=cfg.trust_remote_code,
+                        tiny_vocab_size=cfg.tiny_vocab_size, tiny_hidden=cfg.tiny_hidden,
+                        tiny_layers=cfg.tiny_layers, seed=cfg.seed,
                         tiny_corpus=[f"system\n{cfg.system_prompt}\nuser\n{ex['question']}\nassistant\n"
                                      f"{data.target_text(ex)}" for ex in train_set])
-    model_name = ckpt if (ckpt and not lora_resume) else base_name
-    model, tokenizer = llms.load(model_name, adapter_path=ckpt if lora_resume else "", **model_kwargs)
+    model, tokenizer = llms.load(ckpt if (ckpt and not lora_resume) else base_name, **model_kwargs)
 
-    # 3. warm start (fresh runs only); the result is the base model that LoRA and the reference use
+    # 3. warm start (fresh runs only); the starting weights are kept: resume, LoRA and the reference use them
     if ckpt is None and cfg.sft_steps > 0:
         warm_start(model, tokenizer, train_set, cfg, device)
-        if cfg.model_name == llms.TINY:
-            model.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
-            base_name = base_dir
+    if ckpt is None and (cfg.sft_steps > 0 or cfg.model_name == llms.TINY):
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+        base_name = base_dir
+    if cfg.lora_r > 0:
+        model = llms.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                              adapter_path=ckpt if lora_resume else "")
     ref_model = None
     if cfg.beta > 0 and cfg.lora_r == 0:  # full fine-tuning needs a frozen copy; LoRA disables its adapter
-        ref_model, _ = llms.load(base_name, **{**model_kwargs, "lora_r": 0, "gradient_checkpointing": False})
+        ref_model, _ = llms.load(base_name, **{**model_kwargs, "gradient_checkpointing": False})
         ref_model.eval().requires_grad_(False)
     optimizer, scheduler = make_optimizer(model, cfg)
     config.save(cfg, os.path.join(cfg.out_dir, "config.json"))
@@ -330,9 +336,12 @@ def main(argv: list[str]) -> None:
         print(f"resumed from {ckpt} at step {state['step']}")
 
     def run_eval(step):
-        metrics, records = evaluator.evaluate(
-            model, tokenizer, eval_set, cfg.system_prompt, cfg.max_prompt_tokens, cfg.max_completion_tokens,
-            cfg.eval_temperature, cfg.eval_samples, cfg.eval_batch_size)
+        # its own fixed-seed RNG: every eval samples alike, and training's random stream is untouched
+        with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
+            torch.manual_seed(cfg.seed)
+            metrics, records = evaluator.evaluate(
+                model, tokenizer, eval_set, cfg.system_prompt, cfg.max_prompt_tokens,
+                cfg.max_completion_tokens, cfg.eval_temperature, cfg.eval_samples, cfg.eval_batch_size)
         append_jsonl(metrics_path, {"step": step, "split": "eval", **metrics})
         os.makedirs(os.path.join(cfg.out_dir, "eval"), exist_ok=True)
         with open(os.path.join(cfg.out_dir, "eval", f"step_{step:06d}.jsonl"), "w") as f:
@@ -347,8 +356,9 @@ def main(argv: list[str]) -> None:
         # 4. sample B questions x G chains
         batch = step_batch(train_set, step, cfg.prompts_per_step, cfg.seed)
         prompts = [llms.chat_prompt(tokenizer, cfg.system_prompt, ex["question"]) for ex in batch]
-        r = rollout.sample(model, tokenizer, prompts, cfg.num_chains, cfg.max_prompt_tokens,
-                           cfg.max_completion_tokens, cfg.temperature, cfg.top_p)
+        if cfg.rollout == "plain":  # each sampling idea is one branch here that returns a Rollout
+            r = rollout.sample(model, tokenizer, prompts, cfg.num_chains, cfg.max_prompt_tokens,
+                               cfg.max_completion_tokens, cfg.temperature, cfg.top_p)
         # 5. rewards (N, K) from plain functions, weighted sum (N,), group-normalised advantages (N,)
         answers = [batch[g]["answer"] for g in r.group.tolist()]
         per_fn, names = rewards.score(r.texts, answers, r.info, cfg.rewards)

@@ -1,0 +1,24 @@
+"""Shared fixtures: a tiny model and the built-in task, built locally in about a second."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(2)
+
+import data  # noqa: E402
+import llms  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def task():
+    return data.arithmetic_task(300, 20, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny(task):
+    train, _ = task
+    corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in train]
+    return llms.load(llms.TINY, "cpu", tiny_corpus=corpus, tiny_hidden=32, tiny_layers=2, seed=0)

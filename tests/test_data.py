@@ -1,0 +1,73 @@
+"""Datasets and model loading offline: local GSM8K-layout files, the built-in task, clear errors."""
+import json
+import re
+
+import pytest
+
+import data
+import llms
+import rewards
+
+
+def write_gsm8k(path, n):
+    rows = [{"question": f"Ann has {i} pens and buys 2 more. How many?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_arithmetic_task_is_deterministic_and_disjoint():
+    train, test = data.arithmetic_task(300, 50, seed=3)
+    assert (train, test) == data.arithmetic_task(300, 50, seed=3)
+    assert not {ex["question"] for ex in train} & {ex["question"] for ex in test}
+    for ex in train[:50]:
+        steps = ex["solution"].split("\n")
+        assert 2 <= len(steps) <= 4 and len(re.findall(r"[.?]", ex["question"])) == len(steps) + 2
+        for eq in steps:  # every equation is true, and chains into the next
+            lhs, rhs = eq.rstrip(".").split(" = ")
+            a, op, b = lhs.split()
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(rhs)
+        assert rewards.is_correct(data.target_text(ex), ex["answer"])
+
+
+def test_local_jsonl_and_parquet(tmp_path):
+    write_gsm8k(tmp_path / "train.jsonl", 5)
+    write_gsm8k(tmp_path / "test.jsonl", 3)
+    kw = dict(dataset_config="main", train_split="train", test_split="test", question_field="question",
+              answer_field="answer", seed=0, arithmetic_train_size=0, arithmetic_test_size=0,
+              arithmetic_min_steps=2, arithmetic_max_steps=4)
+    train, test = data.load(str(tmp_path / "train.jsonl"), test_dataset=str(tmp_path / "test.jsonl"), **kw)
+    assert len(train) == 5 and len(test) == 3
+    assert train[1] == {"question": "Ann has 1 pens and buys 2 more. How many?", "answer": "3", "solution": "1 + 2 = 3"}
+    import pandas as pd
+    pd.read_json(tmp_path / "train.jsonl", lines=True).to_parquet(tmp_path / "train.parquet")
+    assert data.load(str(tmp_path / "train.parquet"), test_dataset=str(tmp_path / "test.jsonl"), **kw)[0] == train
+    folder = tmp_path / "gsm8k"  # a folder with train/test files is split by file name
+    folder.mkdir()
+    write_gsm8k(folder / "train.jsonl", 4)
+    write_gsm8k(folder / "test.jsonl", 2)
+    assert [len(s) for s in data.load(str(folder), test_dataset="", **kw)] == [4, 2]
+    with pytest.raises(ValueError, match="--test_dataset"):
+        data.load(str(tmp_path / "train.jsonl"), test_dataset="", **kw)
+    with pytest.raises(KeyError, match="no field 'problem'.*--question_field"):
+        data.load(str(tmp_path / "train.jsonl"), test_dataset=str(tmp_path / "test.jsonl"),
+                  **{**kw, "question_field": "problem"})
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        data.load(str(tmp_path / "nope.jsonl"), test_dataset="", **kw)
+
+
+def test_unreachable_names_say_how_to_go_offline(monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no slow network retries
+    with pytest.raises(RuntimeError, match="(?s)could not load 'no-such-org/no-such-model'.*--model_name /path/to/model"):
+        llms.load("no-such-org/no-such-model", "cpu")
+    with pytest.raises(RuntimeError, match="(?s)--dataset path/to/train.jsonl"):
+        data.load("no-such-org/no-such-data", "main", "train", "test", "", "question", "answer", 0, 0, 0, 2, 4)
+
+
+def test_local_model_folder_round_trip(tmp_path, tiny):
+    model, tok = tiny
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again, tok2 = llms.load(str(tmp_path), "cpu")
+    assert tok2("Ann has 3 pens.")["input_ids"] == tok("Ann has 3 pens.")["input_ids"]
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in model.parameters())

@@ -1,0 +1,69 @@
+"""Plain sampling: masks, truncation, explicit sampling settings, and scoring that agrees with sampling."""
+import torch
+
+import llms
+import rollout
+import train
+
+
+def test_completion_mask_stops_after_first_eos():
+    comps = torch.tensor([[5, 6, 9, 7, 9], [5, 6, 7, 8, 8], [9, 1, 1, 1, 1]])
+    mask, truncated = rollout.completion_mask(comps, eos_ids=[9])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_generation_config_is_neutral(tiny):
+    model, tok = tiny
+    gen = model.generation_config
+    assert gen.repetition_penalty is None and gen.top_k is None and gen.top_p is None
+    assert tok.convert_tokens_to_ids("<|im_end|>") in gen.eos_token_id and tok.padding_side == "left"
+
+
+def test_sample_masks_and_groups(tiny, task):
+    model, tok = tiny
+    questions = [ex["question"] for ex in task[0][:3]]
+    prompts = [llms.chat_prompt(tok, "Solve it." * (i + 1), q) for i, q in enumerate(questions)]  # ragged
+    torch.manual_seed(0)
+    r = rollout.sample(model, tok, prompts, num_chains=4, max_prompt_tokens=96, max_new_tokens=10, temperature=1.0)
+    n, length = r.input_ids.shape
+    prompt_len = rollout.tokenize_prompts(tok, prompts, 96, "cpu")[0].shape[1]
+    assert n == 12 and r.group.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and len(r.texts) == 12
+    assert r.loss_mask[:, :prompt_len].sum() == 0  # never train on the prompt
+    assert torch.all(r.loss_mask <= r.attention_mask)  # never train on padding
+    comp = r.loss_mask[:, prompt_len:]
+    assert torch.all(comp[:, 0] == 1) and torch.all(comp[:, 1:] <= comp[:, :-1])  # one run from the start
+    assert model.training  # sampling put the model back in train mode
+    eos = model.generation_config.eos_token_id
+    for d, ids, m in zip(r.info, r.input_ids, r.loss_mask):
+        trained = ids[m.bool()].tolist()
+        assert d["truncated"] == (trained[-1] not in eos)  # truncated exactly when no EOS was sampled
+        assert all(t not in eos for t in trained[:-1])  # nothing is trained after an EOS
+
+
+def test_scoring_matches_sampling_logprobs(tiny, task):
+    """Left padding, positions and temperature agree between generate and the training forward pass."""
+    model, tok = tiny
+    prompts = [llms.chat_prompt(tok, "", ex["question"]) for ex in task[0][:2]] + [llms.chat_prompt(tok, "", "Hi")]
+    ids, mask = rollout.tokenize_prompts(tok, prompts, 96, "cpu")
+    temperature = 0.7
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6, min_new_tokens=6,
+                             output_logits=True, return_dict_in_generate=True, eos_token_id=None,
+                             pad_token_id=tok.pad_token_id)
+        full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], 1)
+        scored = train.token_logps(model, out.sequences, full_mask, ids.shape[1], temperature, chunk=4)
+    model.train()
+    logits = torch.stack(out.logits, 1).float() / temperature  # (n, 6, V)
+    sampled = logits.log_softmax(-1).gather(-1, out.sequences[:, ids.shape[1]:, None]).squeeze(-1)
+    torch.testing.assert_close(scored, sampled, atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_forced_trains_on_the_completion_and_eos(tiny):
+    model, tok = tiny
+    r = rollout.teacher_forced(tok, ["a", "longer prompt"], ["1 + 2 = 3.", "4"], 32, 16)
+    for row_ids, row_mask in zip(r.input_ids, r.loss_mask):
+        trained = row_ids[row_mask.bool()].tolist()
+        assert trained[-1] == tok.eos_token_id
+    assert r.texts == ["1 + 2 = 3.", "4"]
