@@ -283,8 +283,11 @@ def main(argv: list[str]) -> None:
     rewards.check_names(cfg.rewards)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if not cfg.resume and os.path.exists(metrics_path):  # never mix two runs or overwrite one
+        raise FileExistsError(f"{cfg.out_dir} already holds a run: continue it with --resume {cfg.out_dir}, "
+                              f"or start a new one with another --out_dir (or delete the folder)")
+    os.makedirs(cfg.out_dir, exist_ok=True)
 
     # 1. data: train and held-out test examples {"question", "answer", "solution"}
     train_set, test_set = data.load(
@@ -299,7 +302,7 @@ def main(argv: list[str]) -> None:
     if cfg.resume and ckpt is None:
         raise FileNotFoundError(f"--resume {cfg.resume}: no complete checkpoint in {cfg.resume}/checkpoints")
     base_dir = os.path.join(cfg.out_dir, "base_model")  # the model after its warm start, if any
-    base_name = base_dir if os.path.isdir(base_dir) else cfg.model_name
+    base_name = base_dir if ckpt is not None and os.path.isdir(base_dir) else cfg.model_name
     lora_resume = ckpt is not None and checkpoint.is_adapter(ckpt)
     model_kwargs = dict(device=device, dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
                         liger=cfg.liger, trust_remote_code=cfg.trust_remote_code,

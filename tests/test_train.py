@@ -35,6 +35,8 @@ def test_short_run_writes_all_logs(tmp_path):
         assert os.path.getsize(f"{out}/{png}") > 1000
     assert json.load(open(f"{out}/config.json"))["max_steps"] == 2
     assert checkpoint.latest(out).endswith("step_000002")
+    with pytest.raises(FileExistsError, match="--resume"):  # a second fresh run never overwrites this one
+        train.main(FAST + ["--out_dir", out, "--max_steps", "2"])
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora_r", "4", "--beta", "0.05"]], ids=["full", "lora+kl"])
