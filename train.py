@@ -244,7 +244,7 @@ def warm_start(model, tokenizer, examples, cfg, device) -> None:
         logps = token_logps(model, r.input_ids.to(device), r.attention_mask.to(device), start, 1.0, cfg.logp_chunk)
         loss = -(logps * mask).sum() / mask.sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -309,7 +309,8 @@ def main(argv: list[str]) -> None:
                         tiny_vocab_size=cfg.tiny_vocab_size, tiny_hidden=cfg.tiny_hidden,
                         tiny_layers=cfg.tiny_layers, seed=cfg.seed,
                         tiny_corpus=[f"system\n{cfg.system_prompt}\nuser\n{ex['question']}\nassistant\n"
-                                     f"{data.target_text(ex)}" for ex in train_set])
+                                     f"{data.target_text(ex)}" for ex in train_set]
+                        if cfg.model_name == llms.TINY else None)  # only the tiny tokenizer trains on it
     model, tokenizer = llms.load(ckpt if (ckpt and not lora_resume) else base_name, **model_kwargs)
 
     # 3. warm start (fresh runs only); the starting weights are kept: resume, LoRA and the reference use them
