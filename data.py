@@ -119,12 +119,13 @@ def to_examples(rows, source: str, question_field: str, answer_field: str) -> li
 
 def load(dataset: str, dataset_config: str, train_split: str, test_split: str, test_dataset: str,
          question_field: str, answer_field: str, seed: int, arithmetic_train_size: int,
-         arithmetic_test_size: int, arithmetic_min_steps: int, arithmetic_max_steps: int
+         arithmetic_test_size: int, arithmetic_min_steps: int, arithmetic_max_steps: int,
+         arithmetic_max_value: int = 99
          ) -> tuple[list[dict], list[dict]]:
     """(train, test) examples. `dataset` is "arithmetic", a hub name, or a local file/folder."""
     if dataset == "arithmetic":
         return arithmetic_task(arithmetic_train_size, arithmetic_test_size, seed,
-                               arithmetic_min_steps, arithmetic_max_steps)
+                               arithmetic_min_steps, arithmetic_max_steps, arithmetic_max_value)
     train_rows = _load_rows(dataset, train_split, dataset_config)
     if test_dataset:
         test_rows, test_source = _load_rows(test_dataset, test_split, dataset_config), test_dataset

@@ -7,7 +7,7 @@ A sampling idea only decides which tokens exist and which of them the policy is 
     loss_mask      (N, L) float  1 only on tokens the policy sampled and is trained on
     group          (N,)   long   which prompt each chain belongs to (0..B-1)
     texts          N strings     what the reward functions read (the completion)
-    info           N dicts       per-chain facts for rewards and logs (e.g. "truncated")
+    info           N dicts       per-chain facts for rewards and logs ("truncated", "completion_len", ...)
 
 N = B prompts x G chains, chains of one prompt are adjacent. Plain sampling is one batched HF
 `generate` call with every sampling setting passed explicitly.
@@ -78,8 +78,8 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, devi
 def assemble(tokenizer, prompt_ids, prompt_mask, completions, eos_ids, group, info) -> Rollout:
     """Join prompts (N, P) and sampled completions (N, T) into a Rollout trained on the completions."""
     comp_mask, truncated = completion_mask(completions, eos_ids)
-    for d, t in zip(info, truncated.tolist()):
-        d["truncated"] = t
+    for d, t, n in zip(info, truncated.tolist(), comp_mask.sum(1).tolist()):
+        d["truncated"], d["completion_len"] = t, n  # completion tokens, EOS included, trained or not
     # tokens after the first EOS are padding; set them to pad so that the sequences are clean
     completions = torch.where(comp_mask.bool(), completions, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)

@@ -29,6 +29,15 @@ def test_arithmetic_task_is_deterministic_and_disjoint():
         assert rewards.is_correct(data.target_text(ex), ex["answer"])
 
 
+@pytest.mark.parametrize("max_value", [12, 20, 99])
+def test_arithmetic_max_value_bounds_every_number(max_value):
+    train, _ = data.arithmetic_task(200, 10, seed=1, max_value=max_value)
+    numbers = [int(n) for ex in train for n in re.findall(r"\d+", ex["solution"])]
+    assert max(numbers) <= max_value and min(numbers) >= 1
+    if max_value == 99:  # the bound is reached, not just respected
+        assert max(numbers) > 50
+
+
 def test_local_jsonl_and_parquet(tmp_path):
     write_gsm8k(tmp_path / "train.jsonl", 5)
     write_gsm8k(tmp_path / "test.jsonl", 3)
