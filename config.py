@@ -48,14 +48,23 @@ class Config:
     arithmetic_test_size: int = 200
     arithmetic_min_steps: int = 2
     arithmetic_max_steps: int = 4
+    arithmetic_max_value: int = 99     # no number in a problem exceeds it: smaller is easier
     # --- sampling (rollout.py)
-    rollout: str = "plain"             # plain (later: guided, ghpo, verifier)
+    rollout: str = "plain"             # plain, guided (guidance.py) (later: ghpo, verifier)
     prompts_per_step: int = 4          # B questions per step
     num_chains: int = 16               # G chains per question
     max_prompt_tokens: int = 256
     max_completion_tokens: int = 786
     temperature: float = 1.0           # sampling and training log-probs use the same temperature
     top_p: float = 1.0
+    # --- guided sampling (guidance.py), used when rollout is "guided"
+    guide_min_prefix_tokens: int = 16  # prefix budget per prompt, drawn in [min, max] new tokens, then cut
+    guide_max_prefix_tokens: int = 256  # back to its last sentence boundary (capped so guidance fits)
+    guide_prefix_retries: int = 2      # extra prefix candidates (budget halved each) for EOS or no boundary
+    min_guide_tokens: int = 2          # guidance tokens per chain, drawn per prompt in [min, max]
+    max_guide_tokens: int = 8          # Guide-GRPO's default; must stay below max_completion_tokens
+    guide_loss_on: str = "guidance"    # trained tokens: guidance (Guide-GRPO), guidance+postfix, all (prefix too)
+    guide_position_weight: bool = False  # scale rewards by guidance.position_weight: later guidance, more reward
     # --- rewards (rewards.py): name -> weight
     rewards: dict = field(default_factory=lambda: {
         "correctness": 2.0, "strict_format": 0.5, "soft_format": 0.5, "integer_answer": 0.5})
@@ -99,7 +108,8 @@ class Config:
 
 
 CHOICES = {
-    "rollout": ["plain"], "loss_type": ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"],
+    "rollout": ["plain", "guided"], "guide_loss_on": ["guidance", "guidance+postfix", "all"],
+    "loss_type": ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"],
     "adv_scale": ["group", "batch", "none"], "optimizer": ["adamw8bit", "adamw"],
     "lr_schedule": ["constant", "cosine"], "dtype": ["auto", "bf16", "fp16", "fp32"],
     "device": ["auto", "cpu", "cuda"],
@@ -179,6 +189,21 @@ def validate(cfg: Config) -> None:
                 "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.dataset == "arithmetic" and cfg.arithmetic_max_value < 12:
+        raise ValueError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "
+                         f"got {cfg.arithmetic_max_value}")
+    if cfg.rollout == "guided":
+        if not 1 <= cfg.min_guide_tokens <= cfg.max_guide_tokens:
+            raise ValueError(f"guided sampling needs 1 <= min_guide_tokens <= max_guide_tokens, got "
+                             f"{cfg.min_guide_tokens} and {cfg.max_guide_tokens}")
+        if cfg.max_guide_tokens >= cfg.max_completion_tokens:
+            raise ValueError(f"max_guide_tokens ({cfg.max_guide_tokens}) must be below max_completion_tokens "
+                             f"({cfg.max_completion_tokens}): prefix + guidance + postfix share that budget")
+        if not 0 <= cfg.guide_min_prefix_tokens <= cfg.guide_max_prefix_tokens:
+            raise ValueError(f"guided sampling needs 0 <= guide_min_prefix_tokens <= guide_max_prefix_tokens, got "
+                             f"{cfg.guide_min_prefix_tokens} and {cfg.guide_max_prefix_tokens}")
+        if cfg.guide_prefix_retries < 0:
+            raise ValueError(f"guide_prefix_retries must be at least 0, got {cfg.guide_prefix_retries}")
     if cfg.eval_temperature == 0 and cfg.eval_samples > 1:
         raise ValueError("greedy evaluation (eval_temperature 0) gives one answer per question: "
                          "set eval_samples 1 or eval_temperature > 0")

@@ -33,6 +33,7 @@ import checkpoint
 import config
 import data
 import evaluator
+import guidance
 import llms
 import plot
 import rewards
@@ -293,7 +294,8 @@ def main(argv: list[str]) -> None:
     train_set, test_set = data.load(
         cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.test_split, cfg.test_dataset,
         cfg.question_field, cfg.answer_field, cfg.seed, cfg.arithmetic_train_size,
-        cfg.arithmetic_test_size, cfg.arithmetic_min_steps, cfg.arithmetic_max_steps)
+        cfg.arithmetic_test_size, cfg.arithmetic_min_steps, cfg.arithmetic_max_steps,
+        cfg.arithmetic_max_value)
     eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
     print(f"data: {len(train_set)} train questions, evaluating on {len(eval_set)} held-out questions")
 
@@ -363,10 +365,18 @@ def main(argv: list[str]) -> None:
         if cfg.rollout == "plain":  # each sampling idea is one branch here that returns a Rollout
             r = rollout.sample(model, tokenizer, prompts, cfg.num_chains, cfg.max_prompt_tokens,
                                cfg.max_completion_tokens, cfg.temperature, cfg.top_p)
+        elif cfg.rollout == "guided":  # Guide-GRPO: shared prefix, guidance tokens, postfix (guidance.py)
+            r = guidance.three_phase(model, tokenizer, prompts, cfg.num_chains, cfg.max_prompt_tokens,
+                                     cfg.max_completion_tokens, cfg.temperature, cfg.top_p,
+                                     cfg.guide_min_prefix_tokens, cfg.guide_max_prefix_tokens,
+                                     cfg.guide_prefix_retries, cfg.min_guide_tokens, cfg.max_guide_tokens,
+                                     cfg.guide_loss_on)
         # 5. rewards (N, K) from plain functions, weighted sum (N,), group-normalised advantages (N,)
         answers = [batch[g]["answer"] for g in r.group.tolist()]
         per_fn, names = rewards.score(r.texts, answers, r.info, cfg.rewards)
         total = rewards.total(per_fn, names, cfg.rewards)
+        if cfg.rollout == "guided" and cfg.guide_position_weight:  # weighted by where the guidance sits
+            total = guidance.weight_rewards(total, r.info)
         advantages, zero_adv_frac = group_advantages(total, r.group.cpu(), cfg.adv_scale)
         # 6. policy update on the sampled tokens only
         stats = train_on_rollout(model, ref_model, r, advantages, optimizer, cfg)
@@ -374,14 +384,16 @@ def main(argv: list[str]) -> None:
 
         # 7. log, evaluate, plot, checkpoint
         dt = time.time() - t0
-        completion_lens = r.loss_mask.sum(1)
+        completion_lens = torch.tensor([d["completion_len"] for d in r.info], dtype=torch.float)  # (N,)
         row = {"step": step, "split": "train", "reward": total.mean().item(),
                **{f"reward/{k}": per_fn[:, i].mean().item() for i, k in enumerate(names)},
                "reward_std": total.std().item(), "zero_adv_frac": zero_adv_frac,
-               "completion_len": completion_lens.float().mean().item(),
+               "completion_len": completion_lens.mean().item(),
                "truncated_frac": sum(d["truncated"] for d in r.info) / len(r), **stats,
                "lr": scheduler.get_last_lr()[0], "step_time_s": dt,
                "tokens_per_s": completion_lens.sum().item() / dt, "peak_mem_gb": peak_mem_gb()}
+        if cfg.rollout == "guided":
+            row.update(guidance.summary(r.info))  # guide/prefix_len, guidance_len, postfix_len, fallback
         append_jsonl(metrics_path, row)
         for i in range(min(cfg.log_samples, len(r))):
             append_jsonl(os.path.join(cfg.out_dir, "samples.jsonl"), {
