@@ -12,6 +12,7 @@ that could backtrack catastrophically), and nothing from a completion is ever ev
 """
 import difflib
 import re
+import sys
 import threading
 
 import torch
@@ -172,14 +173,32 @@ def check_names(weights: dict[str, float]) -> None:
 
 
 def score(texts: list[str], answers: list[str], infos: list[dict],
-          weights: dict[str, float]) -> tuple[torch.Tensor, list[str]]:
-    """Raw value of each named reward for each chain: float32 (N, K), plus the K names in order.
-    Kept unweighted so each reward can be logged separately; `total` mixes them."""
+          weights: dict[str, float]) -> tuple[torch.Tensor, list[str], dict[str, int]]:
+    """Raw value of each named reward for each chain: float32 (N, K), the K names in order, and how
+    many calls of each reward raised. Kept unweighted so each reward can be logged separately; `total`
+    mixes them. A reward that raises scores 0 for that chain, and the run goes on: the first error of
+    each reward is printed once with its name, and every error is counted."""
     check_names(weights)
     names = list(weights)
-    rows = [[float(REWARDS[name](text, answer, **info)) for name in names]
-            for text, answer, info in zip(texts, answers, infos, strict=True)]
-    return torch.tensor(rows, dtype=torch.float32).reshape(len(texts), len(names)), names
+    errors = dict.fromkeys(names, 0)
+    rows = []
+    for text, answer, info in zip(texts, answers, infos, strict=True):
+        row = []
+        for name in names:
+            try:
+                row.append(float(REWARDS[name](text, answer, **info)))
+            except Exception as e:  # a user's reward must never end a run
+                errors[name] += 1
+                if name not in _REPORTED:
+                    _REPORTED.add(name)
+                    print(f"reward {name!r} raised {type(e).__name__}: {e}; that chain scores 0 "
+                          f"(counted in metrics as reward_errors/{name}, reported once)", file=sys.stderr)
+                row.append(0.0)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(texts), len(names)), names, errors
+
+
+_REPORTED: set[str] = set()  # rewards whose first error was already printed
 
 
 def total(rewards: torch.Tensor, names: list[str], weights: dict[str, float]) -> torch.Tensor:
@@ -197,7 +216,7 @@ if __name__ == "__main__":
         "I am not sure.",
     ]
     weights = {"correctness": 2.0, "strict_format": 0.5, "soft_format": 0.5, "integer_answer": 0.5}
-    values, names = score(completions, [answer] * len(completions), [{}] * len(completions), weights)
+    values, names, _ = score(completions, [answer] * len(completions), [{}] * len(completions), weights)
     for text, row, t in zip(completions, values.tolist(), total(values, names, weights).tolist()):
         print(f"{text!r}\n  extracted={extract_answer(text)!r} "
               + " ".join(f"{n}={v:g}" for n, v in zip(names, row)) + f" total={t:g}")

@@ -373,7 +373,7 @@ def main(argv: list[str]) -> None:
                                      cfg.guide_loss_on)
         # 5. rewards (N, K) from plain functions, weighted sum (N,), group-normalised advantages (N,)
         answers = [batch[g]["answer"] for g in r.group.tolist()]
-        per_fn, names = rewards.score(r.texts, answers, r.info, cfg.rewards)
+        per_fn, names, reward_errors = rewards.score(r.texts, answers, r.info, cfg.rewards)
         total = rewards.total(per_fn, names, cfg.rewards)
         if cfg.rollout == "guided" and cfg.guide_position_weight:  # weighted by where the guidance sits
             total = guidance.weight_rewards(total, r.info)
@@ -387,6 +387,7 @@ def main(argv: list[str]) -> None:
         completion_lens = torch.tensor([d["completion_len"] for d in r.info], dtype=torch.float)  # (N,)
         row = {"step": step, "split": "train", "reward": total.mean().item(),
                **{f"reward/{k}": per_fn[:, i].mean().item() for i, k in enumerate(names)},
+               **{f"reward_errors/{k}": n for k, n in reward_errors.items() if n},
                "reward_std": total.std().item(), "zero_adv_frac": zero_adv_frac,
                "completion_len": completion_lens.mean().item(),
                "truncated_frac": sum(d["truncated"] for d in r.info) / len(r), **stats,

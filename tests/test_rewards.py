@@ -150,7 +150,7 @@ def test_integer_answer(text, expected):
 def test_score_shape_order_and_total():
     texts = [GOOD, "<answer>70</answer>", "nothing"]
     weights = {"soft_format": 0.5, "correctness": 2.0}
-    values, names = R.score(texts, [GSM8K_ANSWER] * 3, [{}] * 3, weights)
+    values, names, _ = R.score(texts, [GSM8K_ANSWER] * 3, [{}] * 3, weights)
     assert names == ["soft_format", "correctness"]
     assert values.dtype == torch.float32 and values.shape == (3, 2)
     assert values.tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
@@ -158,7 +158,7 @@ def test_score_shape_order_and_total():
 
 
 def test_score_empty_batch():
-    values, names = R.score([], [], [], {"correctness": 1.0})
+    values, names, _ = R.score([], [], [], {"correctness": 1.0})
     assert values.shape == (0, 1) and names == ["correctness"]
 
 
@@ -200,3 +200,16 @@ def test_adversarial_inputs_are_fast(text):
         start = time.perf_counter()
         fn(text)
         assert time.perf_counter() - start < 1.0
+
+
+def test_a_reward_that_raises_scores_zero_and_is_counted(monkeypatch, capsys):
+    def broken(completion, answer, **info):
+        if "boom" in completion:
+            raise RuntimeError("bad input")
+        return 1.0
+    monkeypatch.setitem(R.REWARDS, "broken", broken)
+    monkeypatch.setattr(R, "_REPORTED", set())
+    texts = ["boom", "fine", "boom again"]
+    values, names, errors = R.score(texts, ["1"] * 3, [{}] * 3, {"broken": 1.0, "correctness": 1.0})
+    assert values[:, 0].tolist() == [0.0, 1.0, 0.0] and errors == {"broken": 2, "correctness": 0}
+    assert capsys.readouterr().err.count("reward 'broken' raised RuntimeError: bad input") == 1  # once

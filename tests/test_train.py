@@ -54,3 +54,15 @@ def test_resume_reproduces_the_next_step(tmp_path, extra):
     ra, rb = (next(g) for g in step3)
     for key in ("reward", "loss", "grad_norm", "completion_len", "kl"):
         assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_raising_reward_never_stops_the_run(tmp_path, monkeypatch):
+    import rewards
+
+    def broken(completion, answer, **info):
+        raise ZeroDivisionError("user bug")
+    monkeypatch.setitem(rewards.REWARDS, "correctness", broken)
+    out = str(tmp_path / "run")
+    train.main(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--save_every", "5"])
+    row = [r for r in read(f"{out}/metrics.jsonl") if r["split"] == "train"][0]
+    assert row["reward_errors/correctness"] == 2 * 4 and row["reward"] == 0.0  # every chain, scored 0
