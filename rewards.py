@@ -172,6 +172,9 @@ def check_names(weights: dict[str, float]) -> None:
             raise ValueError(f"unknown reward {name!r}.{hint} Valid names: {', '.join(REWARDS)}")
 
 
+_REPORTED: set[str] = set()  # rewards whose first error was already printed
+
+
 def score(texts: list[str], answers: list[str], infos: list[dict],
           weights: dict[str, float]) -> tuple[torch.Tensor, list[str], dict[str, int]]:
     """Raw value of each named reward for each chain: float32 (N, K), the K names in order, and how
@@ -196,9 +199,6 @@ def score(texts: list[str], answers: list[str], infos: list[dict],
                 row.append(0.0)
         rows.append(row)
     return torch.tensor(rows, dtype=torch.float32).reshape(len(texts), len(names)), names, errors
-
-
-_REPORTED: set[str] = set()  # rewards whose first error was already printed
 
 
 def total(rewards: torch.Tensor, names: list[str], weights: dict[str, float]) -> torch.Tensor:
