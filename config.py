@@ -50,7 +50,7 @@ class Config:
     arithmetic_max_steps: int = 4
     arithmetic_max_value: int = 99     # no number in a problem exceeds it: smaller is easier
     # --- sampling (rollout.py)
-    rollout: str = "plain"             # plain, guided (guidance.py) (later: ghpo, verifier)
+    rollout: str = "plain"             # plain, guided (guidance.py), verifier (verifier.py)
     prompts_per_step: int = 4          # B questions per step
     num_chains: int = 16               # G chains per question
     max_prompt_tokens: int = 256
@@ -65,6 +65,23 @@ class Config:
     max_guide_tokens: int = 8          # Guide-GRPO's default; must stay below max_completion_tokens
     guide_loss_on: str = "guidance"    # trained tokens: guidance (Guide-GRPO), guidance+postfix, all (prefix too)
     guide_position_weight: bool = False  # scale rewards by guidance.position_weight: later guidance, more reward
+    # --- verifier turns (verifier.py, verifier_backends.py), used when rollout is "verifier"
+    verifier_backend: str = "rules"    # rules (built-in task, no model), hf (a local model), http (OpenAI-compatible)
+    verifier_model: str = "policy"     # hf: hub name, local folder, or policy (adapters off); http: the server's model
+    verifier_8bit: bool = False        # hf: load verifier_model in 8-bit (bitsandbytes, CUDA only)
+    verifier_base_url: str = "http://127.0.0.1:8000/v1"  # http: the server; `python verifier.py serve` runs one
+    verifier_api_key_env: str = "VERIFIER_API_KEY"  # http: NAME of the environment variable holding the key
+    verifier_timeout_s: float = 60.0   # http: per request
+    verifier_retries: int = 2          # http: retries per request, with exponential backoff
+    verifier_concurrency: int = 16     # http: requests in flight at once
+    verifier_max_tokens: int = 128     # hf, http: reply budget
+    verifier_temperature: float = 0.0  # hf, http: 0 = greedy
+    verifier_prompt: str = ""          # system prompt template ({question}, {answer}, {stop}) or a file; "" = ours
+    verifier_nudge: str = "Please give the final answer."  # sent after a STOP when no final answer was given
+    verifier_turn_tokens: int = 128    # new tokens per policy turn at most
+    verifier_max_turns: int = 8        # policy turns per conversation (a final turn after a nudge is extra)
+    verifier_step_end: str = "newline"  # a turn ends at: newline, sentence (. ! ? or newline), eos (whole attempts)
+    verifier_train_on: str = "all"     # trained tokens: all policy turns, or last_turn (the paper's choice)
     # --- rewards (rewards.py): name -> weight
     rewards: dict = field(default_factory=lambda: {
         "correctness": 2.0, "strict_format": 0.5, "soft_format": 0.5, "integer_answer": 0.5})
@@ -108,7 +125,9 @@ class Config:
 
 
 CHOICES = {
-    "rollout": ["plain", "guided"], "guide_loss_on": ["guidance", "guidance+postfix", "all"],
+    "rollout": ["plain", "guided", "verifier"], "guide_loss_on": ["guidance", "guidance+postfix", "all"],
+    "verifier_backend": ["rules", "hf", "http"], "verifier_step_end": ["newline", "sentence", "eos"],
+    "verifier_train_on": ["all", "last_turn"],
     "loss_type": ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"],
     "adv_scale": ["group", "batch", "none"], "optimizer": ["adamw8bit", "adamw"],
     "lr_schedule": ["constant", "cosine"], "dtype": ["auto", "bf16", "fp16", "fp32"],
@@ -204,6 +223,14 @@ def validate(cfg: Config) -> None:
                              f"{cfg.guide_min_prefix_tokens} and {cfg.guide_max_prefix_tokens}")
         if cfg.guide_prefix_retries < 0:
             raise ValueError(f"guide_prefix_retries must be at least 0, got {cfg.guide_prefix_retries}")
+    if cfg.rollout == "verifier":
+        for key in ("verifier_turn_tokens", "verifier_max_turns", "verifier_concurrency", "verifier_max_tokens"):
+            if getattr(cfg, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+        if cfg.verifier_retries < 0 or cfg.verifier_timeout_s <= 0:
+            raise ValueError("verifier_retries must be >= 0 and verifier_timeout_s > 0")
+    elif "verifier_score" in cfg.rewards:
+        raise ValueError("the verifier_score reward reads the verifier's [SCORE] lines: use it with --rollout verifier")
     if cfg.eval_temperature == 0 and cfg.eval_samples > 1:
         raise ValueError("greedy evaluation (eval_temperature 0) gives one answer per question: "
                          "set eval_samples 1 or eval_temperature > 0")

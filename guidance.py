@@ -40,12 +40,12 @@ LOSS_ON = ("guidance", "guidance+postfix", "all")
 
 
 @functools.lru_cache(maxsize=8)  # one pass over the vocabulary (151k tokens for Qwen) per tokenizer
-def boundary_ids(tokenizer) -> frozenset[int]:
-    """Ids whose decoded text, trailing spaces and tabs stripped, ends with a boundary character."""
+def boundary_ids(tokenizer, chars: tuple[str, ...] = BOUNDARY_CHARS) -> frozenset[int]:
+    """Ids whose decoded text, trailing spaces and tabs stripped, ends with one of `chars`."""
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     special = set(tokenizer.all_special_ids)
     return frozenset(i for i, t in enumerate(texts)
-                     if i not in special and t.rstrip(" \t").endswith(BOUNDARY_CHARS))
+                     if i not in special and t.rstrip(" \t").endswith(chars))
 
 
 def cut_at_boundary(ids: list[int], boundaries) -> list[int]:

@@ -93,18 +93,30 @@ def _from_pretrained(cls, name: str, **kwargs):
 
 def load(model_name: str, device: str, dtype: str = "auto", gradient_checkpointing: bool = False,
          liger: bool = False, trust_remote_code: bool = False, tiny_corpus: list[str] | None = None,
-         tiny_vocab_size: int = 512, tiny_hidden: int = 128, tiny_layers: int = 4, seed: int = 0):
-    """(model, tokenizer) on `device`, in train mode, all weights trainable (see add_lora)."""
+         tiny_vocab_size: int = 512, tiny_hidden: int = 128, tiny_layers: int = 4, seed: int = 0,
+         load_8bit: bool = False):
+    """(model, tokenizer) on `device`, in train mode, all weights trainable (see add_lora).
+
+    load_8bit: int8 weights through bitsandbytes (CUDA only), about half the memory of bf16; for
+    models that only generate, such as a verifier (verifier.py), never for the trained policy.
+    """
     torch_dtype = pick_dtype(dtype, device)
+    quantized = {}  # from_pretrained arguments for 8-bit weights; the tiny model is always unquantized
     if model_name == TINY:
         if not tiny_corpus:
             raise ValueError("the tiny model trains its tokenizer on the training text: pass tiny_corpus")
         tokenizer = build_tiny_tokenizer(tiny_corpus, tiny_vocab_size)
         model = build_tiny_model(len(tokenizer), tiny_hidden, tiny_layers, seed).to(torch_dtype)
     else:
+        if load_8bit:
+            if not device.startswith("cuda"):
+                raise ValueError(f"8-bit loading of {model_name!r} (bitsandbytes) needs a CUDA GPU; on {device} "
+                                 f"load it unquantized (verifier_8bit false)")
+            from transformers import BitsAndBytesConfig
+            quantized = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
         tokenizer = _from_pretrained(AutoTokenizer, model_name, trust_remote_code=trust_remote_code)
         model = _from_pretrained(AutoModelForCausalLM, model_name, dtype=torch_dtype,
-                                 trust_remote_code=trust_remote_code)
+                                 trust_remote_code=trust_remote_code, **quantized)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # prompts end where generation starts
@@ -116,7 +128,8 @@ def load(model_name: str, device: str, dtype: str = "auto", gradient_checkpointi
     model.generation_config = GenerationConfig(eos_token_id=eos_ids(tokenizer, model),
                                                pad_token_id=tokenizer.pad_token_id)
     model.config.use_cache = True
-    model.to(device)
+    if not quantized:  # an 8-bit model is placed by device_map and cannot be moved
+        model.to(device)
 
     if liger and device.startswith("cuda"):
         patch_liger(model)  # Triton kernels need a GPU; the fused loss itself also runs on CPU

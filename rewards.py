@@ -2,8 +2,8 @@
 Rewards for GRPO: plain functions, chosen by name in the config and mixed with weights.
 
 Every reward has the signature fn(completion, answer, **info) -> float, where `answer` is the
-dataset's reference string and `info` carries per-chain extras (unused here, but accepted so that
-future rewards can need them without changing any caller). `score` runs the named rewards over a
+dataset's reference string and `info` carries per-chain extras (the rollout's Rollout.info, e.g. the
+verifier's scores that `verifier_score` reads). `score` runs the named rewards over a
 batch and returns the raw (N, K) values; `total` applies the weights. `is_correct` is THE answer
 checker: the correctness reward and evaluation both call it, so train and eval can never disagree.
 
@@ -152,11 +152,18 @@ def integer_answer(completion: str, answer: str, **info) -> float:
     return float(pred is not None and _INTEGER_RE.fullmatch(pred) is not None)
 
 
+def verifier_score(completion: str, answer: str, **info) -> float:
+    """1 - info["verifier_hallucination_score"]: the share of the verifier's [SCORE] lines that found no
+    mistake (0.5 when it gave none). Only verifier turns (verifier.py) set it: --rollout verifier."""
+    return 1.0 - float(info["verifier_hallucination_score"])
+
+
 REWARDS = {
     "correctness": correctness,
     "strict_format": strict_format,
     "soft_format": soft_format,
     "integer_answer": integer_answer,
+    "verifier_score": verifier_score,
 }
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ N = B prompts x G chains, chains of one prompt are adjacent. Plain sampling is o
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteriaList
 
 
 @dataclass
@@ -48,11 +48,12 @@ def completion_mask(completions: torch.Tensor, eos_ids: list[int]) -> tuple[torc
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-             temperature: float, top_p: float = 1.0) -> torch.Tensor:
+             temperature: float, top_p: float = 1.0, stopping_criteria=None) -> torch.Tensor:
     """New tokens (N, T) for already-tokenized, left-padded prompts; T <= max_new_tokens.
 
     Every setting is explicit: no top-k, no repetition penalty, all EOS ids, temperature 0 = greedy.
     The model samples in eval mode with its KV cache, and is put back in train mode afterwards.
+    `stopping_criteria` (a list of transformers StoppingCriteria) can end rows early, e.g. at a step end.
     """
     was_training = model.training
     model.eval()  # also turns gradient checkpointing off, so the KV cache works
@@ -62,7 +63,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
         top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
         repetition_penalty=1.0, max_new_tokens=max_new_tokens, min_new_tokens=0, use_cache=True,
         eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                         stopping_criteria=StoppingCriteriaList(stopping_criteria or []))
     model.train(was_training)
     return out[:, input_ids.shape[1]:]
 

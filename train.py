@@ -38,6 +38,8 @@ import llms
 import plot
 import rewards
 import rollout
+import verifier
+import verifier_backends
 
 # ----------------------------------------------------------------------------------------------
 # Log-probs at the sampling temperature, never materialising the whole (n, L, vocab) fp32 logits
@@ -298,6 +300,12 @@ def main(argv: list[str]) -> None:
         cfg.arithmetic_max_value)
     eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
     print(f"data: {len(train_set)} train questions, evaluating on {len(eval_set)} held-out questions")
+    verifier_backend = None  # built before the policy, so that an unreachable server fails the run at once
+    if cfg.rollout == "verifier":
+        verifier_backend = verifier_backends.make(
+            cfg.verifier_backend, cfg.verifier_model, cfg.verifier_base_url, cfg.verifier_api_key_env,
+            cfg.verifier_timeout_s, cfg.verifier_retries, cfg.verifier_concurrency, cfg.verifier_max_tokens,
+            cfg.verifier_temperature, cfg.verifier_prompt, cfg.verifier_8bit, device, cfg.dtype, cfg.trust_remote_code)
 
     # 2. model: a fresh run starts from model_name; a resumed one from its latest checkpoint
     ckpt = checkpoint.latest(cfg.out_dir) if cfg.resume else None
@@ -371,6 +379,12 @@ def main(argv: list[str]) -> None:
                                      cfg.guide_min_prefix_tokens, cfg.guide_max_prefix_tokens,
                                      cfg.guide_prefix_retries, cfg.min_guide_tokens, cfg.max_guide_tokens,
                                      cfg.guide_loss_on)
+        elif cfg.rollout == "verifier":  # Guided-GRPO: a verifier corrects each step (verifier.py)
+            r = verifier.guided(model, tokenizer, prompts, [ex["question"] for ex in batch],
+                                [ex["answer"] for ex in batch], cfg.num_chains, verifier_backend,
+                                cfg.max_prompt_tokens, cfg.max_completion_tokens, cfg.temperature, cfg.top_p,
+                                cfg.verifier_turn_tokens, cfg.verifier_max_turns, cfg.verifier_step_end,
+                                cfg.verifier_train_on, cfg.verifier_nudge)
         # 5. rewards (N, K) from plain functions, weighted sum (N,), group-normalised advantages (N,)
         answers = [batch[g]["answer"] for g in r.group.tolist()]
         per_fn, names, reward_errors = rewards.score(r.texts, answers, r.info, cfg.rewards)
@@ -395,6 +409,8 @@ def main(argv: list[str]) -> None:
                "tokens_per_s": completion_lens.sum().item() / dt, "peak_mem_gb": peak_mem_gb()}
         if cfg.rollout == "guided":
             row.update(guidance.summary(r.info))  # guide/prefix_len, guidance_len, postfix_len, fallback
+        if cfg.rollout == "verifier":
+            row.update(verifier.summary(r.info))  # verifier/turns, stop_rate, latency_s, failed_calls, ...
         append_jsonl(metrics_path, row)
         for i in range(min(cfg.log_samples, len(r))):
             append_jsonl(os.path.join(cfg.out_dir, "samples.jsonl"), {

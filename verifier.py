@@ -1,0 +1,314 @@
+"""Verifier turns (Guided-GRPO, arXiv 2602.04290): a verifier corrects the policy step by step.
+
+Each of the B x G chains is a conversation, and each turn all live conversations move together:
+
+1. policy    one batched `rollout.generate` call: every live conversation writes one turn of at most
+             `turn_tokens` new tokens, ending at EOS or at the end of a step (`step_end`: the first
+             newline, or sentence end, after some text; "eos" makes each turn a whole attempt).
+2. verifier  one request per conversation, all at once (`backend(jobs, ...)`, see verifier_backends.py):
+             the problem, the reference answer and the policy's turns so far. It replies with a short
+             correction, or `###STOP###`, and may add a line `[SCORE] hallucination_detect=0|1`.
+3. next      a correction becomes a user message and the policy writes the next turn; an empty or
+             failed reply lets the policy go on with its next step unprompted. A conversation ends on
+             STOP when the policy's work holds a final answer, on STOP without one after the `nudge`
+             message and one more turn (written to EOS), after `max_turns` turns, when the policy's
+             tokens reach max_completion_tokens, or when the policy ends a turn with EOS and the
+             verifier has nothing to add.
+
+The Rollout holds the whole conversation (prompt, turns, inserted messages). loss_mask is 1 on the
+policy's own tokens only: all its turns (`train_on` "all") or its last turn ("last_turn", the paper's
+choice). Verifier text, nudges and chat-template glue are 0. `texts` (what the rewards read) is the
+policy's turns joined; info["verifier_hallucination_score"] is the mean [SCORE] of the conversation
+(0.5 when it got none), which the `verifier_score` reward reads.
+
+Where this differs from the paper, on purpose: the verifier prompt is our own (DEFAULT_PROMPT, or
+your own via `verifier_prompt`); a verifier call that fails (after the backend's retries) lets the
+policy continue without feedback instead of stopping the run; the final turn after a nudge is extra
+to max_turns.
+
+    python verifier.py                                   # a few conversations with the rules verifier
+    python verifier.py serve --model tiny --port 8000    # an OpenAI-compatible server (verifier_backends.py)
+"""
+import functools
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from transformers import StoppingCriteria
+
+import guidance
+import rewards
+import rollout
+
+STOP = "###STOP###"
+STEP_ENDS = {"newline": ("\n",), "sentence": ("\n", ".", "!", "?"), "eos": ()}
+TRAIN_ON = ("all", "last_turn")
+DEFAULT_NUDGE = "Please give the final answer."
+DEFAULT_PROMPT = """You are a careful math teacher. A student solves the problem below one step at a time, \
+and you check each step as it is written.
+
+Problem:
+{question}
+
+Reference final answer (never reveal it): {answer}
+
+Judge only the student's latest step.
+- If it contains a mistake, reply with one or two short sentences that name the mistake and give the \
+correct value or a hint. Do not solve the rest of the problem.
+- If every step is correct and the student has stated the final answer, reply with exactly {stop}
+- If the latest step is correct but the solution is not finished, reply with nothing but the score line.
+End every reply with one line: [SCORE] hallucination_detect=1 if the latest step has a mistake or an \
+unsupported claim, else [SCORE] hallucination_detect=0."""
+
+
+class Job(NamedTuple):
+    """What a verifier judges: one conversation's problem, reference answer and policy turns so far."""
+    question: str
+    answer: str
+    steps: list[str]
+
+
+# ----------------------------------------------------------------------------------------------
+# Replies: STOP, corrections, [SCORE] lines; final answers
+
+
+_SCORE_RE = re.compile(r"\[SCORE\][^\n]*", re.IGNORECASE)  # a score line runs to the end of its line
+_SCORE_VALUE_RE = re.compile(r"\[SCORE\]\s*hallucination_detect\s*=\s*([01])\s*", re.IGNORECASE)
+
+
+def parse_reply(reply: str) -> tuple[str, bool, int | None]:
+    """(feedback for the policy, stop, score). Score lines are cut out of the feedback whether they
+    parse or not; the last well-formed one gives the score (0 or 1), malformed ones give none."""
+    score = None
+    for line in _SCORE_RE.findall(reply):
+        if m := _SCORE_VALUE_RE.fullmatch(line):
+            score = int(m.group(1))
+    body = _SCORE_RE.sub("", reply)
+    return body.replace(STOP, "").strip(), STOP in body, score
+
+
+def has_final_answer(text: str) -> bool:
+    """The work states its answer explicitly (####, <answer>, \\boxed, "the answer is"); a bare last
+    number, which rewards.extract_answer falls back to, does not count."""
+    marked = any(m in text for m in ("####", "</answer>", "\\boxed{")) or "the answer is" in text.lower()
+    return marked and rewards.extract_answer(text) is not None
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy turns: where a step ends, and the chat-template tokens around inserted messages
+
+
+@functools.lru_cache(maxsize=8)  # one pass over the vocabulary per tokenizer
+def blank_ids(tokenizer) -> frozenset[int]:
+    """Ids that decode to whitespace only: a step needs some text before its end counts."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return frozenset(i for i, t in enumerate(texts) if not t.strip())
+
+
+def cut_turn(ids: list[int], limit: int, eos, ends, blank) -> tuple[list[int], bool]:
+    """(the turn: ids up to EOS, the first step end after some text, or `limit`; whether EOS ended it)."""
+    seen_text = False
+    for j, t in enumerate(ids[:limit]):
+        if t in eos:
+            return ids[:j + 1], True
+        seen_text = seen_text or t not in blank
+        if seen_text and t in ends:
+            return ids[:j + 1], False
+    return ids[:limit], False
+
+
+class StepEnd(StoppingCriteria):
+    """Stops a row of `generate` where cut_turn would cut it, so a turn costs only its own tokens.
+
+    start: the context width (new tokens begin there); active (n,) bool: rows that stop at step ends.
+    """
+
+    def __init__(self, ends, blank, start: int, active: torch.Tensor):
+        device = active.device
+        self.ends = torch.tensor(sorted(ends), dtype=torch.long, device=device)
+        self.blank = torch.tensor(sorted(blank), dtype=torch.long, device=device)
+        self.start, self.active = start, active
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.start:]  # (n, t)
+        seen_text = torch.isin(new, self.blank, invert=True).long().cumsum(-1) > 0
+        return (torch.isin(new, self.ends) & seen_text).any(-1) & self.active
+
+
+def message_ids(tokenizer, text: str) -> list[int]:
+    """Tokens that close the assistant's message, add `text` as a user message and open the next
+    assistant message, as the chat template writes them (for Qwen: <|im_end|>, user turn, assistant)."""
+    for special in tokenizer.all_special_tokens:  # a reply must not inject template tokens
+        text = text.replace(special, "")
+    mark = "\u2063MARK\u2063"  # invisible separator: never in a real reply
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}, {"role": "user", "content": text}],
+        tokenize=False, add_generation_prompt=True)
+    return tokenizer(chat.split(mark, 1)[1], add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The turn loop
+
+
+@dataclass
+class Conversation:
+    group: int                                    # which prompt
+    seq: list = field(default_factory=list)       # everything after the prompt: turns and inserted messages
+    turn_of: list = field(default_factory=list)   # per token of seq: its policy turn 0, 1, ..., or -1 if inserted
+    turns: list = field(default_factory=list)     # the policy's turns, as token lists
+    replies: list = field(default_factory=list)   # the verifier's raw replies ("" for a failed call)
+    scores: list = field(default_factory=list)    # well-formed [SCORE] values
+    failed: int = 0                               # verifier calls that failed after retries
+    latency: float = 0.0                          # seconds spent waiting on the verifier
+    corrections: int = 0                          # replies added as user messages
+    eos: bool = False                             # the latest turn ended with EOS
+    stopped: bool = False                         # the verifier said STOP
+    nudged: bool = False                          # the next turn is the final answer after a nudge
+    truncated: bool = False                       # ended by max_turns or the token budget
+    done: bool = False
+
+    def add(self, ids: list[int], turn: int) -> None:
+        self.seq += ids
+        self.turn_of += [turn] * len(ids)
+
+    def insert(self, ids: list[int]) -> None:
+        """A user message: after a turn that ended with EOS, the template's own end token is not repeated."""
+        self.add(ids[1:] if self.eos and ids[:1] == self.seq[-1:] else ids, -1)
+
+    @property
+    def policy_tokens(self) -> int:
+        return sum(len(t) for t in self.turns)
+
+
+def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: list[str], num_chains: int,
+           backend, max_prompt_tokens: int, max_completion_tokens: int, temperature: float, top_p: float,
+           turn_tokens: int, max_turns: int, step_end: str = "newline", train_on: str = "all",
+           nudge: str = DEFAULT_NUDGE) -> rollout.Rollout:
+    """B prompts x G conversations with a verifier (module docstring); one generate call per turn.
+
+    backend(jobs, model, tokenizer) -> one reply string per Job, None where the call failed
+    (verifier_backends.make). The policy's tokens over all turns stay within max_completion_tokens.
+    """
+    if step_end not in STEP_ENDS or train_on not in TRAIN_ON:
+        raise ValueError(f"step_end must be one of {list(STEP_ENDS)} and train_on one of {TRAIN_ON}")
+    device = next(model.parameters()).device
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    ends = guidance.boundary_ids(tokenizer, STEP_ENDS[step_end]) if STEP_ENDS[step_end] else frozenset()
+    blank, pad = blank_ids(tokenizer), tokenizer.pad_token_id
+    prompt_ids, prompt_mask = rollout.tokenize_prompts(tokenizer, prompts, max_prompt_tokens, device)
+    prompt_rows = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask)]  # B lists, unpadded
+    convs = [Conversation(b) for b in range(len(prompts)) for _ in range(num_chains)]
+
+    while live := [c for c in convs if not c.done]:
+        # 1. the policy: one turn per live conversation, all in one generate call; a final turn after
+        #    a nudge runs to EOS, every other turn also stops at its step end
+        room = [min(turn_tokens, max_completion_tokens - c.policy_tokens) for c in live]
+        ids, mask = guidance.left_pad([prompt_rows[c.group] + c.seq for c in live], pad, device)  # (n, ctx)
+        steps = torch.tensor([not c.nudged for c in live], device=device)
+        stop = [StepEnd(ends, blank, ids.shape[1], steps)] if ends else None
+        out = rollout.generate(model, ids, mask, max(room), temperature, top_p, stop).tolist()  # (n, <= max room)
+        for c, row, n in zip(live, out, room):
+            turn, c.eos = cut_turn(row, n, eos, frozenset() if c.nudged else ends, blank)
+            c.add(turn, len(c.turns))
+            c.turns.append(turn)
+            if c.nudged:  # the final answer after a nudge ends the conversation
+                c.done, c.truncated = True, not c.eos
+
+        # 2. the verifier: one job per conversation that just wrote a step, all sent at once
+        asking = [c for c in live if not c.done]
+        jobs = [Job(questions[c.group], answers[c.group], tokenizer.batch_decode(c.turns, skip_special_tokens=True))
+                for c in asking]
+        t0 = time.perf_counter()
+        replies = backend(jobs, model, tokenizer) if jobs else []
+        waited = time.perf_counter() - t0
+
+        # 3. what each reply means for its conversation
+        for c, job, reply in zip(asking, jobs, replies, strict=True):
+            c.latency += waited
+            c.failed += reply is None
+            c.replies.append(reply or "")
+            feedback, stopped, score = parse_reply(reply or "")
+            if score is not None:
+                c.scores.append(score)
+            no_room = c.policy_tokens >= max_completion_tokens
+            if stopped:
+                c.stopped = True
+                if has_final_answer("".join(job.steps)) or no_room:
+                    c.done = True
+                else:  # STOP without a final answer: ask for it, and give one more turn
+                    c.nudged = True
+                    c.insert(message_ids(tokenizer, nudge))
+            elif len(c.turns) >= max_turns or no_room:
+                c.done, c.truncated = True, not c.eos
+            elif feedback:
+                c.corrections += 1
+                c.insert(message_ids(tokenizer, feedback))
+            elif c.eos:  # the policy finished and the verifier had nothing to add
+                c.done = True
+            # else: no feedback (or a failed call): the policy goes on with its next step
+
+    # the Rollout: whole conversations, left padded (N, L); trained only on the policy's own tokens
+    ids, attn = guidance.left_pad([prompt_rows[c.group] + c.seq for c in convs], pad, device)
+    loss_mask = torch.zeros(ids.shape, dtype=torch.float, device=device)
+    info, texts = [], []
+    for i, c in enumerate(convs):
+        last = len(c.turns) - 1
+        trained = [t >= 0 and (train_on == "all" or t == last) for t in c.turn_of]
+        loss_mask[i, ids.shape[1] - len(c.seq):] = torch.tensor(trained, dtype=torch.float)
+        texts.append(tokenizer.decode([t for turn in c.turns for t in turn], skip_special_tokens=True))
+        info.append({"turns": len(c.turns), "stopped": c.stopped, "nudged": c.nudged,
+                     "final_answer": has_final_answer(texts[-1]), "truncated": c.truncated,
+                     "completion_len": c.policy_tokens, "verifier_calls": len(c.replies),
+                     "verifier_failed": c.failed, "verifier_corrections": c.corrections,
+                     "verifier_latency_s": c.latency,
+                     "verifier_hallucination_score": sum(c.scores) / len(c.scores) if c.scores else 0.5,
+                     "verifier_replies": c.replies, "conversation": tokenizer.decode(c.seq)})
+    group = torch.tensor([c.group for c in convs], dtype=torch.long, device=device)
+    return rollout.Rollout(input_ids=ids, attention_mask=attn, loss_mask=loss_mask, group=group,
+                           texts=texts, info=info)
+
+
+def summary(info: list[dict]) -> dict:
+    """The step's figures for metrics.jsonl: means over conversations, latency per verifier round."""
+    n, calls = max(1, len(info)), sum(d["verifier_calls"] for d in info)
+    return {"verifier/turns": sum(d["turns"] for d in info) / n,
+            "verifier/stop_rate": sum(d["stopped"] for d in info) / n,
+            "verifier/final_answer_frac": sum(d["final_answer"] for d in info) / n,
+            "verifier/corrections": sum(d["verifier_corrections"] for d in info) / n,
+            "verifier/latency_s": sum(d["verifier_latency_s"] for d in info) / max(1, calls),
+            "verifier/failed_calls": sum(d["verifier_failed"] for d in info),
+            "verifier/hallucination_score": sum(d["verifier_hallucination_score"] for d in info) / n}
+
+
+if __name__ == "__main__":
+    import verifier_backends
+
+    if sys.argv[1:2] == ["serve"]:
+        verifier_backends.serve_main(sys.argv[2:])
+        sys.exit()
+    import config
+    import data
+    import llms
+    import train
+
+    examples, _ = data.arithmetic_task(2000, 10, seed=0)
+    m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] + "\n" + data.target_text(ex) for ex in examples])
+    print("a short warm start, so that the tiny model writes equations ...")
+    train.warm_start(m, tok, examples, config.Config(system_prompt="", sft_steps=60, sft_batch_size=32,
+                                                     sft_learning_rate=3e-3, max_completion_tokens=64), "cpu")
+    torch.manual_seed(0)
+    batch = examples[:2]
+    r = guided(m, tok, [llms.chat_prompt(tok, "", ex["question"]) for ex in batch], [ex["question"] for ex in batch],
+               [ex["answer"] for ex in batch], num_chains=2, backend=verifier_backends.RulesVerifier(),
+               max_prompt_tokens=128, max_completion_tokens=64, temperature=1.0, top_p=1.0, turn_tokens=24,
+               max_turns=6)
+    for i, d in enumerate(r.info):
+        print(f"--- chain {i} (answer {batch[r.group[i]]['answer']}): {d['turns']} turns, stopped {d['stopped']}, "
+              f"hallucination score {d['verifier_hallucination_score']:.2f}\n{d['conversation']}")
+    print(summary(r.info))

@@ -1,0 +1,267 @@
+"""Verifier backends for verifier turns (verifier.py), and a small OpenAI-compatible server.
+
+A backend is called once per turn with the jobs of every live conversation:
+
+    backend(jobs: list[verifier.Job], policy, policy_tokenizer) -> list[str | None]
+
+one reply per job, None where the call failed (counted in verifier/failed_calls; the policy then goes
+on without feedback). Three kinds (`verifier_backend`):
+
+- rules  checks the arithmetic of the latest step ("a op b = c") and the final answer; no model. It
+         makes verifier turns cheap and testable on the built-in task.
+- hf     a causal LM on this machine (`verifier_model`: hub name, local folder, or "policy": the
+         policy itself, with its LoRA adapter switched off if it has one), optionally 8-bit; all jobs
+         of a turn in one batched generate call.
+- http   an OpenAI-compatible server (vLLM, SGLang, a hosted API, or `python verifier.py serve`):
+         the `openai` client with its timeout and retries (exponential backoff), `concurrency`
+         requests in flight. The API key is read from the environment variable named by
+         `verifier_api_key_env`; it is never logged. An unreachable server is an error at start-up.
+
+    python verifier.py serve --model tiny --port 8000     # or a hub name / local folder; --port 0 picks one
+"""
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import llms
+import rewards
+import rollout
+import verifier
+
+# ----------------------------------------------------------------------------------------------
+# rules: a programmatic verifier for the built-in arithmetic task (and any work written "a op b = c")
+
+# linear-time: a fixed sequence of single-pass number and operator matches, no nested quantifiers
+_EQUATION_RE = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/x×])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+
+
+def _show(x: float) -> str:
+    return f"{round(x, 6):g}"
+
+
+def rules_reply(answer: str, steps: list[str]) -> str:
+    """Check every equation of the latest step; then, once the work states a final answer, that answer.
+
+    A wrong equation gets its correct value; a wrong final answer is named (the reference is not
+    given away); right work with a final answer gets STOP; a right step without one gets only a
+    score (the policy goes on unprompted); a step without any equation gets an empty reply.
+    """
+    latest, work = (steps[-1] if steps else ""), "".join(steps)
+    wrong, checked = [], False
+    for a, op, b, c in _EQUATION_RE.findall(latest):
+        x, y, z = float(a), float(b), float(c)
+        if op == "/" and y == 0:
+            continue
+        value = x + y if op == "+" else x - y if op == "-" else x / y if op == "/" else x * y  # x, ×, * multiply
+        checked = True
+        if abs(value - z) > 1e-9 * max(1.0, abs(value)):
+            wrong.append(f"{_show(x)} {op} {_show(y)} = {_show(value)}, not {_show(z)}")
+    if wrong:
+        return "Check this step: " + "; ".join(wrong) + ".\n[SCORE] hallucination_detect=1"
+    if verifier.has_final_answer(work):
+        if rewards.is_correct(work, answer):
+            return f"{verifier.STOP}\n[SCORE] hallucination_detect=0"
+        return (f"Your final answer {rewards.extract_answer(work)} is wrong: recheck your steps."
+                "\n[SCORE] hallucination_detect=1")
+    return "[SCORE] hallucination_detect=0" if checked else ""
+
+
+class RulesVerifier:
+    def __call__(self, jobs, policy=None, policy_tokenizer=None) -> list[str]:
+        return [rules_reply(job.answer, job.steps) for job in jobs]
+
+
+# ----------------------------------------------------------------------------------------------
+# What a model verifier reads: our system prompt template, then the policy's steps
+
+
+def load_prompt(prompt: str) -> str:
+    """The template: verifier.DEFAULT_PROMPT for "", a file's text for an existing path, else `prompt`."""
+    if os.path.isfile(prompt):
+        with open(prompt) as f:
+            prompt = f.read()
+    prompt = prompt or verifier.DEFAULT_PROMPT
+    try:
+        prompt.format(question="", answer="", stop="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"verifier_prompt may use the fields {{question}}, {{answer}} and {{stop}} only "
+                         f"(write a literal brace as {{{{ or }}}}); it has {type(e).__name__}: {e}") from None
+    return prompt
+
+
+def messages(template: str, job) -> list[dict]:
+    steps = "\n".join(f"Step {k}: {s.strip()}" for k, s in enumerate(job.steps, 1))
+    return [{"role": "system", "content": template.format(question=job.question, answer=job.answer,
+                                                          stop=verifier.STOP)},
+            {"role": "user", "content": f"The student's steps so far:\n{steps}\n\nJudge step {len(job.steps)}."}]
+
+
+def hf_chat(model, tokenizer, chats: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
+    """One batched generate call: the assistant's reply to each chat (list of role/content messages)."""
+    prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
+    room = getattr(model.config, "max_position_embeddings", 32768) - max_tokens  # long prompts keep their end
+    ids, mask = rollout.tokenize_prompts(tokenizer, prompts, room, next(model.parameters()).device)
+    out = rollout.generate(model, ids, mask, max_tokens, temperature)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)  # padding after EOS is a special token
+
+
+# ----------------------------------------------------------------------------------------------
+# hf and http
+
+
+class HFVerifier:
+    """A local causal LM; model None means the policy (its LoRA adapter switched off, if any)."""
+
+    def __init__(self, model, tokenizer, template: str, max_tokens: int, temperature: float):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.max_tokens, self.temperature = max_tokens, temperature
+
+    def __call__(self, jobs, policy, policy_tokenizer) -> list[str]:
+        model, tok = (self.model, self.tokenizer) if self.model is not None else (policy, policy_tokenizer)
+        off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with off:
+            return hf_chat(model, tok, [messages(self.template, job) for job in jobs], self.max_tokens,
+                           self.temperature)
+
+
+class HTTPVerifier:
+    def __init__(self, base_url: str, model: str, api_key_env: str, timeout_s: float, retries: int,
+                 concurrency: int, template: str, max_tokens: int, temperature: float):
+        import openai  # only this backend needs it
+
+        self.key = os.environ.get(api_key_env, "") if api_key_env else ""
+        # the openai client retries timeouts, connection errors, 408/409/429 and 5xx with exponential backoff
+        self.client = openai.OpenAI(base_url=base_url, api_key=self.key or "none", timeout=timeout_s,
+                                    max_retries=retries)
+        self.model, self.template, self.max_tokens, self.temperature = model, template, max_tokens, temperature
+        self.concurrency, self.reported = concurrency, set()
+        try:  # start-up check: the server answers at all (a 404 for /models still proves it is up)
+            self.client.with_options(max_retries=0, timeout=min(timeout_s, 10.0)).models.list()
+        except openai.APIConnectionError as e:  # also the timeout error
+            raise RuntimeError(f"the verifier server at {base_url} is unreachable ({type(e).__name__}): start it "
+                               f"(python verifier.py serve --model X --port P serves a local model) or fix "
+                               f"verifier_base_url") from None
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            raise RuntimeError(f"the verifier server at {base_url} refused the API key (status {e.status_code}): "
+                               f"put the key in the environment variable {api_key_env!r} "
+                               f"(verifier_api_key_env)") from None
+        except openai.APIStatusError:
+            pass
+
+    def ask(self, chat: list[dict]) -> str | None:
+        try:
+            reply = self.client.chat.completions.create(model=self.model, messages=chat, max_tokens=self.max_tokens,
+                                                        temperature=self.temperature)
+            content = reply.choices[0].message.content
+            if not isinstance(content, str):
+                raise ValueError(f"malformed reply: {str(reply)[:200]}")
+            return content
+        except Exception as e:  # after the client's retries: this turn goes on without feedback
+            kind = type(e).__name__
+            if kind not in self.reported:  # each kind of failure is printed once; all are counted
+                self.reported.add(kind)
+                message = str(e)[:300].replace(self.key, "***") if self.key else str(e)[:300]
+                print(f"verifier call failed ({kind}: {message}); the turn goes on without feedback "
+                      f"(counted in verifier/failed_calls, reported once per kind)", file=sys.stderr)
+            return None
+
+    def __call__(self, jobs, policy=None, policy_tokenizer=None) -> list[str | None]:
+        chats = [messages(self.template, job) for job in jobs]
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(self.concurrency, len(chats)))) as pool:
+            return list(pool.map(self.ask, chats))
+
+
+def make(kind: str, model: str, base_url: str, api_key_env: str, timeout_s: float, retries: int,
+         concurrency: int, max_tokens: int, temperature: float, prompt: str, load_8bit: bool, device: str,
+         dtype: str, trust_remote_code: bool = False):
+    """The backend named `kind` (rules, hf, http); http checks at once that its server answers."""
+    if kind == "rules":
+        return RulesVerifier()
+    template = load_prompt(prompt)
+    if kind == "hf":
+        if model == "policy":
+            return HFVerifier(None, None, template, max_tokens, temperature)
+        vm, vt = llms.load(model, device, dtype, trust_remote_code=trust_remote_code, load_8bit=load_8bit)
+        vm.eval().requires_grad_(False)
+        return HFVerifier(vm, vt, template, max_tokens, temperature)
+    if kind == "http":
+        return HTTPVerifier(base_url, model, api_key_env, timeout_s, retries, concurrency, template, max_tokens,
+                            temperature)
+    raise ValueError(f"verifier_backend must be rules, hf or http, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# python verifier.py serve: a local HF model as an OpenAI-compatible /v1/chat/completions endpoint
+
+
+def serve(model, tokenizer, name: str, port: int) -> ThreadingHTTPServer:
+    """A server on 127.0.0.1:port (0 = a free port, see .server_address); requests run one at a time."""
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def send(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.rstrip("/").endswith("/models"):
+                return self.send(200, {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "local"}]})
+            self.send(404, {"error": {"message": f"no route {self.path}"}})
+
+        def do_POST(self):
+            if not self.path.rstrip("/").endswith("/chat/completions"):
+                return self.send(404, {"error": {"message": f"no route {self.path}"}})
+            try:
+                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                chat = [{"role": str(m["role"]), "content": str(m["content"])} for m in req["messages"]]
+                max_tokens, temperature = int(req.get("max_tokens") or 128), float(req.get("temperature") or 0.0)
+            except (ValueError, KeyError, TypeError) as e:
+                return self.send(400, {"error": {"message": f"bad request: {type(e).__name__}: {e}"}})
+            with lock:
+                text = hf_chat(model, tokenizer, [chat], max_tokens, temperature)[0]
+            self.send(200, {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
+                            "model": req.get("model", name), "choices": [{
+                                "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
+
+        def log_message(self, *args):  # quiet: one line per request would drown the training log
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python verifier.py serve", description=serve.__doc__)
+    parser.add_argument("--model", required=True, help='hub name, local folder, or "tiny" (built in, untrained)')
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--load_8bit", action="store_true")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    corpus = None
+    if args.model == llms.TINY:  # its tokenizer trains on the built-in task's text
+        import data
+        corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in data.arithmetic_task(1000, 10, seed=0)[0]]
+    model, tokenizer = llms.load(args.model, device, args.dtype, tiny_corpus=corpus, load_8bit=args.load_8bit)
+    model.eval().requires_grad_(False)
+    server = serve(model, tokenizer, args.model, args.port)
+    print(f"serving {args.model} at http://127.0.0.1:{server.server_address[1]}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
