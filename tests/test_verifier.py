@@ -1,0 +1,420 @@
+"""Verifier turns: reply parsing, the rules verifier, the turn loop and its masks, the three backends,
+a real `verifier.py serve` subprocess, a faulty server, and training runs with --rollout verifier."""
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+import config
+import llms
+import rollout
+import train
+import verifier
+import verifier_backends as vb
+from test_train import FAST
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STOP = verifier.STOP
+
+
+# ----------------------------------------------------------------------------------------------
+# replies, final answers, the rules verifier
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Wrong: 3 + 4 = 7.\n[SCORE] hallucination_detect=1", ("Wrong: 3 + 4 = 7.", False, 1)),
+    (f"{STOP}\n[SCORE] hallucination_detect=0\n", ("", True, 0)),
+    (STOP, ("", True, None)),
+    ("Looks fine. [score]  HALLUCINATION_DETECT = 0 ", ("Looks fine.", False, 0)),  # inline, any case
+    ("[SCORE] hallucination_detect=1\n[SCORE] hallucination_detect=0", ("", False, 0)),  # the last one counts
+    # malformed score lines give no score, and are never shown to the policy
+    ("Hint.\n[SCORE] hallucination_detect=2", ("Hint.", False, None)),
+    ("Hint.\n[SCORE] hallucination_detect=yes", ("Hint.", False, None)),
+    ("[SCORE]\nHint.", ("Hint.", False, None)),
+    ("[SCORE] halluc=1 ###STOP###", ("", False, None)),  # a STOP inside a score line is part of that line
+    ("[SCORE] hallucination_detect=1\n[SCORE] hallucination_detect=oops", ("", False, 1)),
+    ("", ("", False, None)),
+])
+def test_parse_reply(reply, expected):
+    assert verifier.parse_reply(reply) == expected
+
+
+def test_has_final_answer():
+    assert verifier.has_final_answer("3 + 4 = 7.\n#### 7")
+    assert verifier.has_final_answer("<answer>\n7\n</answer>") and verifier.has_final_answer("so \\boxed{7}")
+    assert verifier.has_final_answer("So the answer is 7.")
+    assert not verifier.has_final_answer("3 + 4 = 7.")  # a last number alone is no stated answer
+    assert not verifier.has_final_answer("####")
+
+
+@pytest.mark.parametrize("steps, answer, expected", [
+    (["3 + 4 = 7.\n"], "7", "[SCORE] hallucination_detect=0"),  # right, unfinished: score only
+    (["3 + 4 = 8.\n"], "7", "Check this step: 3 + 4 = 7, not 8.\n[SCORE] hallucination_detect=1"),
+    (["5 * 3 = 15, 15 - 4 = 12.\n"], "11", "Check this step: 15 - 4 = 11, not 12.\n[SCORE] hallucination_detect=1"),
+    (["12 / 4 = 3 and 2 x 3 = 7"], "7", "Check this step: 2 x 3 = 6, not 7.\n[SCORE] hallucination_detect=1"),
+    (["3 + 4 = 7.\n", "#### 7"], "7", f"{STOP}\n[SCORE] hallucination_detect=0"),
+    (["3 + 4 = 7.\n#### 7"], "7", f"{STOP}\n[SCORE] hallucination_detect=0"),
+    (["3 + 4 = 7.\n", "#### 9"], "7", "Your final answer 9 is wrong: recheck your steps.\n"
+                                      "[SCORE] hallucination_detect=1"),
+    (["Tom has apples.\n"], "7", ""),  # nothing to check: no feedback, no score
+    (["1 / 0 = 5"], "7", ""),
+])
+def test_rules_reply(steps, answer, expected):
+    assert vb.rules_reply(answer, steps) == expected
+    assert vb.RulesVerifier()([verifier.Job("q", answer, steps)]) == [expected]
+
+
+# ----------------------------------------------------------------------------------------------
+# turns: cutting, stopping generate early, inserted messages
+
+
+def test_cut_turn():
+    eos, ends, blank = {0}, {5, 6}, {5, 9}  # 5 is a bare newline (blank), 6 a "x." token, 9 a space
+    assert verifier.cut_turn([1, 2, 6, 3], 10, eos, ends, blank) == ([1, 2, 6], False)
+    assert verifier.cut_turn([5, 9, 5, 1, 5, 2], 10, eos, ends, blank) == ([5, 9, 5, 1, 5], False)  # text first
+    assert verifier.cut_turn([1, 0, 6], 10, eos, ends, blank) == ([1, 0], True)
+    assert verifier.cut_turn([1, 2, 3, 4], 3, eos, ends, blank) == ([1, 2, 3], False)
+    assert verifier.cut_turn([1, 6, 3], 10, eos, set(), blank) == ([1, 6, 3], False)  # step_end "eos"
+
+
+def test_step_end_stops_generate_where_cut_turn_cuts(tiny):
+    """Rows stopped early by StepEnd hold the same turns as the same rows generated in full, then cut."""
+    model, tok = tiny
+    ends = frozenset(range(3, len(tok), 4))  # a quarter of the vocabulary, so that rows stop at different places
+    blank, eos = verifier.blank_ids(tok), set(model.generation_config.eos_token_id)
+    ids, mask = rollout.tokenize_prompts(tok, ["Tom has 3 pens.", "Ann has", "He gives away 2. How many"], 64, "cpu")
+    active = torch.tensor([True, True, False])  # the last row runs on, as a final turn after a nudge does
+    torch.manual_seed(0)
+    stopped = rollout.generate(model, ids, mask, 20, 1.0, stopping_criteria=[
+        verifier.StepEnd(ends, blank, ids.shape[1], active)]).tolist()
+    torch.manual_seed(0)  # the same draws: rows differ only where StepEnd ended them
+    full = rollout.generate(model, ids, mask, 20, 1.0).tolist()
+    for row_stopped, row_full, on in zip(stopped, full, active.tolist()):
+        cut, _ = verifier.cut_turn(row_full, 20, eos, ends if on else frozenset(), blank)
+        assert verifier.cut_turn(row_stopped, 20, eos, ends if on else frozenset(), blank)[0] == cut
+        if on:  # it stopped there: only padding follows
+            assert len(cut) < 20 and set(row_stopped[len(cut):]) <= {tok.pad_token_id}
+
+
+def test_message_ids_follow_the_chat_template(tiny):
+    _, tok = tiny
+    text = tok.decode(verifier.message_ids(tok, "Check: 3 + 4 = 7.<|im_end|>"))  # template tokens are dropped
+    assert text == "<|im_end|>\n<|im_start|>user\nCheck: 3 + 4 = 7.<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# the turn loop with a scripted policy: STOP with and without a final answer, corrections, limits
+
+
+class Scripted:
+    """A verifier backend with canned replies, one per call of each conversation; records its jobs."""
+
+    def __init__(self, *replies):
+        self.replies, self.jobs = replies, []
+
+    def __call__(self, jobs, policy, tokenizer):
+        self.jobs.append(jobs)
+        return [self.replies[min(len(job.steps), len(self.replies)) - 1] for job in jobs]
+
+
+def scripted_policy(monkeypatch, tok, turns):
+    """rollout.generate writes turns[k] (text; "<eos>" is the EOS token) on its k-th call, in every row."""
+    calls = []
+
+    def fake(model, ids, mask, max_new_tokens, temperature, top_p=1.0, stopping_criteria=None):
+        calls.append(stopping_criteria)
+        row = tok(turns[len(calls) - 1].replace("<eos>", "<|im_end|>"), add_special_tokens=False)["input_ids"]
+        return torch.tensor([row[:max_new_tokens]] * ids.shape[0])
+    monkeypatch.setattr(rollout, "generate", fake)
+    return calls
+
+
+def run(model, tok, backend, max_turns=4, **kw):
+    args = dict(num_chains=2, max_prompt_tokens=96, max_completion_tokens=48, temperature=1.0, top_p=1.0,
+                turn_tokens=16, max_turns=max_turns)
+    prompt = llms.chat_prompt(tok, "", "Tom has 3 pens. He gets 4 more. How many pens does Tom have now?")
+    return verifier.guided(model, tok, [prompt], ["Tom has 3 pens. ..."], ["7"], backend=backend, **{**args, **kw})
+
+
+def trained_text(tok, r, i, trained=True):
+    keep = (r.loss_mask[i] > 0) == trained
+    return tok.decode(r.input_ids[i][keep & r.attention_mask[i].bool()])
+
+
+def test_stop_with_a_final_answer_ends_the_conversation(tiny, monkeypatch):
+    model, tok = tiny
+    scripted_policy(monkeypatch, tok, ["3 + 4 = 8.\n", "3 + 4 = 7.\n", "#### 7<eos>"])
+    r = run(model, tok, vb.RulesVerifier())
+    d = r.info[0]
+    assert (d["turns"], d["stopped"], d["nudged"], d["final_answer"], d["truncated"]) == (3, True, False, True, False)
+    assert d["verifier_corrections"] == 1 and d["verifier_calls"] == 3 and d["verifier_failed"] == 0
+    assert d["verifier_hallucination_score"] == pytest.approx(1 / 3)  # scores 1, 0, 0
+    assert r.texts[0] == "3 + 4 = 8.\n3 + 4 = 7.\n#### 7"
+    # the correction is a user message, masked out; the policy's three turns (EOS included) are trained
+    correction = "Check this step: 3 + 4 = 7, not 8."
+    assert d["conversation"].endswith(f"3 + 4 = 8.\n<|im_end|>\n<|im_start|>user\n{correction}<|im_end|>\n"
+                                      f"<|im_start|>assistant\n3 + 4 = 7.\n#### 7<|im_end|>")
+    assert trained_text(tok, r, 0) == "3 + 4 = 8.\n3 + 4 = 7.\n#### 7<|im_end|>"
+    assert trained_text(tok, r, 0, False).endswith(f"<|im_start|>user\n{correction}<|im_end|>\n<|im_start|>assistant\n")
+    assert d["completion_len"] == int(r.loss_mask[0].sum())
+    assert verifier.summary(r.info)["verifier/stop_rate"] == 1.0
+
+
+def test_stop_without_a_final_answer_nudges_once(tiny, monkeypatch):
+    model, tok = tiny
+    calls = scripted_policy(monkeypatch, tok, ["3 + 4 = 7.\n", "The answer:\n#### 7<eos>"])
+    backend = Scripted(f"{STOP}\n[SCORE] hallucination_detect=0")
+    r = run(model, tok, backend, nudge="Please give the final answer.")
+    d = r.info[1]
+    assert (d["turns"], d["stopped"], d["nudged"], d["final_answer"], d["verifier_calls"]) == (2, True, True, True, 1)
+    assert "<|im_start|>user\nPlease give the final answer.<|im_end|>" in d["conversation"]
+    assert trained_text(tok, r, 1) == "3 + 4 = 7.\nThe answer:\n#### 7<|im_end|>"  # the nudge is masked out
+    assert calls[0][0].active.tolist() == [True, True] and calls[1][0].active.tolist() == [False, False]
+    assert len(backend.jobs) == 1  # the final turn after a nudge is not sent to the verifier
+
+
+@pytest.mark.parametrize("train_on", ["all", "last_turn"])
+def test_max_turns_and_what_is_trained(tiny, monkeypatch, train_on):
+    model, tok = tiny
+    scripted_policy(monkeypatch, tok, ["a.\n", "b.\n", "c.\n"])
+    r = run(model, tok, Scripted("Try again."), max_turns=3, train_on=train_on)
+    d = r.info[0]
+    assert (d["turns"], d["stopped"], d["truncated"], d["verifier_corrections"]) == (3, False, True, 2)
+    assert d["verifier_hallucination_score"] == 0.5  # no [SCORE] lines at all
+    assert trained_text(tok, r, 0) == ("a.\nb.\nc.\n" if train_on == "all" else "c.\n")
+    assert r.texts[0] == "a.\nb.\nc.\n"  # the rewards read the whole work either way
+
+
+def test_failed_calls_and_empty_replies_continue_without_feedback(tiny, monkeypatch):
+    model, tok = tiny
+    scripted_policy(monkeypatch, tok, ["a.\n", "b.\n", "c.<eos>", "never"])
+    r = run(model, tok, Scripted(None, "", None), max_turns=5)
+    d = r.info[0]
+    # the policy ended with EOS and the (failed) verifier had nothing to add: the conversation is over
+    assert (d["turns"], d["verifier_failed"], d["verifier_calls"], d["truncated"]) == (3, 2, 3, False)
+    assert d["conversation"] == "a.\nb.\nc.<|im_end|>"  # no inserted messages
+    assert verifier.summary(r.info)["verifier/failed_calls"] == 4  # 2 per conversation
+
+
+def test_token_budget_ends_the_conversation(tiny, monkeypatch):
+    model, tok = tiny
+    scripted_policy(monkeypatch, tok, ["1 + 1 = 2, 2 + 2 = 4, 4 + 4 = 8, 8 + 8 = 16.\n"] * 4)
+    r = run(model, tok, Scripted("More."), max_completion_tokens=30, max_turns=8)
+    assert all(d["completion_len"] == 30 and d["truncated"] and d["turns"] == 2 for d in r.info)
+
+
+# ----------------------------------------------------------------------------------------------
+# the turn loop on the real tiny model
+
+
+def test_turn_loop_masks_on_the_tiny_model(tiny):
+    model, tok = tiny
+    torch.manual_seed(0)
+    backend = Scripted("Fix it.\n[SCORE] hallucination_detect=1", "", "Fix it.")
+    prompts = [llms.chat_prompt(tok, "", q) for q in ("Tom has 3 pens. He gets 4 more.", "Ann has 5 cards.")]
+    r = verifier.guided(model, tok, prompts, ["q1", "q2"], ["7", "5"], 3, backend, 96, 40, 1.0, 1.0,
+                        turn_tokens=10, max_turns=4, step_end="sentence")
+    assert r.group.tolist() == [0, 0, 0, 1, 1, 1] and r.input_ids.shape == r.loss_mask.shape
+    glue = re.compile(r"(<\|im_end\|>)?\n<\|im_start\|>user\nFix it\.<\|im_end\|>\n<\|im_start\|>assistant\n")
+    for i, d in enumerate(r.info):
+        assert 1 <= d["turns"] <= 4 and d["completion_len"] <= 40 and d["completion_len"] == r.loss_mask[i].sum()
+        assert not (r.loss_mask[i].bool() & ~r.attention_mask[i].bool()).any()
+        assert tok.decode(r.input_ids[i][r.attention_mask[i].bool()]).startswith(prompts[r.group[i]])
+        assert tok.decode(r.input_ids[i][r.attention_mask[i].bool()]).endswith(d["conversation"])
+        assert tok.decode(r.input_ids[i][r.loss_mask[i].bool()], skip_special_tokens=True) == r.texts[i]
+        untrained = trained_text(tok, r, i, False).split("<|im_start|>assistant\n", 1)[1]  # after the prompt
+        assert len(glue.findall(untrained)) == d["verifier_corrections"] and glue.sub("", untrained) == ""
+        assert d["verifier_hallucination_score"] == 1.0  # only the first reply scores
+
+
+def test_hf_backend_with_the_policy_and_a_local_folder(tiny, tiny_dir):
+    model, tok = tiny
+    jobs = [verifier.Job("Tom has 3 pens.", "7", ["3 + 4 = 7.\n"])] * 2
+    policy = vb.make("hf", "policy", "", "", 1, 0, 1, max_tokens=6, temperature=0.0, prompt="", load_8bit=False,
+                     device="cpu", dtype="auto")
+    replies = policy(jobs, model, tok)
+    assert len(replies) == 2 and all(isinstance(x, str) for x in replies) and replies[0] == replies[1]
+    folder = vb.make("hf", tiny_dir, "", "", 1, 0, 1, 6, 0.0, "", False, "cpu", "auto")
+    assert folder(jobs, None, None) == replies  # the same weights, loaded from disk
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        vb.make("hf", tiny_dir, "", "", 1, 0, 1, 6, 0.0, "", True, "cpu", "auto")
+
+
+def test_prompt_template_from_text_or_file(tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text("Check {question} against {answer}; say {stop} when done.")
+    assert vb.load_prompt(str(path)) == path.read_text() and vb.load_prompt("") == verifier.DEFAULT_PROMPT
+    chat = vb.messages(vb.load_prompt(str(path)), verifier.Job("Q?", "7", ["a.\n", "b."]))
+    assert chat[0]["content"] == f"Check Q? against 7; say {STOP} when done."
+    assert chat[1]["content"] == "The student's steps so far:\nStep 1: a.\nStep 2: b.\n\nJudge step 2."
+    with pytest.raises(ValueError, match=r"\{question\}, \{answer\} and \{stop\} only"):
+        vb.load_prompt("Check {work}")
+
+
+# ----------------------------------------------------------------------------------------------
+# http: a real `verifier.py serve`, a faulty server, an unreachable one
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+    model, tok = tiny
+    path = str(tmp_path_factory.mktemp("tiny_model"))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def http(base_url, **kw):
+    args = dict(model="verifier", api_key_env="VERIFIER_TEST_KEY", timeout_s=20.0, retries=0, concurrency=4,
+                template=verifier.DEFAULT_PROMPT, max_tokens=6, temperature=0.0)
+    return vb.HTTPVerifier(base_url, **{**args, **kw})
+
+
+def test_http_backend_against_verifier_serve(tiny, tiny_dir):
+    proc = subprocess.Popen([sys.executable, "verifier.py", "serve", "--model", tiny_dir, "--port", "0",
+                             "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # "serving ... at http://127.0.0.1:PORT/v1 ..."
+        base_url = re.search(r"http://127\.0\.0\.1:\d+/v1", line).group(0)
+        backend = http(base_url)
+        jobs = [verifier.Job("Tom has 3 pens.", "7", ["3 + 4 = 7.\n"])] * 3
+        replies = backend(jobs)
+        assert len(replies) == 3 and all(isinstance(x, str) for x in replies)
+        model, tok = tiny
+        assert replies[0] == vb.hf_chat(model, tok, [vb.messages(verifier.DEFAULT_PROMPT, jobs[0])], 6, 0.0)[0]
+        r = run(model, tok, backend, max_turns=2)
+        assert all(d["verifier_failed"] == 0 and d["verifier_calls"] >= 1 for d in r.info)
+        assert verifier.summary(r.info)["verifier/latency_s"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+class Faulty:
+    """A threaded test server: GET /models answers; POST either sleeps past the timeout, returns 500
+    (with the Authorization header in its body, as a careless server might), or returns junk."""
+
+    def __init__(self, mode):
+        self.mode, self.requests = mode, 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def reply(self, status, body):
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self.reply(200, '{"object": "list", "data": []}')
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.requests += 1
+                if outer.mode == "slow":
+                    time.sleep(1.5)
+                    self.reply(200, "{}")
+                elif outer.mode == "500":
+                    self.reply(500, json.dumps({"error": {"message": f"boom {self.headers.get('Authorization')}"}}))
+                else:
+                    self.reply(200, '{"choices": "nope"}')
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode, tries", [("slow", 2), ("500", 2), ("junk", 1)])
+def test_http_faults_are_counted_and_the_rollout_goes_on(tiny, monkeypatch, capsys, mode, tries):
+    monkeypatch.setenv("VERIFIER_TEST_KEY", "sk-test-secret")
+    server = Faulty(mode)
+    try:
+        backend = http(server.base_url, timeout_s=0.5, retries=1)
+        assert backend([verifier.Job("q", "7", ["a"])] * 2) == [None, None]
+        assert server.requests == 2 * tries  # the client retried timeouts and 500s, not a junk 200
+        model, tok = tiny
+        r = run(model, tok, backend, max_turns=2)
+        assert all(d["verifier_failed"] == d["verifier_calls"] >= 1 for d in r.info)
+        assert verifier.summary(r.info)["verifier/failed_calls"] == sum(d["verifier_calls"] for d in r.info)
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert "verifier call failed" in err and "sk-test-secret" not in err
+
+
+def test_unreachable_server_is_an_error_before_training(tmp_path):
+    import socket
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RuntimeError, match="unreachable"):
+        http(f"http://127.0.0.1:{port}/v1", timeout_s=2.0)
+    out = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}/v1 is unreachable.*verifier.py serve"):
+        train.main(FAST + ["--out_dir", out, "--rollout", "verifier", "--verifier_backend", "http",
+                           "--verifier_base_url", f"http://127.0.0.1:{port}/v1", "--verifier_timeout_s", "2"])
+    assert not os.path.exists(f"{out}/metrics.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# config and training runs
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rollout", "verifier", "--verifier_turn_tokens", "0"], "verifier_turn_tokens must be at least 1"),
+    (["--rollout", "verifier", "--verifier_step_end", "paragraph"], "verifier_step_end must be one of"),
+    (["--rollout", "verifier", "--verifier_retries", "-1"], "verifier_retries"),
+    (["--rewards", "correctness=1,verifier_score=0.1"], "use it with --rollout verifier"),
+])
+def test_verifier_config_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        config.load(argv)
+
+
+def test_verifier_run_logs_verifier_metrics(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "5", "--save_every", "5",
+                       "--rollout", "verifier", "--verifier_turn_tokens", "8", "--verifier_max_turns", "3",
+                       "--verifier_step_end", "sentence", "--verifier_train_on", "last_turn",
+                       "--rewards", "correctness=0.8,verifier_score=0.1,integer_answer=0.1"])
+    rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    trains = [row for row in rows if row["split"] == "train"]
+    assert [row["step"] for row in trains] == [1, 2]
+    for row in trains:
+        assert 1 <= row["verifier/turns"] <= 4 and 0 <= row["verifier/stop_rate"] <= 1
+        assert row["verifier/failed_calls"] == 0 and 0 <= row["reward/verifier_score"] <= 1
+        for key in ("verifier/final_answer_frac", "verifier/latency_s", "verifier/hallucination_score"):
+            assert key in row
+    samples = [json.loads(line) for line in open(f"{out}/samples.jsonl")]
+    assert all("conversation" in s["info"] and "verifier_replies" in s["info"] for s in samples)
+
+
+def test_training_goes_on_when_the_verifier_server_fails(tmp_path):
+    server = Faulty("500")
+    try:
+        out = str(tmp_path / "run")
+        train.main(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--save_every", "5",
+                           "--rollout", "verifier", "--verifier_backend", "http", "--verifier_base_url",
+                           server.base_url, "--verifier_retries", "0", "--verifier_max_turns", "2",
+                           "--verifier_turn_tokens", "8"])
+        row = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"train"' in line][0]
+        assert row["verifier/failed_calls"] == server.requests >= 8  # every call failed, each was counted
+    finally:
+        server.close()
