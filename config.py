@@ -67,7 +67,7 @@ class Config:
     guide_position_weight: bool = False  # scale rewards by guidance.position_weight: later guidance, more reward
     # --- verifier turns (verifier.py, verifier_backends.py), used when rollout is "verifier"
     verifier_backend: str = "rules"    # rules (built-in task, no model), hf (a local model), http (OpenAI-compatible)
-    verifier_model: str = "policy"     # hf: hub name, local folder, or policy (adapters off); http: the server's model
+    verifier_model: str = "policy"     # hf: hub name, local folder, or policy (itself; with LoRA its base); http: served name
     verifier_8bit: bool = False        # hf: load verifier_model in 8-bit (bitsandbytes, CUDA only)
     verifier_base_url: str = "http://127.0.0.1:8000/v1"  # http: the server; `python verifier.py serve` runs one
     verifier_api_key_env: str = "VERIFIER_API_KEY"  # http: NAME of the environment variable holding the key

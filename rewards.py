@@ -120,7 +120,7 @@ def is_correct(completion: str, answer: str) -> bool:
     return _math_verify(ref, pred)
 
 # -----------------------------------------------------------------------------
-# reward functions (each returns 0 or 1; weights are applied by `total`)
+# reward functions (each returns a value in [0, 1]; weights are applied by `total`)
 
 def correctness(completion: str, answer: str, **info) -> float:
     """1.0 if is_correct(completion, answer) else 0.0."""
@@ -154,8 +154,8 @@ def integer_answer(completion: str, answer: str, **info) -> float:
 
 def verifier_score(completion: str, answer: str, **info) -> float:
     """1 - info["verifier_hallucination_score"]: the share of the verifier's [SCORE] lines that found no
-    mistake (0.5 when it gave none). Only verifier turns (verifier.py) set it: --rollout verifier."""
-    return 1.0 - float(info["verifier_hallucination_score"])
+    mistake, 0.5 when it gave none. Only verifier turns (verifier.py, --rollout verifier) set it."""
+    return 1.0 - float(info.get("verifier_hallucination_score", 0.5))
 
 
 REWARDS = {

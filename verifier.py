@@ -21,10 +21,9 @@ choice). Verifier text, nudges and chat-template glue are 0. `texts` (what the r
 policy's turns joined; info["verifier_hallucination_score"] is the mean [SCORE] of the conversation
 (0.5 when it got none), which the `verifier_score` reward reads.
 
-Where this differs from the paper, on purpose: the verifier prompt is our own (DEFAULT_PROMPT, or
-your own via `verifier_prompt`); a verifier call that fails (after the backend's retries) lets the
-policy continue without feedback instead of stopping the run; the final turn after a nudge is extra
-to max_turns.
+Choices of ours, not the paper's: the verifier prompt (DEFAULT_PROMPT, or yours via `verifier_prompt`);
+a verifier call that fails (after the backend's retries) lets the policy continue without feedback;
+an empty reply means "right so far, go on"; the final turn after a nudge is extra to max_turns.
 
     python verifier.py                                   # a few conversations with the rules verifier
     python verifier.py serve --model tiny --port 8000    # an OpenAI-compatible server (verifier_backends.py)

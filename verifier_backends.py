@@ -49,7 +49,7 @@ def _show(x: float) -> str:
 def rules_reply(answer: str, steps: list[str]) -> str:
     """Check every equation of the latest step; then, once the work states a final answer, that answer.
 
-    A wrong equation gets its correct value; a wrong final answer is named (the reference is not
+    A wrong equation gets its correct value; a wrong final answer is flagged (the reference is not
     given away); right work with a final answer gets STOP; a right step without one gets only a
     score (the policy goes on unprompted); a step without any equation gets an empty reply.
     """
@@ -63,13 +63,12 @@ def rules_reply(answer: str, steps: list[str]) -> str:
         checked = True
         if abs(value - z) > 1e-9 * max(1.0, abs(value)):
             wrong.append(f"{_show(x)} {op} {_show(y)} = {_show(value)}, not {_show(z)}")
-    if wrong:
-        return "Check this step: " + "; ".join(wrong) + ".\n[SCORE] hallucination_detect=1"
+    if wrong:  # short replies: every inserted token lengthens every later turn and the trained sequence
+        return "; ".join(wrong) + ".\n[SCORE] hallucination_detect=1"
     if verifier.has_final_answer(work):
         if rewards.is_correct(work, answer):
             return f"{verifier.STOP}\n[SCORE] hallucination_detect=0"
-        return (f"Your final answer {rewards.extract_answer(work)} is wrong: recheck your steps."
-                "\n[SCORE] hallucination_detect=1")
+        return "Your final answer is wrong.\n[SCORE] hallucination_detect=1"
     return "[SCORE] hallucination_detect=0" if checked else ""
 
 

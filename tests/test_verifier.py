@@ -46,6 +46,12 @@ def test_parse_reply(reply, expected):
     assert verifier.parse_reply(reply) == expected
 
 
+def test_verifier_score_reward():
+    import rewards
+    assert rewards.verifier_score("x", "1", verifier_hallucination_score=0.25) == 0.75
+    assert rewards.verifier_score("x", "1") == 0.5  # no [SCORE] lines: neutral
+
+
 def test_has_final_answer():
     assert verifier.has_final_answer("3 + 4 = 7.\n#### 7")
     assert verifier.has_final_answer("<answer>\n7\n</answer>") and verifier.has_final_answer("so \\boxed{7}")
@@ -56,13 +62,12 @@ def test_has_final_answer():
 
 @pytest.mark.parametrize("steps, answer, expected", [
     (["3 + 4 = 7.\n"], "7", "[SCORE] hallucination_detect=0"),  # right, unfinished: score only
-    (["3 + 4 = 8.\n"], "7", "Check this step: 3 + 4 = 7, not 8.\n[SCORE] hallucination_detect=1"),
-    (["5 * 3 = 15, 15 - 4 = 12.\n"], "11", "Check this step: 15 - 4 = 11, not 12.\n[SCORE] hallucination_detect=1"),
-    (["12 / 4 = 3 and 2 x 3 = 7"], "7", "Check this step: 2 x 3 = 6, not 7.\n[SCORE] hallucination_detect=1"),
+    (["3 + 4 = 8.\n"], "7", "3 + 4 = 7, not 8.\n[SCORE] hallucination_detect=1"),
+    (["5 * 3 = 15, 15 - 4 = 12.\n"], "11", "15 - 4 = 11, not 12.\n[SCORE] hallucination_detect=1"),
+    (["12 / 4 = 3 and 2 x 3 = 7"], "7", "2 x 3 = 6, not 7.\n[SCORE] hallucination_detect=1"),
     (["3 + 4 = 7.\n", "#### 7"], "7", f"{STOP}\n[SCORE] hallucination_detect=0"),
     (["3 + 4 = 7.\n#### 7"], "7", f"{STOP}\n[SCORE] hallucination_detect=0"),
-    (["3 + 4 = 7.\n", "#### 9"], "7", "Your final answer 9 is wrong: recheck your steps.\n"
-                                      "[SCORE] hallucination_detect=1"),
+    (["3 + 4 = 7.\n", "#### 9"], "7", "Your final answer is wrong.\n[SCORE] hallucination_detect=1"),
     (["Tom has apples.\n"], "7", ""),  # nothing to check: no feedback, no score
     (["1 / 0 = 5"], "7", ""),
 ])
@@ -158,7 +163,7 @@ def test_stop_with_a_final_answer_ends_the_conversation(tiny, monkeypatch):
     assert d["verifier_hallucination_score"] == pytest.approx(1 / 3)  # scores 1, 0, 0
     assert r.texts[0] == "3 + 4 = 8.\n3 + 4 = 7.\n#### 7"
     # the correction is a user message, masked out; the policy's three turns (EOS included) are trained
-    correction = "Check this step: 3 + 4 = 7, not 8."
+    correction = "3 + 4 = 7, not 8."
     assert d["conversation"].endswith(f"3 + 4 = 8.\n<|im_end|>\n<|im_start|>user\n{correction}<|im_end|>\n"
                                       f"<|im_start|>assistant\n3 + 4 = 7.\n#### 7<|im_end|>")
     assert trained_text(tok, r, 0) == "3 + 4 = 8.\n3 + 4 = 7.\n#### 7<|im_end|>"
