@@ -45,6 +45,10 @@ class Config:
     question_field: str = "question"
     answer_field: str = "answer"       # GSM8K layout: solution steps, then "#### <answer>"
     system_prompt: str = GSM8K_SYSTEM_PROMPT
+    task: str = "math"                 # math (checked by rewards.is_correct), judge_pointwise, judge_pairwise
+    prompt_template: str = ""          # file whose {placeholders} make the user message (data.py); "" = the
+    #                                    question as-is for math, configs/prompts/<task>.txt for judges
+    skip_bad_rows: bool = False        # skip and count malformed records instead of stopping at the first
     arithmetic_train_size: int = 4000  # the built-in task
     arithmetic_test_size: int = 200
     arithmetic_min_steps: int = 2
@@ -69,6 +73,14 @@ class Config:
     # --- rewards (rewards.py): name -> weight
     rewards: dict = field(default_factory=lambda: {
         "correctness": 2.0, "strict_format": 0.5, "soft_format": 0.5, "integer_answer": 0.5})
+    # reward settings, passed to the rewards that use them (formulas in rewards.py and the README)
+    think_fault_penalty: float = 0.5   # think_format: subtracted per format fault
+    think_min_chars: int = 200         # short_think: a shorter think is penalised ...
+    think_short_penalty: float = 0.5   # ... by up to this much (an empty think), linearly less up to think_min_chars
+    answer_exact_reward: float = 2.0   # think_answer: the answer equals the reference (case-insensitive)
+    answer_contains_reward: float = 1.0  # think_answer: the answer contains the reference as a whole word
+    answer_wrong_reward: float = -1.0  # think_answer: anything else, or no answer tags
+    overlong_buffer_tokens: int = 128  # overlong (DAPO): 0 up to max_completion_tokens - this, then down to -1
     # --- loss (train.py)
     loss_type: str = "grpo"            # grpo, bnpo, dr_grpo, dapo, gspo, cispo, reinforce
     adv_scale: str = "group"           # divide advantages by: group std, batch std, or none (Dr. GRPO)
@@ -111,6 +123,7 @@ class Config:
 
 CHOICES = {
     "rollout": ["plain", "guided"], "guide_loss_on": ["guidance", "guidance+postfix", "all"],
+    "task": ["math", "judge_pointwise", "judge_pairwise"],
     "loss_type": ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"],
     "adv_scale": ["group", "batch", "none"], "optimizer": ["adamw8bit", "adamw"],
     "lr_schedule": ["constant", "cosine"], "dtype": ["auto", "bf16", "fp16", "fp32"],
@@ -198,6 +211,9 @@ def validate(cfg: Config) -> None:
     if cfg.lora_r > 0 and not cfg.lora_target_modules:
         raise ValueError("lora_r > 0 needs lora_target_modules (e.g. q_proj,v_proj); or set lora_r 0 for "
                          "full fine-tuning")
+    for key in ("think_min_chars", "overlong_buffer_tokens"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key} must be at least 0, got {getattr(cfg, key)}")
     if cfg.dataset == "arithmetic" and cfg.arithmetic_max_value < 12:
         raise ValueError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "
                          f"got {cfg.arithmetic_max_value}")

@@ -291,6 +291,14 @@ def warm_start(model, tokenizer, examples, cfg, device) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
+def reward_settings(cfg) -> dict:
+    """The config values reward functions take as keyword arguments (next to each chain's info)."""
+    return {"think_fault_penalty": cfg.think_fault_penalty, "think_min_chars": cfg.think_min_chars,
+            "think_short_penalty": cfg.think_short_penalty, "answer_exact_reward": cfg.answer_exact_reward,
+            "answer_contains_reward": cfg.answer_contains_reward, "answer_wrong_reward": cfg.answer_wrong_reward,
+            "overlong_max_tokens": cfg.max_completion_tokens, "overlong_buffer_tokens": cfg.overlong_buffer_tokens}
+
+
 def step_batch(examples, step: int, size: int, seed: int) -> list[dict]:
     """The questions of a step: a fresh seeded shuffle per epoch, so a resumed run sees the same order."""
     epoch_len = max(1, len(examples) // size)
@@ -360,12 +368,12 @@ def main(argv: list[str]) -> None:
                               f"or start a new one with another --out_dir (or delete the folder)")
     os.makedirs(cfg.out_dir, exist_ok=True)
 
-    # 1. data: train and held-out test examples {"question", "answer", "solution"}
+    # 1. data: train and held-out test examples {"question", "answer", "solution"} of cfg.task
     train_set, test_set = data.load(
         cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.test_split, cfg.test_dataset,
         cfg.question_field, cfg.answer_field, cfg.seed, cfg.arithmetic_train_size,
         cfg.arithmetic_test_size, cfg.arithmetic_min_steps, cfg.arithmetic_max_steps,
-        cfg.arithmetic_max_value)
+        cfg.arithmetic_max_value, cfg.task, cfg.prompt_template, cfg.skip_bad_rows)
     eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
     print(f"data: {len(train_set)} train questions, evaluating on {len(eval_set)} held-out questions")
 
@@ -427,7 +435,7 @@ def main(argv: list[str]) -> None:
             torch.manual_seed(cfg.seed)
             metrics, records = evaluator.evaluate(
                 model, tokenizer, eval_set, cfg.system_prompt, cfg.max_prompt_tokens,
-                cfg.max_completion_tokens, cfg.eval_temperature, cfg.eval_samples, cfg.eval_batch_size)
+                cfg.max_completion_tokens, cfg.eval_temperature, cfg.eval_samples, cfg.eval_batch_size, cfg.task)
         append_jsonl(metrics_path, {"step": step, "split": "eval", **metrics})
         os.makedirs(os.path.join(cfg.out_dir, "eval"), exist_ok=True)
         with open(os.path.join(cfg.out_dir, "eval", f"step_{step:06d}.jsonl"), "w") as f:
@@ -457,7 +465,8 @@ def main(argv: list[str]) -> None:
                                          cfg.guide_loss_on)
             # 5. rewards (N, K) from plain functions, weighted sum (N,), group-normalised advantages (N,)
             answers = [batch[g]["answer"] for g in r.group.tolist()]
-            per_fn, names, reward_errors = rewards.score(r.texts, answers, r.info, cfg.rewards)
+            per_fn, names, reward_errors = rewards.score(r.texts, answers, r.info, cfg.rewards,
+                                                         reward_settings(cfg))
             total = rewards.total(per_fn, names, cfg.rewards)
             if cfg.rollout == "guided" and cfg.guide_position_weight:  # weighted by where the guidance sits
                 total = guidance.weight_rewards(total, r.info)
