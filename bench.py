@@ -94,11 +94,12 @@ def build(cfg, device: str, gradient_checkpointing: bool):
 
 
 def make_prompt(tokenizer, num_tokens: int, seed: int) -> str:
-    """Text of random ordinary tokens, about num_tokens long once tokenized again."""
+    """Text of random ordinary tokens, num_tokens long (or about, for BPE) once tokenized again."""
     special = set(tokenizer.all_special_ids)
     ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     pick = torch.randint(len(ordinary), (num_tokens,), generator=torch.Generator().manual_seed(seed))
-    return tokenizer.decode(ordinary[pick].tolist())
+    text = tokenizer.decode(ordinary[pick].tolist())  # a BPE tokenizer may merge across the joins:
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:num_tokens])  # cut again
 
 
 def reward(text: str) -> float:
@@ -164,6 +165,8 @@ def weight_bytes(model) -> int:
 
 
 def reset_memory(device: str) -> None:
+    """Free what the previous system held: compiled graphs (and their CUDA graph pools) included."""
+    torch.compiler.reset()
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -361,6 +364,9 @@ def main(argv: list[str]) -> list[dict]:
     hf_logging.disable_progress_bar()
     flags = config.parse_flags(argv)
     bench = {k: config._convert(k, flags.pop(k, v), type(v)) for k, v in BENCH_FLAGS.items()}
+    systems = bench["systems"].split(",")
+    if not systems or any(s not in ("ours", "trl") for s in systems):
+        raise ValueError(f"unknown system in --systems {bench['systems']!r}: it takes ours, trl or both (ours,trl)")
     cfg = config.Config(prompts_per_step=1)
     if bench["tiny"]:
         cfg.model_name, cfg.device = llms.TINY, "cpu"
@@ -378,16 +384,14 @@ def main(argv: list[str]) -> list[dict]:
     bench["prompt_tokens"] = len(tok(prompt, add_special_tokens=False)["input_ids"])
     del model
     rows = []
-    for system in bench["systems"].split(","):
+    for system in systems:
         reset_memory(device)
         torch.manual_seed(cfg.seed)
         if system == "ours":
             rows.append(run_ours(cfg, device, prompt, bench["warmup"], bench["steps"], bw))
-        elif system == "trl":
+        else:
             with tempfile.TemporaryDirectory() as workdir:
                 rows.append(run_trl(cfg, device, prompt, bench["warmup"], bench["steps"], bw, workdir))
-        else:
-            raise ValueError(f"unknown system {system!r}: --systems takes ours, trl or both (ours,trl)")
     text = report(rows, cfg, bench, device, bw, num_params, argv)
     print(text)
     with open(bench["benchmarks_file"], "a") as f:

@@ -16,6 +16,8 @@ two step hooks and no copy of the model:
                    put, so compiled or CUDA-graphed sampling keeps seeing the live weights).
 The residual lives in optimizer.state[p]["residual"], so checkpoints save and restore it. fp32
 parameters (the tiny CPU model, LoRA adapters) are left alone: they need no compensation.
+
+    python kahan.py     # 50 AdamW steps at lr 5e-6 on bf16 weights: share of the update kept, with and without
 """
 import torch
 
@@ -57,3 +59,23 @@ def attach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     optimizer.register_step_pre_hook(before)
     optimizer.register_step_post_hook(after)
     return optimizer
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    w0 = (torch.randn(4096) * 0.02).bfloat16()
+    grads = [torch.randn(4096) * 1e-3 + 1e-3 for _ in range(50)]
+    final = {}
+    for name, dtype, compensated in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
+                                     ("bf16 + kahan", torch.bfloat16, True)):
+        p = torch.nn.Parameter(w0.to(dtype).clone())
+        opt = torch.optim.AdamW([p], lr=5e-6, weight_decay=0.0)
+        if compensated:
+            attach(opt)
+        for g in grads:
+            p.grad = g.to(dtype)
+            opt.step()
+        final[name] = p.detach().float() - w0.float()
+    for name, delta in final.items():
+        kept = (delta @ final["fp32"] / (final["fp32"] @ final["fp32"])).item()
+        print(f"{name:>13}: {kept:6.1%} of the fp32 update reached the weights")
