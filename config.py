@@ -9,6 +9,7 @@ learning rate 5e-6, 786 completion tokens, 256 prompt tokens.
 import dataclasses
 import difflib
 import json
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class Config:
     max_steps: int = 200
     save_every: int = 50
     keep_last: int = 2
+    max_bad_steps: int = 5             # stop (with a checkpoint) after this many non-finite updates in a row
     log_samples: int = 4               # chains written to samples.jsonl per step
     seed: int = 0
     device: str = "auto"               # auto, cpu, cuda
@@ -189,9 +191,16 @@ def validate(cfg: Config) -> None:
     if cfg.num_chains < 2 and cfg.adv_scale != "none":
         raise ValueError("group-normalised advantages need num_chains >= 2")
     for key in ("prompts_per_step", "num_chains", "micro_batch_size", "max_steps", "eval_every",
-                "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations"):
+                "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations", "keep_last",
+                "max_bad_steps"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
+        raise ValueError(f"training samples need temperature > 0 and 0 < top_p <= 1 (log-probs are taken at "
+                         f"that temperature), got {cfg.temperature} and {cfg.top_p}; greedy is for eval only")
+    if cfg.lora_r > 0 and not cfg.lora_target_modules:
+        raise ValueError("lora_r > 0 needs lora_target_modules (e.g. q_proj,v_proj); or set lora_r 0 for "
+                         "full fine-tuning")
     if cfg.dataset == "arithmetic" and cfg.arithmetic_max_value < 12:
         raise ValueError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "
                          f"got {cfg.arithmetic_max_value}")
@@ -217,9 +226,14 @@ def load(argv: list[str]) -> Config:
     flags = parse_flags(argv)
     cfg = Config()
     if "resume" in flags:
+        if not os.path.isfile(f"{flags['resume']}/config.json"):
+            raise FileNotFoundError(f"--resume {flags['resume']}: no run there ({flags['resume']}/config.json "
+                                    f"is missing); pass the out_dir of an earlier run")
         with open(f"{flags['resume']}/config.json") as f:
             update(cfg, json.load(f))
     if "config" in flags:
+        if not os.path.isfile(flags["config"]):
+            raise FileNotFoundError(f"--config {flags['config']}: no such file (the recipes are in configs/)")
         with open(flags.pop("config")) as f:
             update(cfg, yaml.safe_load(f) or {})
     update(cfg, flags)
@@ -228,8 +242,10 @@ def load(argv: list[str]) -> Config:
 
 
 def save(cfg: Config, path: str) -> None:
-    with open(path, "w") as f:
+    tmp = path + ".tmp"  # written whole, then renamed: a crash never leaves half a config
+    with open(tmp, "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     The model samples in eval mode with its KV cache, and is put back in train mode afterwards; the
     cache is freed when generate returns, before any backward pass. min_new_tokens > 0 forbids EOS
     before that many tokens (bench.py uses it to force full-length chains).
+    Out of GPU memory, the rows are sampled in halves (same settings; only the random draws differ).
     """
     was_training = model.training
     model.eval()  # also turns gradient checkpointing off, so the KV cache works
@@ -69,9 +70,23 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
         repetition_penalty=1.0, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, use_cache=True,
         cache_implementation="static" if sampler == "static" else None,
         eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    model.train(was_training)
-    return out[:, input_ids.shape[1]:]
+    try:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                              generation_config=config)[:, input_ids.shape[1]:]
+    except torch.OutOfMemoryError:  # sample the rows in two halves (recursively), down to one row
+        if len(input_ids) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(input_ids) // 2
+        print(f"out of memory sampling {len(input_ids)} sequences: sampling them in two halves")
+        parts = [generate(model, input_ids[s], attention_mask[s], max_new_tokens, temperature, top_p, sampler,
+                          min_new_tokens) for s in (slice(0, half), slice(half, None))]
+        width = max(p.shape[1] for p in parts)  # (n, T_i) -> (N, T): pad after the end, as generate does
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=gen.pad_token_id)
+                          for p in parts])
+    finally:
+        model.train(was_training)
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device) -> tuple[torch.Tensor, ...]:
