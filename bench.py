@@ -145,7 +145,7 @@ class Clock:
 
 def bandwidth(device: str) -> float:
     """Memory bandwidth in bytes/s: a large copy reads and writes every byte once."""
-    size = 2 * 2**30 if device.startswith("cuda") else 256 * 2**20
+    size = 2 * 2**30 if device.startswith("cuda") else 64 * 2**20  # well past any cache
     src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     clock = Clock(device)
@@ -252,11 +252,6 @@ def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, w
     from trl import GRPOConfig, GRPOTrainer
     from transformers import TrainerCallback
 
-    if cfg.loss_type not in TRL_LOSS:
-        raise ValueError(f"TRL has no {cfg.loss_type!r} loss: pick another --loss_type or --systems ours")
-    if cfg.num_chains % cfg.micro_batch_size:
-        raise ValueError(f"TRL needs num_chains ({cfg.num_chains}) divisible by micro_batch_size "
-                         f"({cfg.micro_batch_size})")
     model, tok = build(cfg, device, gradient_checkpointing=False)  # TRL switches it on itself
     peft_config = None
     if cfg.lora_r > 0:
@@ -375,6 +370,11 @@ def main(argv: list[str]) -> list[dict]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if cfg.model_name not in (llms.TINY, config.Config.model_name):
         raise ValueError("bench.py measures the Qwen2.5-1.5B architecture (the default) or --tiny")
+    if "trl" in systems and cfg.loss_type not in TRL_LOSS:
+        raise ValueError(f"TRL has no {cfg.loss_type!r} loss: pick another --loss_type or --systems ours")
+    if "trl" in systems and cfg.num_chains % cfg.micro_batch_size:
+        raise ValueError(f"TRL needs num_chains ({cfg.num_chains}) divisible by micro_batch_size "
+                         f"({cfg.micro_batch_size})")
     if bench["cap_gb"] and device.startswith("cuda"):  # before any allocation: the allocator enforces it
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, bench["cap_gb"] * 2**30 / total))

@@ -12,8 +12,8 @@ A sampling idea only decides which tokens exist and which of them the policy is 
 N = B prompts x G chains, chains of one prompt are adjacent. Plain sampling is one batched HF
 `generate` call with every sampling setting passed explicitly. `sampler` picks its KV cache:
 "dynamic" (HF's default, grows per token) or "static" (allocated once for prompt + completion, so
-HF compiles the decode step with torch.compile and replays it as a CUDA graph on GPU: the same
-distribution, far less Python and allocation per token; tests/test_rollout.py checks both agree).
+HF compiles the decode step with torch.compile and replays it as a CUDA graph on GPU, to cut the
+per-token Python and kernel launches; same distribution: tests/test_rollout.py checks both agree).
 
     python rollout.py     # samples a few chains from the untrained tiny model and prints the masks
 """
