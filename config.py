@@ -62,6 +62,7 @@ class Config:
     max_completion_tokens: int = 786
     temperature: float = 1.0           # sampling and training log-probs use the same temperature
     top_p: float = 1.0
+    sampler: str = "dynamic"           # dynamic: plain HF generate; static: static KV cache, compiled (CUDA graphs)
     # --- guided sampling (guidance.py), used when rollout is "guided"
     guide_min_prefix_tokens: int = 16  # prefix budget per prompt, drawn in [min, max] new tokens, then cut
     guide_max_prefix_tokens: int = 256  # back to its last sentence boundary (capped so guidance fits)
@@ -92,6 +93,7 @@ class Config:
     logp_chunk: int = 256              # positions per log-prob chunk (bounds the logits memory)
     # --- optimizer
     optimizer: str = "adamw8bit"       # adamw8bit (bitsandbytes) or adamw
+    kahan_updates: bool = True         # bf16 weights keep each step's rounding error (kahan.py): lr 5e-6 counts
     learning_rate: float = 5e-6
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -123,7 +125,7 @@ class Config:
 
 CHOICES = {
     "rollout": ["plain", "guided"], "guide_loss_on": ["guidance", "guidance+postfix", "all"],
-    "task": ["math", "judge_pointwise", "judge_pairwise"],
+    "task": ["math", "judge_pointwise", "judge_pairwise"], "sampler": ["dynamic", "static"],
     "loss_type": ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"],
     "adv_scale": ["group", "batch", "none"], "optimizer": ["adamw8bit", "adamw"],
     "lr_schedule": ["constant", "cosine"], "dtype": ["auto", "bf16", "fp16", "fp32"],

@@ -114,6 +114,11 @@ def load(model_name: str, device: str, dtype: str = "auto", gradient_checkpointi
         tokenizer = _from_pretrained(AutoTokenizer, model_name, trust_remote_code=trust_remote_code)
         model = _from_pretrained(AutoModelForCausalLM, model_name, dtype=torch_dtype,
                                  trust_remote_code=trust_remote_code)
+    return prepare(model, tokenizer, device, gradient_checkpointing, liger)
+
+
+def prepare(model, tokenizer, device: str, gradient_checkpointing: bool = False, liger: bool = False):
+    """Set up a built (model, tokenizer) pair as `load` returns it; bench.py builds its own model."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # prompts end where generation starts

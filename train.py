@@ -36,6 +36,7 @@ import config
 import data
 import evaluator
 import guidance
+import kahan
 import llms
 import plot
 import rewards
@@ -261,6 +262,8 @@ def make_optimizer(model, cfg):
         optimizer = bnb.optim.AdamW8bit(params, **kwargs)
     else:
         optimizer = torch.optim.AdamW(params, **kwargs)
+    if cfg.kahan_updates:  # bf16 weights: carry each update's rounding error instead of dropping it
+        kahan.attach(optimizer)
 
     def factor(step):  # step counts GRPO steps; linear warmup, then constant or cosine to 0
         if step < cfg.warmup_steps:
@@ -456,7 +459,7 @@ def main(argv: list[str]) -> None:
             prompts = [llms.chat_prompt(tokenizer, cfg.system_prompt, ex["question"]) for ex in batch]
             if cfg.rollout == "plain":  # each sampling idea is one branch here that returns a Rollout
                 r = rollout.sample(model, tokenizer, prompts, cfg.num_chains, cfg.max_prompt_tokens,
-                                   cfg.max_completion_tokens, cfg.temperature, cfg.top_p)
+                                   cfg.max_completion_tokens, cfg.temperature, cfg.top_p, sampler=cfg.sampler)
             elif cfg.rollout == "guided":  # Guide-GRPO: shared prefix, guidance tokens, postfix (guidance.py)
                 r = guidance.three_phase(model, tokenizer, prompts, cfg.num_chains, cfg.max_prompt_tokens,
                                          cfg.max_completion_tokens, cfg.temperature, cfg.top_p,
