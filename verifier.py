@@ -211,7 +211,7 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
         ids, mask = guidance.left_pad([prompt_rows[c.group] + c.seq for c in live], pad, device)  # (n, ctx)
         steps = torch.tensor([not c.nudged for c in live], device=device)
         stop = [StepEnd(ends, blank, ids.shape[1], steps)] if ends else None
-        out = rollout.generate(model, ids, mask, max(room), temperature, top_p, stop).tolist()  # (n, <= max room)
+        out = rollout.generate(model, ids, mask, max(room), temperature, top_p, stopping_criteria=stop).tolist()
         for c, row, n in zip(live, out, room):
             turn, c.eos = cut_turn(row, n, eos, frozenset() if c.nudged else ends, blank)
             c.add(turn, len(c.turns))

@@ -215,7 +215,7 @@ def serve(model, tokenizer, name: str, port: int) -> ThreadingHTTPServer:
 
         def do_GET(self):
             if self.path.rstrip("/").endswith("/models"):
-                return self.send(200, {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "local"}]})
+                return self.send(200, {"object": "list", "data": [{"id": name, "object": "model"}]})
             self.send(404, {"error": {"message": f"no route {self.path}"}})
 
         def do_POST(self):
@@ -229,9 +229,9 @@ def serve(model, tokenizer, name: str, port: int) -> ThreadingHTTPServer:
                 return self.send(400, {"error": {"message": f"bad request: {type(e).__name__}: {e}"}})
             with lock:
                 text = hf_chat(model, tokenizer, [chat], max_tokens, temperature)[0]
-            self.send(200, {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
-                            "model": req.get("model", name), "choices": [{
-                                "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            self.send(200, {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion",
+                            "created": int(time.time()), "model": req.get("model", name), "choices": [choice]})
 
         def log_message(self, *args):  # quiet: one line per request would drown the training log
             pass

@@ -46,12 +46,6 @@ def test_parse_reply(reply, expected):
     assert verifier.parse_reply(reply) == expected
 
 
-def test_verifier_score_reward():
-    import rewards
-    assert rewards.verifier_score("x", "1", verifier_hallucination_score=0.25) == 0.75
-    assert rewards.verifier_score("x", "1") == 0.5  # no [SCORE] lines: neutral
-
-
 def test_has_final_answer():
     assert verifier.has_final_answer("3 + 4 = 7.\n#### 7")
     assert verifier.has_final_answer("<answer>\n7\n</answer>") and verifier.has_final_answer("so \\boxed{7}")
@@ -133,7 +127,7 @@ def scripted_policy(monkeypatch, tok, turns):
     """rollout.generate writes turns[k] (text; "<eos>" is the EOS token) on its k-th call, in every row."""
     calls = []
 
-    def fake(model, ids, mask, max_new_tokens, temperature, top_p=1.0, stopping_criteria=None):
+    def fake(model, ids, mask, max_new_tokens, temperature, top_p=1.0, stopping_criteria=None, **settings):
         calls.append(stopping_criteria)
         row = tok(turns[len(calls) - 1].replace("<eos>", "<|im_end|>"), add_special_tokens=False)["input_ids"]
         return torch.tensor([row[:max_new_tokens]] * ids.shape[0])
