@@ -390,7 +390,7 @@ def test_verifier_config_errors(argv, message):
 def test_verifier_run_logs_verifier_metrics(tmp_path):
     out = str(tmp_path / "run")
     train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "5", "--save_every", "5",
-                       "--rollout", "verifier", "--verifier_turn_tokens", "8", "--verifier_max_turns", "3",
+                       "--eval_n", "2", "--rollout", "verifier", "--verifier_turn_tokens", "8", "--verifier_max_turns", "3",
                        "--verifier_step_end", "sentence", "--verifier_train_on", "last_turn",
                        "--rewards", "correctness=0.8,verifier_score=0.1,integer_answer=0.1"])
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
@@ -410,7 +410,7 @@ def test_training_goes_on_when_the_verifier_server_fails(tmp_path):
     try:
         out = str(tmp_path / "run")
         train.main(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--save_every", "5",
-                           "--rollout", "verifier", "--verifier_backend", "http", "--verifier_base_url",
+                           "--eval_n", "2", "--rollout", "verifier", "--verifier_backend", "http", "--verifier_base_url",
                            server.base_url, "--verifier_retries", "0", "--verifier_max_turns", "2",
                            "--verifier_turn_tokens", "8"])
         row = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"train"' in line][0]
