@@ -50,7 +50,7 @@ class Config:
     arithmetic_max_steps: int = 4
     arithmetic_max_value: int = 99     # no number in a problem exceeds it: smaller is easier
     # --- sampling (rollout.py)
-    rollout: str = "plain"             # plain, guided (guidance.py) (later: ghpo, verifier)
+    rollout: str = "plain"             # plain, guided or ghpo (guidance.py) (later: verifier)
     prompts_per_step: int = 4          # B questions per step
     num_chains: int = 16               # G chains per question
     max_prompt_tokens: int = 256
@@ -65,6 +65,12 @@ class Config:
     max_guide_tokens: int = 8          # Guide-GRPO's default; must stay below max_completion_tokens
     guide_loss_on: str = "guidance"    # trained tokens: guidance (Guide-GRPO), guidance+postfix, all (prefix too)
     guide_position_weight: bool = False  # scale rewards by guidance.position_weight: later guidance, more reward
+    # --- GHPO hints (guidance.py), used when rollout is "ghpo"
+    ghpo_accuracy_reward: str = "correctness"  # a group is all wrong when this reward is <= 0 on every chain
+    ghpo_hint_ratios: list = field(default_factory=lambda: [0.25, 0.5, 0.75])  # share of the solution
+    # given as a hint at each stage, increasing; each stage regenerates the groups still all wrong
+    ghpo_hint_unit: str = "steps"      # hints count solution steps (lines) or chars
+    ghpo_start_step: int = 1           # plain GRPO before this step
     # --- rewards (rewards.py): name -> weight
     rewards: dict = field(default_factory=lambda: {
         "correctness": 2.0, "strict_format": 0.5, "soft_format": 0.5, "integer_answer": 0.5})
@@ -108,7 +114,8 @@ class Config:
 
 
 CHOICES = {
-    "rollout": ["plain", "guided"], "guide_loss_on": ["guidance", "guidance+postfix", "all"],
+    "rollout": ["plain", "guided", "ghpo"], "guide_loss_on": ["guidance", "guidance+postfix", "all"],
+    "ghpo_hint_unit": ["steps", "chars"],
     "loss_type": ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"],
     "adv_scale": ["group", "batch", "none"], "optimizer": ["adamw8bit", "adamw"],
     "lr_schedule": ["constant", "cosine"], "dtype": ["auto", "bf16", "fp16", "fp32"],
@@ -204,6 +211,18 @@ def validate(cfg: Config) -> None:
                              f"{cfg.guide_min_prefix_tokens} and {cfg.guide_max_prefix_tokens}")
         if cfg.guide_prefix_retries < 0:
             raise ValueError(f"guide_prefix_retries must be at least 0, got {cfg.guide_prefix_retries}")
+    if cfg.rollout == "ghpo":
+        if cfg.ghpo_accuracy_reward not in cfg.rewards:
+            raise ValueError(f"ghpo_accuracy_reward {cfg.ghpo_accuracy_reward!r} must be one of the rewards "
+                             f"{list(cfg.rewards)}: add it to --rewards (weight 0 scores it without adding it in)")
+        try:  # flags give strings ("0.25,0.5"), YAML gives numbers
+            cfg.ghpo_hint_ratios = [float(r) for r in cfg.ghpo_hint_ratios]
+        except ValueError:
+            raise ValueError(f"ghpo_hint_ratios must be numbers, got {cfg.ghpo_hint_ratios}") from None
+        ratios = cfg.ghpo_hint_ratios
+        if not ratios or sorted(set(ratios)) != ratios or not 0 < ratios[0] <= ratios[-1] < 1:
+            raise ValueError(f"ghpo_hint_ratios must increase strictly within (0, 1), e.g. 0.25,0.5,0.75; "
+                             f"got {ratios}")
     if cfg.eval_temperature == 0 and cfg.eval_samples > 1:
         raise ValueError("greedy evaluation (eval_temperature 0) gives one answer per question: "
                          "set eval_samples 1 or eval_temperature > 0")

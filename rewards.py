@@ -119,6 +119,13 @@ def is_correct(completion: str, answer: str) -> bool:
         return abs(p - r) <= 1e-6 * max(1.0, abs(r))
     return _math_verify(ref, pred)
 
+
+def checkable(answer: str) -> bool:
+    """Whether is_correct can ever say yes to this reference: a plain number, or math that math-verify
+    parses (a parsed reference matches itself). GHPO never hints a group whose reference fails this."""
+    ref = reference_answer(answer)
+    return bool(ref) and (parse_number(ref) is not None or _math_verify(ref, ref))
+
 # -----------------------------------------------------------------------------
 # reward functions (each returns 0 or 1; weights are applied by `total`)
 

@@ -296,6 +296,8 @@ def main(argv: list[str]) -> None:
         cfg.question_field, cfg.answer_field, cfg.seed, cfg.arithmetic_train_size,
         cfg.arithmetic_test_size, cfg.arithmetic_min_steps, cfg.arithmetic_max_steps,
         cfg.arithmetic_max_value)
+    if cfg.rollout == "ghpo":  # hints are cut from reference solutions: fail now, not at the first hint
+        guidance.check_solutions(train_set, cfg.dataset)
     eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
     print(f"data: {len(train_set)} train questions, evaluating on {len(eval_set)} held-out questions")
 
@@ -371,6 +373,11 @@ def main(argv: list[str]) -> None:
                                      cfg.guide_min_prefix_tokens, cfg.guide_max_prefix_tokens,
                                      cfg.guide_prefix_retries, cfg.min_guide_tokens, cfg.max_guide_tokens,
                                      cfg.guide_loss_on)
+        elif cfg.rollout == "ghpo":  # GHPO: all-wrong groups regenerated with part of the solution as a hint
+            r = guidance.ghpo(model, tokenizer, batch, cfg.system_prompt, cfg.num_chains, cfg.max_prompt_tokens,
+                              cfg.max_completion_tokens, cfg.temperature, cfg.top_p, cfg.rewards,
+                              cfg.ghpo_accuracy_reward, cfg.ghpo_hint_ratios if step >= cfg.ghpo_start_step else [],
+                              cfg.ghpo_hint_unit)
         # 5. rewards (N, K) from plain functions, weighted sum (N,), group-normalised advantages (N,)
         answers = [batch[g]["answer"] for g in r.group.tolist()]
         per_fn, names, reward_errors = rewards.score(r.texts, answers, r.info, cfg.rewards)
@@ -395,6 +402,8 @@ def main(argv: list[str]) -> None:
                "tokens_per_s": completion_lens.sum().item() / dt, "peak_mem_gb": peak_mem_gb()}
         if cfg.rollout == "guided":
             row.update(guidance.summary(r.info))  # guide/prefix_len, guidance_len, postfix_len, fallback
+        elif cfg.rollout == "ghpo":
+            row.update(guidance.ghpo_summary(r.info, cfg.ghpo_hint_ratios))  # ghpo/hinted@r, accuracy before/after
         append_jsonl(metrics_path, row)
         for i in range(min(cfg.log_samples, len(r))):
             append_jsonl(os.path.join(cfg.out_dir, "samples.jsonl"), {
