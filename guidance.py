@@ -1,4 +1,9 @@
-"""Three-phase guided sampling (Guide-GRPO): a shared prefix, a few guidance tokens, a free postfix.
+"""Guided sampling: Guide-GRPO's three phases, and GHPO's hints for groups where every chain fails.
+
+Both build an ordinary Rollout, so the loss never learns about them. GHPO (`ghpo`, second half of this
+file) is described above its code; three-phase sampling (`three_phase`) here.
+
+Three-phase guided sampling (Guide-GRPO): a shared prefix, a few guidance tokens, a free postfix.
 
 For B prompts x G chains, all prompts of a step go through each phase together, one batched
 `rollout.generate` call per phase:
@@ -27,7 +32,7 @@ Where this differs from Guide-GRPO, on purpose:
   B x (1 + prefix_retries) rows.
 - Budgets never mix prompt and completion lengths, and evaluation stays plain (train.py).
 
-    python guidance.py     # the three phases on the untrained tiny model
+    python guidance.py     # the three phases, then GHPO's hint stages, on the untrained tiny model
 """
 import functools
 import math
@@ -217,7 +222,7 @@ def make_hint(solution: str, ratio: float, unit: str) -> str:
 
 
 def needs_hint(accuracy: torch.Tensor, answer: str) -> bool:
-    """All wrong: every chain's accuracy reward (G,) is <= 0, and the reference could ever be matched."""
+    """All wrong: every chain's accuracy reward (G,) is <= 0, and the reference answer parses."""
     return bool((accuracy <= 0).all()) and rewards.checkable(answer)
 
 
@@ -237,9 +242,9 @@ def ghpo(model, tokenizer, examples: list[dict], system_prompt: str, num_chains:
     Chains are scored here with the run's reward `weights` (rewards.score; the chain's info, hint_ratio
     included, reaches every reward); `accuracy_reward` names the one that decides all wrong. With no
     hint_ratios (before ghpo_start_step) this is exactly rollout.sample. Each chain's info gets:
-    hint_ratio (0 if unhinted), hint (its text), hint_stages (hinted regenerations its group went through), accuracy
-    (its accuracy reward), accuracy_unhinted and zero_adv_unhinted (the unhinted chain in its place,
-    and whether that group's total rewards were all equal, i.e. what plain GRPO would have trained).
+    hint_ratio (0 if unhinted) and hint (its text), hint_stages (hinted regenerations its group went
+    through), accuracy (its accuracy reward), accuracy_unhinted and zero_adv_unhinted (the unhinted
+    chain in its place, and whether that group's total rewards were all equal: what plain GRPO had).
     """
     if accuracy_reward not in weights:
         raise ValueError(f"accuracy reward {accuracy_reward!r} is not among the rewards {list(weights)}")
@@ -301,7 +306,6 @@ def ghpo_summary(info: list[dict], hint_ratios: list[float]) -> dict:
 
 if __name__ == "__main__":
     import data
-    import llms
 
     train, _ = data.arithmetic_task(500, 10, seed=0)
     corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in train]
@@ -324,3 +328,11 @@ if __name__ == "__main__":
             print(f"  {name:9s}{tok.decode(part)!r}")
         print(f"  trained  {''.join(str(v) for v in r.loss_mask[i, P:].long().tolist())}")
     print(summary(r.info))
+
+    # GHPO: the untrained model fails every question, so each group goes through every hint stage
+    r = ghpo(m, tok, train[:2], "", num_chains=3, max_prompt_tokens=128, max_completion_tokens=24,
+             temperature=1.0, top_p=1.0, weights={"correctness": 1.0}, accuracy_reward="correctness",
+             hint_ratios=[0.25, 0.5, 0.75], hint_unit="steps")
+    for ratio in (0.25, 0.5, 0.75):
+        print(f"hint at {ratio}: {make_hint(train[0]['solution'], ratio, 'steps')!r}")
+    print(ghpo_summary(r.info, [0.25, 0.5, 0.75]))

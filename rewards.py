@@ -92,13 +92,17 @@ def parse_number(text: str) -> float | None:
     return -value if sign == "-" else value
 
 
+def _mv_timeout() -> int | None:
+    """math-verify's timeouts use signal.alarm, which raises outside the main thread: keep them in
+    the main thread (sympy can hang on e.g. 9^{9^{9^9}}) and switch them off (None) elsewhere."""
+    return 1 if threading.current_thread() is threading.main_thread() else None
+
+
 def _math_verify(ref: str, pred: str) -> bool:
     """Symbolic check with math-verify, for answers that are not plain numbers (\\frac, \\sqrt, ...)."""
     if len(pred) > _MV_MAX_CHARS or len(ref) > _MV_MAX_CHARS:
         return False
-    # math-verify's timeouts use signal.alarm, which raises outside the main thread: keep them in
-    # the main thread (sympy can hang on e.g. 9^{9^{9^9}}) and switch them off (None) elsewhere.
-    secs = 1 if threading.current_thread() is threading.main_thread() else None
+    secs = _mv_timeout()
     try:
         # math-verify looks for latex math: "$...$" makes a bare answer such as "\frac{1}{2}" parse
         gold = parse(f"${ref.strip('$')}$", parsing_timeout=secs)
@@ -121,10 +125,17 @@ def is_correct(completion: str, answer: str) -> bool:
 
 
 def checkable(answer: str) -> bool:
-    """Whether is_correct can ever say yes to this reference: a plain number, or math that math-verify
-    parses (a parsed reference matches itself). GHPO never hints a group whose reference fails this."""
+    """Whether the reference parses: a plain number, or math that math-verify extracts an expression from
+    ("\\frac{1}{2}", "x^2+1"; not "", "???"). GHPO never hints a group whose reference fails this."""
     ref = reference_answer(answer)
-    return bool(ref) and (parse_number(ref) is not None or _math_verify(ref, ref))
+    if parse_number(ref) is not None:
+        return True
+    if not ref or len(ref) > _MV_MAX_CHARS:
+        return False
+    try:  # parse gives [expression, text] when it found math, [text] alone when it did not
+        return len(parse(f"${ref.strip('$')}$", parsing_timeout=_mv_timeout())) > 1
+    except Exception:
+        return False
 
 # -----------------------------------------------------------------------------
 # reward functions (each returns 0 or 1; weights are applied by `total`)
