@@ -70,6 +70,8 @@ class Config:
     ghpo_hint_ratios: list = field(default_factory=lambda: [0.25, 0.5, 0.75])  # share of the solution
     # given as a hint at each stage, increasing; each stage regenerates the groups still all wrong
     ghpo_hint_unit: str = "steps"      # hints count solution steps (lines) or chars
+    ghpo_hint_in: str = "user"         # user: after the question, with an instruction (GHPO); assistant: the
+    # response starts with the hint and the model continues it (suits a model never shown hints)
     ghpo_start_step: int = 1           # plain GRPO before this step
     # --- rewards (rewards.py): name -> weight
     rewards: dict = field(default_factory=lambda: {
@@ -115,7 +117,7 @@ class Config:
 
 CHOICES = {
     "rollout": ["plain", "guided", "ghpo"], "guide_loss_on": ["guidance", "guidance+postfix", "all"],
-    "ghpo_hint_unit": ["steps", "chars"],
+    "ghpo_hint_unit": ["steps", "chars"], "ghpo_hint_in": ["user", "assistant"],
     "loss_type": ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"],
     "adv_scale": ["group", "batch", "none"], "optimizer": ["adamw8bit", "adamw"],
     "lr_schedule": ["constant", "cosine"], "dtype": ["auto", "bf16", "fp16", "fp32"],

@@ -199,26 +199,32 @@ def summary(info: list[dict]) -> dict:
 # Stage 0 is plain sampling of all B groups. A group is all wrong when the accuracy reward of each of
 # its G chains is <= 0 and its reference answer is checkable (rewards.checkable); it is then eligible.
 # Stage k (ratio r_k of hint_ratios) regenerates all G chains of every eligible group that stage k-1
-# left all wrong, in one batched generate call, from the question + HINT_INSTRUCTION + make_hint(r_k).
+# left all wrong, in one batched generate call, from the question + HINT_INSTRUCTION + make_hint(r_k)
+# (hint_in "user", as in GHPO), or from the plain prompt whose response starts with the hint
+# (hint_in "assistant": the tiny demo's model, warm-started on question -> solution only, rescued 46%
+# of all-wrong groups with 75% of the steps given there, 3% with them in the question, and 22% by
+# sampling the unhinted prompt again; 37 groups of 16 chains each).
 # A group is rescued at the first stage where some chain scores > 0: those hinted chains replace its
 # unhinted ones in the batch and it leaves the schedule. A group never rescued keeps its ORIGINAL
 # unhinted chains: their prompt is the one the model is evaluated on, other rewards (format) still
 # teach there, and so hint_ratio > 0 in a chain's info means exactly "rescued by a hint". The hint
-# sits in the prompt, so it is never trained on (loss_mask 0), whatever the stage.
+# is prompt tokens either way, so it is never trained on (loss_mask 0), whatever the stage.
 
 HINT_INSTRUCTION = "\n\nHere is the beginning of a solution. Build on it and finish solving the problem:\n"
 HINT_UNITS = ("steps", "chars")
+HINT_IN = ("user", "assistant")
 
 
 def make_hint(solution: str, ratio: float, unit: str) -> str:
     """The first `ratio` of a solution, counted in steps (its non-empty lines, one per step in GSM8K and
-    the built-in task) or in characters; rounded up so a small ratio still gives something, but never
-    the whole solution (it ends with the answer). "" when there is no part to give: no solution, one step."""
+    the built-in task, each kept with its newline) or in characters; rounded up so a small ratio still
+    gives something, but never the whole solution (it ends with the answer). "" when there is no part
+    to give: no solution, or a single step."""
     if unit not in HINT_UNITS:
         raise ValueError(f"hint unit must be one of {HINT_UNITS}, got {unit!r}")
-    parts = [line for line in solution.split("\n") if line.strip()] if unit == "steps" else list(solution)
+    parts = [line + "\n" for line in solution.split("\n") if line.strip()] if unit == "steps" else list(solution)
     k = min(len(parts) - 1, math.ceil(ratio * len(parts) - 1e-9))  # 1e-9: 0.1 * 30 is 3.0000000000000004
-    return ("\n" if unit == "steps" else "").join(parts[:max(0, k)])
+    return "".join(parts[:max(0, k)])
 
 
 def needs_hint(accuracy: torch.Tensor, answer: str) -> bool:
@@ -236,25 +242,34 @@ def check_solutions(examples: list[dict], source: str) -> None:
 
 def ghpo(model, tokenizer, examples: list[dict], system_prompt: str, num_chains: int, max_prompt_tokens: int,
          max_completion_tokens: int, temperature: float, top_p: float, weights: dict[str, float],
-         accuracy_reward: str, hint_ratios: list[float], hint_unit: str) -> rollout.Rollout:
+         accuracy_reward: str, hint_ratios: list[float], hint_unit: str, hint_in: str = "user") -> rollout.Rollout:
     """B examples {"question", "answer", "solution"} x G chains, all-wrong groups hinted (section above).
 
     Chains are scored here with the run's reward `weights` (rewards.score; the chain's info, hint_ratio
-    included, reaches every reward); `accuracy_reward` names the one that decides all wrong. With no
+    included, reaches every reward); `accuracy_reward` names the one that decides all wrong. `hint_in`
+    places the hint: "user" appends HINT_INSTRUCTION + hint to the question (GHPO); "assistant" starts
+    the response with it, to be continued (texts, and so rewards, hold only what was sampled). With no
     hint_ratios (before ghpo_start_step) this is exactly rollout.sample. Each chain's info gets:
     hint_ratio (0 if unhinted) and hint (its text), hint_stages (hinted regenerations its group went
     through), accuracy (its accuracy reward), accuracy_unhinted and zero_adv_unhinted (the unhinted
     chain in its place, and whether that group's total rewards were all equal: what plain GRPO had).
     """
+    if hint_in not in HINT_IN:
+        raise ValueError(f"hint_in must be one of {HINT_IN}, got {hint_in!r}")
     if accuracy_reward not in weights:
         raise ValueError(f"accuracy reward {accuracy_reward!r} is not among the rewards {list(weights)}")
     B, G = len(examples), num_chains
 
     def sample_and_score(groups: list[int], hints: list[str], ratio: float):
         """G chains for each of `groups` in one generate call: (Rollout, total (n,), accuracy (n,))."""
-        blocks = [HINT_INSTRUCTION + h if h else "" for h in hints]
-        prompts = [llms.chat_prompt(tokenizer, system_prompt, examples[b]["question"] + block)
-                   for b, block in zip(groups, blocks)]
+        if hint_in == "user":
+            blocks = [HINT_INSTRUCTION + h if h else "" for h in hints]
+            prompts = [llms.chat_prompt(tokenizer, system_prompt, examples[b]["question"] + block)
+                       for b, block in zip(groups, blocks)]
+        else:
+            blocks = hints
+            prompts = [llms.chat_prompt(tokenizer, system_prompt, examples[b]["question"]) + h
+                       for b, h in zip(groups, hints)]
         # the prompt may grow by its hint, so that a long hint never pushes the question out
         room = max(len(tokenizer(block, add_special_tokens=False)["input_ids"]) for block in blocks)
         r = rollout.sample(model, tokenizer, prompts, G, max_prompt_tokens + room, max_completion_tokens,

@@ -377,7 +377,7 @@ def main(argv: list[str]) -> None:
             r = guidance.ghpo(model, tokenizer, batch, cfg.system_prompt, cfg.num_chains, cfg.max_prompt_tokens,
                               cfg.max_completion_tokens, cfg.temperature, cfg.top_p, cfg.rewards,
                               cfg.ghpo_accuracy_reward, cfg.ghpo_hint_ratios if step >= cfg.ghpo_start_step else [],
-                              cfg.ghpo_hint_unit)
+                              cfg.ghpo_hint_unit, cfg.ghpo_hint_in)
         # 5. rewards (N, K) from plain functions, weighted sum (N,), group-normalised advantages (N,)
         answers = [batch[g]["answer"] for g in r.group.tolist()]
         per_fn, names, reward_errors = rewards.score(r.texts, answers, r.info, cfg.rewards)

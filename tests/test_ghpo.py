@@ -37,12 +37,12 @@ FOUR = "a = 1.\nb = 2.\nc = 3.\nd = 4."  # 4 steps, 27 characters
 
 
 @pytest.mark.parametrize("solution, ratio, unit, hint", [
-    (FOUR, 0.25, "steps", "a = 1."),
-    (FOUR, 0.5, "steps", "a = 1.\nb = 2."),
-    (FOUR, 0.75, "steps", "a = 1.\nb = 2.\nc = 3."),
-    (FOUR, 0.99, "steps", "a = 1.\nb = 2.\nc = 3."),    # never the whole solution
-    ("a = 1.\n\nb = 2.\n", 0.25, "steps", "a = 1."),    # blank lines are no steps
-    ("a = 1.\nb = 2.", 0.75, "steps", "a = 1."),
+    (FOUR, 0.25, "steps", "a = 1.\n"),                  # each step keeps its newline
+    (FOUR, 0.5, "steps", "a = 1.\nb = 2.\n"),
+    (FOUR, 0.75, "steps", "a = 1.\nb = 2.\nc = 3.\n"),
+    (FOUR, 0.99, "steps", "a = 1.\nb = 2.\nc = 3.\n"),  # never the whole solution
+    ("a = 1.\n\nb = 2.\n", 0.25, "steps", "a = 1.\n"),  # blank lines are no steps
+    ("a = 1.\nb = 2.", 0.75, "steps", "a = 1.\n"),
     ("a = 1.", 0.75, "steps", ""),                      # one step: nothing to give
     ("", 0.5, "steps", ""),
     (FOUR, 0.25, "chars", "a = 1.\n"),                  # ceil(6.75) = 7 characters
@@ -63,13 +63,13 @@ def test_make_hint_unknown_unit():
 
 def test_hints_of_the_builtin_task_and_gsm8k(task):
     ex = next(e for e in task[0] if e["solution"].count("\n") == 3)  # a 4-step problem
-    steps = ex["solution"].split("\n")
+    steps = [line + "\n" for line in ex["solution"].split("\n")]
     assert [guidance.make_hint(ex["solution"], r, "steps") for r in (0.25, 0.5, 0.75)] == [
-        steps[0], "\n".join(steps[:2]), "\n".join(steps[:3])]
+        steps[0], "".join(steps[:2]), "".join(steps[:3])]
     import data
     solution, _ = data.split_gsm8k_answer("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
                                           "Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72")
-    assert guidance.make_hint(solution, 0.5, "steps") == "Natalia sold 48/2 = <<48/2=24>>24 clips in May."
+    assert guidance.make_hint(solution, 0.5, "steps") == "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,10 +105,11 @@ def record(monkeypatch):
     return calls
 
 
-def run_ghpo(tiny, examples, ratios=(0.25, 0.5, 0.75), unit="steps", seed=0):
+def run_ghpo(tiny, examples, ratios=(0.25, 0.5, 0.75), unit="steps", hint_in="user"):
     model, tok = tiny
-    torch.manual_seed(seed)
-    return guidance.ghpo(model, tok, examples, "", G, 96, 16, 1.0, 1.0, {"fake": 1.0}, "fake", list(ratios), unit)
+    torch.manual_seed(0)
+    return guidance.ghpo(model, tok, examples, "", G, 96, 16, 1.0, 1.0, {"fake": 1.0}, "fake", list(ratios), unit,
+                         hint_in)
 
 
 def test_schedule_stops_at_the_first_stage_that_helps(tiny, examples, monkeypatch):
@@ -154,21 +155,26 @@ def test_rescued_groups_take_hinted_chains_and_others_keep_their_own(tiny, examp
             assert r.texts[b * G + j] == source.texts[first + j]
 
 
-def test_hint_tokens_are_prompt_and_never_trained(tiny, examples, monkeypatch):
+@pytest.mark.parametrize("hint_in", guidance.HINT_IN)
+def test_hint_tokens_are_prompt_and_never_trained(tiny, examples, monkeypatch, hint_in):
     model, tok = tiny
     ok, rescued_at_half, never = (ex["answer"] for ex in examples)
     use_reward(monkeypatch, lambda answer, ratio: answer == ok or (answer == rescued_at_half and ratio >= 0.5))
     calls = record(monkeypatch)
-    r = run_ghpo(tiny, examples, unit="chars")
+    r = run_ghpo(tiny, examples, unit="chars", hint_in=hint_in)
     hint = guidance.make_hint(examples[1]["solution"], 0.5, "chars")
     for i in range(G, 2 * G):  # the rescued group
         real = r.attention_mask[i].bool()
-        prompt = r.input_ids[i][real & ~r.loss_mask[i].bool()].tolist()
-        assert hint in tok.decode(prompt) and guidance.HINT_INSTRUCTION in tok.decode(prompt)
+        prompt_ids = r.input_ids[i][real & ~r.loss_mask[i].bool()].tolist()
+        prompt = tok.decode(prompt_ids)
+        if hint_in == "user":  # after the question, inside the user turn
+            assert prompt.index(examples[1]["question"] + guidance.HINT_INSTRUCTION + hint) < prompt.index("assistant")
+        else:  # the response starts with it
+            assert prompt.endswith("assistant\n" + hint) and guidance.HINT_INSTRUCTION not in prompt
         assert tok.decode(rows_of(r, i)[1], skip_special_tokens=True) == r.texts[i]
         assert r.loss_mask[i].sum() == r.info[i]["completion_len"]
         first = int(r.loss_mask[i].nonzero()[0])  # every trained token follows the whole prompt
-        assert r.loss_mask[i, :first].sum() == 0 and r.attention_mask[i, first - len(prompt):first].all()
+        assert r.loss_mask[i, :first].sum() == 0 and r.attention_mask[i, first - len(prompt_ids):first].all()
     # joined rows of different widths score exactly as in their own rollouts: padding changes nothing
     def chain_logps(x):
         start = train.first_trained_column(x.loss_mask)
@@ -227,6 +233,7 @@ def test_dataset_without_solutions_is_a_clear_error(tmp_path):
     (["--ghpo_hint_ratios", "0.5,1"], "increase strictly"),
     (["--ghpo_hint_ratios", "half"], "must be numbers"),
     (["--ghpo_hint_unit", "tokens"], "ghpo_hint_unit must be one of"),
+    (["--ghpo_hint_in", "system"], "ghpo_hint_in must be one of"),
 ])
 def test_ghpo_config_errors(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -241,7 +248,8 @@ def test_ghpo_config_reads_ratios_as_numbers():
 def test_ghpo_run_logs_hint_metrics(tmp_path):
     out = str(tmp_path / "ghpo")
     train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "5", "--eval_every", "5",
-                       "--rollout", "ghpo", "--ghpo_hint_unit", "chars", "--ghpo_start_step", "2"])
+                       "--rollout", "ghpo", "--ghpo_hint_unit", "chars", "--ghpo_start_step", "2",
+                       "--ghpo_hint_in", "assistant"])
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     first, second = [row for row in rows if row["split"] == "train"]
     keys = ["ghpo/hinted@0.25", "ghpo/hinted@0.5", "ghpo/hinted@0.75"]
