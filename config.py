@@ -9,6 +9,7 @@ learning rate 5e-6, 786 completion tokens, 256 prompt tokens.
 import dataclasses
 import difflib
 import json
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ class Config:
     question_field: str = "question"
     answer_field: str = "answer"       # GSM8K layout: solution steps, then "#### <answer>"
     system_prompt: str = GSM8K_SYSTEM_PROMPT
+    task: str = "math"                 # math (checked by rewards.is_correct), judge_pointwise, judge_pairwise
+    prompt_template: str = ""          # file whose {placeholders} make the user message (data.py); "" = the
+    #                                    question as-is for math, configs/prompts/<task>.txt for judges
+    skip_bad_rows: bool = False        # skip and count malformed records instead of stopping at the first
     arithmetic_train_size: int = 4000  # the built-in task
     arithmetic_test_size: int = 200
     arithmetic_min_steps: int = 2
@@ -57,6 +62,7 @@ class Config:
     max_completion_tokens: int = 786
     temperature: float = 1.0           # sampling and training log-probs use the same temperature
     top_p: float = 1.0
+    sampler: str = "dynamic"           # dynamic: plain HF generate; static: static KV cache, compiled (CUDA graphs)
     # --- guided sampling (guidance.py), used when rollout is "guided"
     guide_min_prefix_tokens: int = 16  # prefix budget per prompt, drawn in [min, max] new tokens, then cut
     guide_max_prefix_tokens: int = 256  # back to its last sentence boundary (capped so guidance fits)
@@ -76,6 +82,14 @@ class Config:
     # --- rewards (rewards.py): name -> weight
     rewards: dict = field(default_factory=lambda: {
         "correctness": 2.0, "strict_format": 0.5, "soft_format": 0.5, "integer_answer": 0.5})
+    # reward settings, passed to the rewards that use them (formulas in rewards.py and the README)
+    think_fault_penalty: float = 0.5   # think_format: subtracted per format fault
+    think_min_chars: int = 200         # short_think: a shorter think is penalised ...
+    think_short_penalty: float = 0.5   # ... by up to this much (an empty think), linearly less up to think_min_chars
+    answer_exact_reward: float = 2.0   # think_answer: the answer equals the reference (case-insensitive)
+    answer_contains_reward: float = 1.0  # think_answer: the answer contains the reference as a whole word
+    answer_wrong_reward: float = -1.0  # think_answer: anything else, or no answer tags
+    overlong_buffer_tokens: int = 128  # overlong (DAPO): 0 up to max_completion_tokens - this, then down to -1
     # --- loss (train.py)
     loss_type: str = "grpo"            # grpo, bnpo, dr_grpo, dapo, gspo, cispo, reinforce
     adv_scale: str = "group"           # divide advantages by: group std, batch std, or none (Dr. GRPO)
@@ -87,6 +101,7 @@ class Config:
     logp_chunk: int = 256              # positions per log-prob chunk (bounds the logits memory)
     # --- optimizer
     optimizer: str = "adamw8bit"       # adamw8bit (bitsandbytes) or adamw
+    kahan_updates: bool = True         # bf16 weights keep each step's rounding error (kahan.py): lr 5e-6 counts
     learning_rate: float = 5e-6
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -109,6 +124,7 @@ class Config:
     max_steps: int = 200
     save_every: int = 50
     keep_last: int = 2
+    max_bad_steps: int = 5             # stop (with a checkpoint) after this many non-finite updates in a row
     log_samples: int = 4               # chains written to samples.jsonl per step
     seed: int = 0
     device: str = "auto"               # auto, cpu, cuda
@@ -117,6 +133,7 @@ class Config:
 
 CHOICES = {
     "rollout": ["plain", "guided", "ghpo"], "guide_loss_on": ["guidance", "guidance+postfix", "all"],
+    "task": ["math", "judge_pointwise", "judge_pairwise"], "sampler": ["dynamic", "static"],
     "ghpo_hint_unit": ["steps", "chars"], "ghpo_hint_in": ["user", "assistant"],
     "loss_type": ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"],
     "adv_scale": ["group", "batch", "none"], "optimizer": ["adamw8bit", "adamw"],
@@ -195,9 +212,19 @@ def validate(cfg: Config) -> None:
     if cfg.num_chains < 2 and cfg.adv_scale != "none":
         raise ValueError("group-normalised advantages need num_chains >= 2")
     for key in ("prompts_per_step", "num_chains", "micro_batch_size", "max_steps", "eval_every",
-                "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations"):
+                "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations", "keep_last",
+                "max_bad_steps"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
+        raise ValueError(f"training samples need temperature > 0 and 0 < top_p <= 1 (log-probs are taken at "
+                         f"that temperature), got {cfg.temperature} and {cfg.top_p}; greedy is for eval only")
+    if cfg.lora_r > 0 and not cfg.lora_target_modules:
+        raise ValueError("lora_r > 0 needs lora_target_modules (e.g. q_proj,v_proj); or set lora_r 0 for "
+                         "full fine-tuning")
+    for key in ("think_min_chars", "overlong_buffer_tokens"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key} must be at least 0, got {getattr(cfg, key)}")
     if cfg.dataset == "arithmetic" and cfg.arithmetic_max_value < 12:
         raise ValueError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "
                          f"got {cfg.arithmetic_max_value}")
@@ -235,9 +262,14 @@ def load(argv: list[str]) -> Config:
     flags = parse_flags(argv)
     cfg = Config()
     if "resume" in flags:
+        if not os.path.isfile(f"{flags['resume']}/config.json"):
+            raise FileNotFoundError(f"--resume {flags['resume']}: no run there ({flags['resume']}/config.json "
+                                    f"is missing); pass the out_dir of an earlier run")
         with open(f"{flags['resume']}/config.json") as f:
             update(cfg, json.load(f))
     if "config" in flags:
+        if not os.path.isfile(flags["config"]):
+            raise FileNotFoundError(f"--config {flags['config']}: no such file (the recipes are in configs/)")
         with open(flags.pop("config")) as f:
             update(cfg, yaml.safe_load(f) or {})
     update(cfg, flags)
@@ -246,8 +278,10 @@ def load(argv: list[str]) -> Config:
 
 
 def save(cfg: Config, path: str) -> None:
-    with open(path, "w") as f:
+    tmp = path + ".tmp"  # written whole, then renamed: a crash never leaves half a config
+    with open(tmp, "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

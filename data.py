@@ -1,17 +1,29 @@
-"""Datasets: GSM8K (hub or local file) and the built-in arithmetic task.
+"""Datasets: GSM8K (hub or local file), judge data (OpenJudge layout), and the built-in arithmetic task.
 
 Every loader returns plain lists of examples, one dict per problem:
     {"question": str, "answer": str, "solution": str}
-`answer` is the final answer (what rewards.is_correct compares against), `solution` is the worked
-solution without the answer line (what the SFT warm start imitates and GHPO hints are cut from).
+`answer` is the final answer (what rewards.is_correct compares against; a judge's label), `solution`
+is the worked solution without the answer line (what the SFT warm start imitates and GHPO hints are
+cut from). Judge examples add "target", the verdict the warm start imitates.
 
 The built-in task is GSM8K-shaped: a word problem of 2 to 4 steps, a solution with one equation per
 sentence, and the answer after `####`. It needs no download, so the CPU demo and the tests use it.
 
-    python data.py     # prints a few built-in problems and the GSM8K-style target text
+Other tasks are other files and a prompt template: `question` is the template filled with the row
+(configs/prompts/*.txt; `{question}` for math, `{query}` and `{response}` or `{response_a}` and
+`{response_b}` for judges). Judge data follows OpenJudge's layout, one record per line (jsonl) or row
+(parquet): `input` is a list of chat messages, `output` a list of {"answer": {"role", "content",
+"label": {"helpfulness": 0..4} or {"preference": "A" or "B"}}}. A pointwise record gives one example
+per response (answer "0".."4"), a pairwise record one example (answer "A" or "B"). A malformed record
+is an error naming its file, row and field; skip_bad_rows skips and counts such rows instead.
+
+    python data.py                          # prints a few built-in problems and the target text
+    python data.py make-demo out/demo_data  # small judge and problem/answer files for the CPU demos
 """
+import json
 import os
 import random
+import re
 
 # ----------------------------------------------------------------------------------------------
 # The built-in arithmetic task
@@ -82,50 +94,202 @@ def is_local(name: str) -> bool:
     return os.path.exists(name) or name.endswith((".jsonl", ".json", ".parquet"))
 
 
-def _load_rows(name: str, split: str, config_name: str | None):
-    """Rows of one split from a local file or folder, or from the hub; errors say how to fix them."""
+class BadRow(ValueError):
+    """A record that cannot be used; its message names the file, the row and what is wrong."""
+
+
+def _read_file(path: str) -> list[tuple[str, object]]:
+    """(where, row) pairs of a local jsonl, json (one array) or parquet file. `where` is "file line N"
+    (jsonl, blank lines counted) or "file row N"; a line that is not JSON becomes a BadRow in place."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        return [(f"{path} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist(), 1)]
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        return [(f"{path} row {i}", row) for i, row in enumerate(json.loads(text), 1)]
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((f"{path} line {i}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                rows.append((f"{path} line {i}", BadRow(f"{path} line {i}: not valid JSON ({e.msg})")))
+    return rows
+
+
+def _load_rows(name: str, split: str, config_name: str | None) -> list[tuple[str, object]]:
+    """(where, row) pairs of one split from a local file or folder, or from the hub; errors say how to
+    fix them. `where` names the file (or dataset and split) and the row, for error messages."""
+    if is_local(name) and not os.path.exists(name):
+        raise FileNotFoundError(f"dataset file {name!r} does not exist")
+    if is_local(name) and not os.path.isdir(name):
+        return _read_file(name)  # one file is one split
     from datasets import load_dataset  # imported here: the built-in task needs no datasets import
 
-    if is_local(name):
-        if not os.path.exists(name):
-            raise FileNotFoundError(f"dataset file {name!r} does not exist")
-        if os.path.isdir(name):
-            return load_dataset(name, split=split)
-        kind = "parquet" if name.endswith(".parquet") else "json"
-        return load_dataset(kind, data_files=name, split="train")  # one file is one split
     try:
-        return load_dataset(name, config_name or None, split=split)
+        rows = load_dataset(name, split=split) if is_local(name) else load_dataset(name, config_name or None,
+                                                                                   split=split)
     except Exception as e:
+        if is_local(name):
+            raise
         raise RuntimeError(
             f"could not load dataset {name!r} (config {config_name!r}, split {split!r}) from the hub: "
             f"{type(e).__name__}: {str(e)[:300]}\nIf this machine is offline, pass local files instead: "
             f"--dataset path/to/train.jsonl --test_dataset path/to/test.jsonl (jsonl or parquet with "
             f"the same columns).") from None
+    return [(f"{name} [{split}] row {i}", row) for i, row in enumerate(rows, 1)]
 
 
-def to_examples(rows, source: str, question_field: str, answer_field: str) -> list[dict]:
-    """Map raw rows to examples, naming the missing field and the config key to set if any."""
-    columns = list(rows.column_names) if hasattr(rows, "column_names") else list(rows[0].keys())
-    for field, key in ((question_field, "question_field"), (answer_field, "answer_field")):
-        if field not in columns:
-            raise KeyError(f"dataset {source!r} has no field {field!r} (its columns: {columns}); "
-                           f"set --{key} to the column that holds it")
-    examples = []
-    for row in rows:
-        solution, final = split_gsm8k_answer(str(row[answer_field]))
-        examples.append({"question": str(row[question_field]), "answer": final, "solution": solution})
+# ----------------------------------------------------------------------------------------------
+# Prompt templates: editable text files whose {placeholders} are filled per example
+
+TEMPLATE_FIELDS = {"math": ["question"], "judge_pointwise": ["query", "response"],
+                   "judge_pairwise": ["query", "response_a", "response_b"]}
+_PLACEHOLDER_RE = re.compile(r"\{(\w+)\}")
+
+
+def load_template(path: str, task: str) -> str:
+    """The template text of a task; "" means the question as-is (math) or configs/prompts/<task>.txt."""
+    if not path:
+        if task == "math":
+            return "{question}"
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "prompts", f"{task}.txt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"prompt template {path!r} does not exist (--prompt_template)")
+    with open(path, encoding="utf-8") as f:
+        template = f.read().strip()
+    missing = [k for k in TEMPLATE_FIELDS[task] if "{" + k + "}" not in template]
+    if missing:
+        raise ValueError(f"prompt template {path!r} lacks {', '.join('{' + k + '}' for k in missing)}, which "
+                         f"task {task!r} fills in (its placeholders: {TEMPLATE_FIELDS[task]})")
+    return template
+
+
+def fill(template: str, **values: str) -> str:
+    """{name} -> values[name] in one pass, so a value that contains "{response}" is left as it is;
+    other braces (JSON examples in a template) stay untouched."""
+    return _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows to examples: math problems and judge records (OpenJudge layout)
+
+def _get(value, path: list, where: str):
+    """value[path[0]][path[1]]..., or a BadRow naming the first missing, empty or mistyped step."""
+    for i, key in enumerate(path):
+        shown = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path[:i + 1]).lstrip(".")
+        if isinstance(key, int):
+            if not isinstance(value, list) or len(value) <= key:
+                raise BadRow(f"{where}: missing field {shown} (a list of {key + 1}+ items is needed)")
+        elif not isinstance(value, dict) or value.get(key) is None:
+            raise BadRow(f"{where}: missing field {shown!r}")
+        value = value[key]
+    return value
+
+
+def math_example(row, where: str, question_field: str, answer_field: str, template: str) -> list[dict]:
+    question = str(_get(row, [question_field], where)).strip()
+    solution, final = split_gsm8k_answer(str(_get(row, [answer_field], where)))
+    if not question or not final:
+        raise BadRow(f"{where}: empty {'question' if not question else 'final answer'} in field "
+                     f"{question_field if not question else answer_field!r}")
+    return [{"question": fill(template, question=question), "answer": final, "solution": solution}]
+
+
+def _query(row, where: str) -> str:
+    """The conversation to judge: the one user message, or every message as "role: content"."""
+    messages = _get(row, ["input"], where)
+    if not isinstance(messages, list) or not messages:
+        raise BadRow(f"{where}: field 'input' must be a non-empty list of chat messages")
+    texts = [(str(_get(m, ["role"], f"{where} input[{i}]")), str(_get(m, ["content"], f"{where} input[{i}]")))
+             for i, m in enumerate(messages)]
+    return texts[0][1] if len(texts) == 1 else "\n\n".join(f"{role}: {content}" for role, content in texts)
+
+
+def judge_examples(row, where: str, task: str, template: str) -> list[dict]:
+    """One example per response (pointwise, label = helpfulness 0..4) or per pair (pairwise, label A/B)."""
+    query, outputs = _query(row, where), _get(row, ["output"], where)
+    if not isinstance(outputs, list):
+        raise BadRow(f"{where}: field 'output' must be a list of {{'answer': {{...}}}} items")
+    if task == "judge_pointwise":
+        examples = []
+        for k in range(len(outputs)):
+            label = _get(row, ["output", k, "answer", "label", "helpfulness"], where)
+            try:
+                value = None if isinstance(label, bool) else float(label)
+            except (TypeError, ValueError):
+                value = None
+            if value not in range(5):  # 3, 3.0 and "3" are fine; 3.5, "high" and True are not
+                raise BadRow(f"{where}: output[{k}].answer.label.helpfulness is {label!r}, not an integer in 0..4")
+            response = str(_get(row, ["output", k, "answer", "content"], where))
+            examples.append({"question": fill(template, query=query, response=response),
+                             "answer": str(int(value)), "solution": "",
+                             "target": f"<think>\n</think>\n<score>{int(value)}</score>"})
+        if not examples:
+            raise BadRow(f"{where}: field 'output' holds no response")
+        return examples
+    if len(outputs) != 2:
+        raise BadRow(f"{where}: a pairwise record needs exactly 2 responses in 'output', got {len(outputs)}")
+    a, b = (str(_get(row, ["output", k, "answer", "content"], where)) for k in (0, 1))
+    labels = [str(_get(row, ["output", 0, "answer", "label", "preference"], where)).strip().upper()]
+    second = (outputs[1].get("answer") or {}).get("label") if isinstance(outputs[1], dict) else None
+    if isinstance(second, dict) and second.get("preference") is not None:
+        labels.append(str(second["preference"]).strip().upper())
+    if labels[0] not in ("A", "B") or len(set(labels)) > 1:
+        raise BadRow(f"{where}: label.preference must be 'A' or 'B' (the same on both responses), got {labels}")
+    return [{"question": fill(template, query=query, response_a=a, response_b=b), "answer": labels[0],
+             "solution": "", "target": f"<think>\n</think>\n<better>{labels[0]}</better>"}]
+
+
+def to_examples(rows: list[tuple[str, object]], source: str, task: str, template: str, question_field: str,
+                answer_field: str, skip_bad_rows: bool) -> list[dict]:
+    """Examples from (where, row) pairs. A bad row is an error naming it, or, with skip_bad_rows, is
+    skipped and counted; a column missing from the first row is a config error, never skipped."""
+    first = next((row for _, row in rows if isinstance(row, dict)), None)
+    if first is None:
+        raise ValueError(f"dataset {source!r} holds no records")
+    needed = [(question_field, "question_field"), (answer_field, "answer_field")] if task == "math" else [
+        ("input", ""), ("output", "")]
+    for column, key in needed:
+        if column not in first:
+            hint = f"set --{key} to the column that holds it" if key else (
+                "judge data needs the OpenJudge layout: 'input' (chat messages) and 'output' (labelled answers)")
+            raise KeyError(f"dataset {source!r} has no field {column!r} (its columns: {list(first)}); {hint}")
+    examples, bad = [], []
+    for where, row in rows:
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            examples += (math_example(row, where, question_field, answer_field, template) if task == "math"
+                         else judge_examples(row, where, task, template))
+        except BadRow as e:
+            if not skip_bad_rows:
+                raise BadRow(f"{e}. Fix the record, or pass --skip_bad_rows to skip and count such rows") from None
+            bad.append(str(e))
+    if bad:
+        print(f"skipped {len(bad)} of {len(rows)} rows of {source} (--skip_bad_rows); the first: {bad[0]}")
+    if not examples:
+        raise ValueError(f"dataset {source!r}: none of its {len(rows)} rows is usable")
     return examples
 
 
 def load(dataset: str, dataset_config: str, train_split: str, test_split: str, test_dataset: str,
          question_field: str, answer_field: str, seed: int, arithmetic_train_size: int,
          arithmetic_test_size: int, arithmetic_min_steps: int, arithmetic_max_steps: int,
-         arithmetic_max_value: int = 99
-         ) -> tuple[list[dict], list[dict]]:
-    """(train, test) examples. `dataset` is "arithmetic", a hub name, or a local file/folder."""
+         arithmetic_max_value: int = 99, task: str = "math", prompt_template: str = "",
+         skip_bad_rows: bool = False) -> tuple[list[dict], list[dict]]:
+    """(train, test) examples. `dataset` is "arithmetic", a hub name, or a local file/folder; `task`
+    says how rows become examples (math: question/answer columns; judge_*: the OpenJudge layout)."""
+    template = load_template(prompt_template, task)
     if dataset == "arithmetic":
-        return arithmetic_task(arithmetic_train_size, arithmetic_test_size, seed,
-                               arithmetic_min_steps, arithmetic_max_steps, arithmetic_max_value)
+        if task != "math":
+            raise ValueError(f"the built-in arithmetic task is a math task; task {task!r} needs judge data: "
+                             f"make a small set with `python data.py make-demo out/demo_data`")
+        train, test = arithmetic_task(arithmetic_train_size, arithmetic_test_size, seed,
+                                      arithmetic_min_steps, arithmetic_max_steps, arithmetic_max_value)
+        return ([{**ex, "question": fill(template, question=ex["question"])} for ex in train],
+                [{**ex, "question": fill(template, question=ex["question"])} for ex in test])
     train_rows = _load_rows(dataset, train_split, dataset_config)
     if test_dataset:
         test_rows, test_source = _load_rows(test_dataset, test_split, dataset_config), test_dataset
@@ -134,16 +298,67 @@ def load(dataset: str, dataset_config: str, train_split: str, test_split: str, t
                          f"file with --test_dataset path/to/test.jsonl")
     else:
         test_rows, test_source = _load_rows(dataset, test_split, dataset_config), dataset
-    return (to_examples(train_rows, dataset, question_field, answer_field),
-            to_examples(test_rows, test_source, question_field, answer_field))
+    args = (task, template, question_field, answer_field, skip_bad_rows)
+    return to_examples(train_rows, dataset, *args), to_examples(test_rows, test_source, *args)
 
 
 def target_text(example: dict) -> str:
-    """What the SFT warm start teaches: the worked solution, then the answer after '####'."""
+    """What the SFT warm start teaches: a judge example's verdict in its output format (its "target",
+    with an empty think), else the worked solution, then the answer after '####'."""
+    if "target" in example:
+        return example["target"]
     return f"{example['solution']}\n#### {example['answer']}" if example["solution"] else f"#### {example['answer']}"
 
 
+# ----------------------------------------------------------------------------------------------
+# Small demo files for the judge and problem/answer recipes, made from the built-in task
+
+def _demo_responses(ex: dict, rng: random.Random) -> dict[int, str]:
+    """Responses to one problem by helpfulness: 4 worked and right, 3 right without work, 1 worked
+    with a wrong last step, 0 no attempt."""
+    wrong = str(int(ex["answer"]) + rng.choice([-2, -1, 1, 2]))
+    steps = ex["solution"].split("\n")
+    steps[-1] = steps[-1].rsplit("= ", 1)[0] + f"= {wrong}."
+    return {4: target_text(ex), 3: f"The answer is {ex['answer']}.", 1: "\n".join(steps) + f"\n#### {wrong}",
+            0: "I do not know."}
+
+
+def make_demo(out_dir: str, n_train: int = 200, n_test: int = 40, seed: int = 0) -> list[str]:
+    """Writes judge_pointwise_{train,test}.jsonl and judge_pairwise_{train,test}.jsonl (OpenJudge layout)
+    and problems_{train,test}.jsonl (problem/answer columns) into out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for split, examples in zip(("train", "test"), arithmetic_task(n_train, n_test, seed)):
+        files = {name: [] for name in ("judge_pointwise", "judge_pairwise", "problems")}
+        for ex in examples:
+            query = [{"role": "user", "content": ex["question"]}]
+            responses = _demo_responses(ex, rng)
+            label = rng.choice(list(responses))
+            files["judge_pointwise"].append({"input": query, "output": [{"answer": {
+                "role": "assistant", "content": responses[label], "label": {"helpfulness": label}}}]})
+            pair, better = [responses[4], responses[rng.choice([0, 1])]], rng.choice("AB")
+            if better == "B":
+                pair.reverse()
+            files["judge_pairwise"].append({"input": query, "output": [{"answer": {
+                "role": "assistant", "content": text, "label": {"preference": better}}} for text in pair]})
+            files["problems"].append({"problem": ex["question"], "answer": ex["answer"]})
+        for name, rows in files.items():
+            paths.append(os.path.join(out_dir, f"{name}_{split}.jsonl"))
+            with open(paths[-1], "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+    return paths
+
+
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["make-demo"]:  # python data.py make-demo OUT_DIR [N_TRAIN N_TEST]
+        if len(sys.argv) not in (3, 5):
+            sys.exit("usage: python data.py make-demo OUT_DIR [N_TRAIN N_TEST]")
+        sizes = [int(n) for n in sys.argv[3:5]]
+        print("\n".join(make_demo(sys.argv[2], *sizes)))
+        sys.exit()
     train, test = arithmetic_task(1000, 100, seed=0)
     for ex in train[:3]:
         print(ex["question"], "\n---\n" + target_text(ex), "\n")

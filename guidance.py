@@ -242,11 +242,13 @@ def check_solutions(examples: list[dict], source: str) -> None:
 
 def ghpo(model, tokenizer, examples: list[dict], system_prompt: str, num_chains: int, max_prompt_tokens: int,
          max_completion_tokens: int, temperature: float, top_p: float, weights: dict[str, float],
-         accuracy_reward: str, hint_ratios: list[float], hint_unit: str, hint_in: str = "user") -> rollout.Rollout:
+         reward_settings: dict | None, accuracy_reward: str, hint_ratios: list[float], hint_unit: str,
+         hint_in: str = "user", sampler: str = "dynamic") -> rollout.Rollout:
     """B examples {"question", "answer", "solution"} x G chains, all-wrong groups hinted (section above).
 
-    Chains are scored here with the run's reward `weights` (rewards.score; the chain's info, hint_ratio
-    included, reaches every reward); `accuracy_reward` names the one that decides all wrong. `hint_in`
+    Chains are scored here as train.py scores them, rewards.score with `weights` and `reward_settings`
+    (the chain's info, hint_ratio included, reaches every reward); `accuracy_reward` names the one that
+    decides all wrong, and the final chains are scored again by train.py (cheap next to sampling). `hint_in`
     places the hint: "user" appends HINT_INSTRUCTION + hint to the question (GHPO); "assistant" starts
     the response with it, to be continued (texts, and so rewards, hold only what was sampled). With no
     hint_ratios (before ghpo_start_step) this is exactly rollout.sample. Each chain's info gets:
@@ -273,11 +275,11 @@ def ghpo(model, tokenizer, examples: list[dict], system_prompt: str, num_chains:
         # the prompt may grow by its hint, so that a long hint never pushes the question out
         room = max(len(tokenizer(block, add_special_tokens=False)["input_ids"]) for block in blocks)
         r = rollout.sample(model, tokenizer, prompts, G, max_prompt_tokens + room, max_completion_tokens,
-                           temperature, top_p)
+                           temperature, top_p, sampler=sampler)
         for i, d in enumerate(r.info):
             d["hint_ratio"], d["hint"] = ratio, hints[i // G]
         answers = [examples[b]["answer"] for b in groups for _ in range(G)]
-        per_fn, names, _ = rewards.score(r.texts, answers, r.info, weights)
+        per_fn, names, _ = rewards.score(r.texts, answers, r.info, weights, reward_settings)
         return r, rewards.total(per_fn, names, weights), per_fn[:, names.index(accuracy_reward)]
 
     plain, total0, acc0 = sample_and_score(list(range(B)), [""] * B, 0.0)
@@ -346,7 +348,8 @@ if __name__ == "__main__":
 
     # GHPO: the untrained model fails every question, so each group goes through every hint stage
     r = ghpo(m, tok, train[:2], "", num_chains=3, max_prompt_tokens=128, max_completion_tokens=24,
-             temperature=1.0, top_p=1.0, weights={"correctness": 1.0}, accuracy_reward="correctness",
+             temperature=1.0, top_p=1.0, weights={"correctness": 1.0}, reward_settings=None,
+             accuracy_reward="correctness",
              hint_ratios=[0.25, 0.5, 0.75], hint_unit="steps")
     for ratio in (0.25, 0.5, 0.75):
         print(f"hint at {ratio}: {make_hint(train[0]['solution'], ratio, 'steps')!r}")

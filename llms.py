@@ -13,9 +13,10 @@ Qwen's, the tokenizer splits numbers into single digits.
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
 TINY = "tiny"
+TINY_CONTEXT = 1024  # positions of the built-in tiny model
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen's chat layout, so prompts of the tiny model look like those of the real one.
 CHAT_TEMPLATE = (
@@ -47,10 +48,18 @@ def build_tiny_model(vocab_size: int, hidden: int, layers: int, seed: int):
 
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden,
                          num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
-                         num_key_value_heads=max(1, hidden // 64), max_position_embeddings=1024,
+                         num_key_value_heads=max(1, hidden // 64), max_position_embeddings=TINY_CONTEXT,
                          tie_word_embeddings=True, rope_theta=10000.0)
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
+
+
+def context_length(model_name: str, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence the model takes (prompt + completion), from its config alone; None if unknown."""
+    if model_name == TINY:
+        return TINY_CONTEXT
+    cfg = _from_pretrained(AutoConfig, model_name, trust_remote_code=trust_remote_code)
+    return getattr(cfg, "max_position_embeddings", None)
 
 
 def chat_prompt(tokenizer, system_prompt: str, user: str) -> str:
@@ -105,6 +114,11 @@ def load(model_name: str, device: str, dtype: str = "auto", gradient_checkpointi
         tokenizer = _from_pretrained(AutoTokenizer, model_name, trust_remote_code=trust_remote_code)
         model = _from_pretrained(AutoModelForCausalLM, model_name, dtype=torch_dtype,
                                  trust_remote_code=trust_remote_code)
+    return prepare(model, tokenizer, device, gradient_checkpointing, liger)
+
+
+def prepare(model, tokenizer, device: str, gradient_checkpointing: bool = False, liger: bool = False):
+    """Set up a built (model, tokenizer) pair as `load` returns it; bench.py builds its own model."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # prompts end where generation starts

@@ -2,10 +2,14 @@
 Rewards for GRPO: plain functions, chosen by name in the config and mixed with weights.
 
 Every reward has the signature fn(completion, answer, **info) -> float, where `answer` is the
-dataset's reference string and `info` carries per-chain extras (unused here, but accepted so that
-future rewards can need them without changing any caller). `score` runs the named rewards over a
-batch and returns the raw (N, K) values; `total` applies the weights. `is_correct` is THE answer
-checker: the correctness reward and evaluation both call it, so train and eval can never disagree.
+dataset's reference string and `info` carries per-chain facts from the rollout ("completion_len",
+"verifier_hallucination_score", ...) plus the reward settings from the config (think_fault_penalty,
+overlong_buffer_tokens, ...: see train.reward_settings). A reward names what it reads as keyword
+arguments and ignores the rest. `score` runs the named rewards over a batch and returns the raw (N, K)
+values; `total` applies the weights. `is_correct` is THE answer checker: the correctness reward and
+evaluation both call it, so train and eval can never disagree.
+
+The judge rewards live in judge_rewards.py; REWARDS below is the one place where names are chosen.
 
 Model output is untrusted: every regex here is linear-time (no nested or overlapping quantifiers
 that could backtrack catastrophically), and nothing from a completion is ever eval'd.
@@ -17,6 +21,8 @@ import threading
 
 import torch
 from math_verify import parse, verify
+
+import judge_rewards
 
 # -----------------------------------------------------------------------------
 # answer extraction and checking
@@ -138,7 +144,7 @@ def checkable(answer: str) -> bool:
         return False
 
 # -----------------------------------------------------------------------------
-# reward functions (each returns 0 or 1; weights are applied by `total`)
+# GSM8K-style rewards (each returns 0 or 1; weights are applied by `total`)
 
 def correctness(completion: str, answer: str, **info) -> float:
     """1.0 if is_correct(completion, answer) else 0.0."""
@@ -170,11 +176,123 @@ def integer_answer(completion: str, answer: str, **info) -> float:
     return float(pred is not None and _INTEGER_RE.fullmatch(pred) is not None)
 
 
+# -----------------------------------------------------------------------------
+# think/answer reasoning rewards (R1 style): <think>...</think><answer>...</answer>
+# Plain string search throughout: each call scans the completion a bounded number of times.
+
+THINK_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def _between(text: str, open_tag: str, close_tag: str) -> str | None:
+    """Text between the first open_tag and the first close_tag after it; None if either is missing."""
+    start = text.find(open_tag)
+    stop = text.find(close_tag, start + len(open_tag)) if start >= 0 else -1
+    return text[start + len(open_tag):stop] if stop >= 0 else None
+
+
+def think_format(completion: str, answer: str, *, think_fault_penalty: float, **info) -> float:
+    """-think_fault_penalty x faults; 0 for exactly <think>...</think><answer>...</answer> with only
+    whitespace around and between the blocks. Faults, one each: a tag missing or repeated (per tag),
+    tags out of order (e.g. answer before think), text before the first tag, text between </think>
+    and <answer>, text after the last tag. A completion with no tag at all has 4 + 1 faults."""
+    firsts = [completion.find(t) for t in THINK_TAGS]
+    faults = sum(completion.count(t) != 1 for t in THINK_TAGS)
+    present = [p for p in firsts if p >= 0]
+    if not present:
+        return -think_fault_penalty * (faults + bool(completion.strip()))
+    in_order = present == sorted(present)
+    last_end = max(completion.rfind(t) + len(t) for t in THINK_TAGS if completion.rfind(t) >= 0)
+    faults += (not in_order) + bool(completion[:min(present)].strip()) + bool(completion[last_end:].strip())
+    answer_start = firsts[2]
+    think_end = completion.rfind("</think>", 0, answer_start) if answer_start >= 0 else -1
+    if in_order and think_end >= 0:  # a repeated </think> is already a fault of its own
+        faults += bool(completion[think_end + len("</think>"):answer_start].strip())
+    return -think_fault_penalty * faults
+
+
+def short_think(completion: str, answer: str, *, think_min_chars: int, think_short_penalty: float,
+                **info) -> float:
+    """-think_short_penalty x max(0, 1 - n / think_min_chars), n = characters inside the first
+    <think>...</think> (stripped; 0 without one): 0 from think_min_chars on, the full penalty when empty."""
+    think = _between(completion, "<think>", "</think>")
+    n = len(think.strip()) if think is not None else 0
+    return -think_short_penalty * max(0.0, 1 - n / think_min_chars) if think_min_chars > 0 else 0.0
+
+
+def _contains_word(text: str, word: str) -> bool:
+    """word occurs in text with no letter or digit glued to either side ("72" is in "72 apples", not in "172")."""
+    i = text.find(word)
+    while i >= 0:
+        j = i + len(word)
+        if (i == 0 or not text[i - 1].isalnum()) and (j == len(text) or not text[j].isalnum()):
+            return True
+        i = text.find(word, i + 1)
+    return False
+
+
+def think_answer(completion: str, answer: str, *, answer_exact_reward: float, answer_contains_reward: float,
+                 answer_wrong_reward: float, **info) -> float:
+    """On the last <answer>...</answer> a versus the reference g (after ####), both stripped and
+    case-folded: answer_exact_reward if a == g; answer_contains_reward if g occurs in a as a whole
+    word; answer_wrong_reward otherwise, with no answer tags, or when a or g is empty."""
+    close = completion.rfind("</answer>")
+    start = completion.rfind("<answer>", 0, close) if close >= 0 else -1
+    if start < 0:
+        return answer_wrong_reward
+    pred = completion[start + len("<answer>"):close].strip().casefold()
+    gold = reference_answer(answer).strip().casefold()
+    if not pred or not gold:
+        return answer_wrong_reward
+    if pred == gold:
+        return answer_exact_reward
+    return answer_contains_reward if _contains_word(pred, gold) else answer_wrong_reward
+
+
+def r1_format(completion: str, answer: str, **info) -> float:
+    """1.0 if completion == "<think>\n{t}\n</think>\n<answer>\n{a}\n</answer>" (surrounding
+    whitespace allowed) with each of the four tags exactly once, else 0.0. Pair it with correctness."""
+    body = completion.strip()
+    head, middle, tail = "<think>\n", "\n</think>\n<answer>\n", "\n</answer>"
+    ok = (body.startswith(head) and body.endswith(tail)
+          and body.find(middle, len(head), len(body) - len(tail)) >= 0
+          and all(body.count(t) == 1 for t in THINK_TAGS))
+    return float(ok)
+
+
+# -----------------------------------------------------------------------------
+# rewards read from the rollout's per-chain info
+
+def overlong(completion: str, answer: str, *, completion_len: int, overlong_max_tokens: int,
+             overlong_buffer_tokens: int, **info) -> float:
+    """DAPO's soft overlong penalty on the completion's token count L (info["completion_len"], set by
+    rollout.assemble), with M = overlong_max_tokens (the completion budget), b = overlong_buffer_tokens:
+    -1 if L >= M (the budget ran out); else 0 if L <= M - b; else (M - b - L) / b, a linear ramp."""
+    if completion_len >= overlong_max_tokens:
+        return -1.0
+    if completion_len <= overlong_max_tokens - overlong_buffer_tokens:
+        return 0.0
+    return (overlong_max_tokens - overlong_buffer_tokens - completion_len) / overlong_buffer_tokens
+
+
+def verifier_score(completion: str, answer: str, *, verifier_hallucination_score: float = 0.5, **info) -> float:
+    """info["verifier_hallucination_score"] as it is: the verifier's [SCORE] values of the conversation
+    averaged by verifier.py (higher is better); 0.5, neutral, for chains no verifier scored."""
+    return float(verifier_hallucination_score)
+
+
 REWARDS = {
     "correctness": correctness,
     "strict_format": strict_format,
     "soft_format": soft_format,
     "integer_answer": integer_answer,
+    "think_format": think_format,
+    "short_think": short_think,
+    "think_answer": think_answer,
+    "r1_format": r1_format,
+    "overlong": overlong,
+    "verifier_score": verifier_score,
+    "judge_pointwise": judge_rewards.judge_pointwise,
+    "judge_pairwise": judge_rewards.judge_pairwise,
 }
 
 # -----------------------------------------------------------------------------
@@ -193,12 +311,14 @@ def check_names(weights: dict[str, float]) -> None:
 _REPORTED: set[str] = set()  # rewards whose first error was already printed
 
 
-def score(texts: list[str], answers: list[str], infos: list[dict],
-          weights: dict[str, float]) -> tuple[torch.Tensor, list[str], dict[str, int]]:
+def score(texts: list[str], answers: list[str], infos: list[dict], weights: dict[str, float],
+          settings: dict | None = None) -> tuple[torch.Tensor, list[str], dict[str, int]]:
     """Raw value of each named reward for each chain: float32 (N, K), the K names in order, and how
-    many calls of each reward raised. Kept unweighted so each reward can be logged separately; `total`
-    mixes them. A reward that raises scores 0 for that chain, and the run goes on: the first error of
-    each reward is printed once with its name, and every error is counted."""
+    many calls of each reward raised. Each reward gets a chain's info and the shared `settings` as
+    keyword arguments. Kept unweighted so each reward can be logged separately; `total` mixes them.
+    A reward that raises scores 0 for that chain, and the run goes on: the first error of each reward
+    is printed once with its name, and every error is counted."""
+    settings = settings or {}
     check_names(weights)
     names = list(weights)
     errors = dict.fromkeys(names, 0)
@@ -207,7 +327,7 @@ def score(texts: list[str], answers: list[str], infos: list[dict],
         row = []
         for name in names:
             try:
-                row.append(float(REWARDS[name](text, answer, **info)))
+                row.append(float(REWARDS[name](text, answer, **settings, **info)))
             except Exception as e:  # a user's reward must never end a run
                 errors[name] += 1
                 if name not in _REPORTED:

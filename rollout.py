@@ -10,7 +10,10 @@ A sampling idea only decides which tokens exist and which of them the policy is 
     info           N dicts       per-chain facts for rewards and logs ("truncated", "completion_len", ...)
 
 N = B prompts x G chains, chains of one prompt are adjacent. Plain sampling is one batched HF
-`generate` call with every sampling setting passed explicitly.
+`generate` call with every sampling setting passed explicitly. `sampler` picks its KV cache:
+"dynamic" (HF's default, grows per token) or "static" (allocated once for prompt + completion, so
+HF compiles the decode step with torch.compile and replays it as a CUDA graph on GPU, to cut the
+per-token Python and kernel launches; same distribution: tests/test_rollout.py checks both agree).
 
     python rollout.py     # samples a few chains from the untrained tiny model and prints the masks
 """
@@ -49,11 +52,15 @@ def completion_mask(completions: torch.Tensor, eos_ids: list[int]) -> tuple[torc
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-             temperature: float, top_p: float = 1.0) -> torch.Tensor:
+             temperature: float, top_p: float = 1.0, sampler: str = "dynamic",
+             min_new_tokens: int = 0) -> torch.Tensor:
     """New tokens (N, T) for already-tokenized, left-padded prompts; T <= max_new_tokens.
 
     Every setting is explicit: no top-k, no repetition penalty, all EOS ids, temperature 0 = greedy.
-    The model samples in eval mode with its KV cache, and is put back in train mode afterwards.
+    The model samples in eval mode with its KV cache, and is put back in train mode afterwards; the
+    cache is freed when generate returns, before any backward pass. min_new_tokens > 0 forbids EOS
+    before that many tokens (bench.py uses it to force full-length chains).
+    Out of GPU memory, the rows are sampled in halves (same settings; only the random draws differ).
     """
     was_training = model.training
     model.eval()  # also turns gradient checkpointing off, so the KV cache works
@@ -61,11 +68,26 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     config = GenerationConfig(
         do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
         top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
-        repetition_penalty=1.0, max_new_tokens=max_new_tokens, min_new_tokens=0, use_cache=True,
+        repetition_penalty=1.0, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, use_cache=True,
+        cache_implementation="static" if sampler == "static" else None,
         eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    model.train(was_training)
-    return out[:, input_ids.shape[1]:]
+    try:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                              generation_config=config)[:, input_ids.shape[1]:]
+    except torch.OutOfMemoryError:  # sample the rows in two halves (recursively), down to one row
+        if len(input_ids) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(input_ids) // 2
+        print(f"out of memory sampling {len(input_ids)} sequences: sampling them in two halves")
+        parts = [generate(model, input_ids[s], attention_mask[s], max_new_tokens, temperature, top_p, sampler,
+                          min_new_tokens) for s in (slice(0, half), slice(half, None))]
+        width = max(p.shape[1] for p in parts)  # (n, T_i) -> (N, T): pad after the end, as generate does
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=gen.pad_token_id)
+                          for p in parts])
+    finally:
+        model.train(was_training)
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device) -> tuple[torch.Tensor, ...]:
@@ -92,12 +114,14 @@ def assemble(tokenizer, prompt_ids, prompt_mask, completions, eos_ids, group, in
 
 
 def sample(model, tokenizer, prompts: list[str], num_chains: int, max_prompt_tokens: int,
-           max_new_tokens: int, temperature: float, top_p: float = 1.0) -> Rollout:
+           max_new_tokens: int, temperature: float, top_p: float = 1.0, sampler: str = "dynamic",
+           min_new_tokens: int = 0) -> Rollout:
     """Plain GRPO sampling: B prompts x G chains in one batched generate call."""
     device = next(model.parameters()).device
     ids, mask = tokenize_prompts(tokenizer, prompts, max_prompt_tokens, device)
     ids, mask = ids.repeat_interleave(num_chains, 0), mask.repeat_interleave(num_chains, 0)  # (N, P)
-    completions = generate(model, ids, mask, max_new_tokens, temperature, top_p)  # (N, T)
+    completions = generate(model, ids, mask, max_new_tokens, temperature, top_p,  # (N, T)
+                           sampler, min_new_tokens)
     group = torch.arange(len(prompts), device=device).repeat_interleave(num_chains)
     info = [{} for _ in range(len(group))]
     return assemble(tokenizer, ids, mask, completions, model.generation_config.eos_token_id, group, info)

@@ -20,7 +20,9 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -34,6 +36,7 @@ import config
 import data
 import evaluator
 import guidance
+import kahan
 import llms
 import plot
 import rewards
@@ -163,49 +166,88 @@ def first_trained_column(loss_mask) -> int:
     return max(1, int(loss_mask.sum(0).nonzero()[0]))
 
 
+def free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def train_on_rollout(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> dict:
-    """num_iterations optimizer steps on one rollout, in micro-batches; returns the logged figures."""
+    """num_iterations optimizer steps on one rollout, in micro-batches; returns the logged figures.
+
+    Guards: an update whose loss or gradient is not finite is skipped ("skipped": 1), and CUDA
+    out-of-memory retries the pass with micro-batches of half the size, down to one chain; only then
+    does the error reach the caller. No optimizer step has been taken when a pass is retried.
+    """
     device = r.input_ids.device
     start = first_trained_column(r.loss_mask)
     mask = r.loss_mask[:, start:]
     n, num_tokens = len(r), mask.sum()
-    mbs = [slice(i, min(i + cfg.micro_batch_size, n)) for i in range(0, n, cfg.micro_batch_size)]
     adv = advantages.to(device)
+    size = min(cfg.micro_batch_size, n)  # shrinks on out-of-memory, for the rest of this step
+
+    def micro_batches():
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     def logps_of(m, s):
         return token_logps(m, r.input_ids[s], r.attention_mask[s], start, cfg.temperature, cfg.logp_chunk)
 
-    with torch.no_grad():  # fixed per rollout: old policy (if reused) and reference log-probs
-        old = [logps_of(model, s) for s in mbs] if cfg.num_iterations > 1 else [None] * len(mbs)
-        ref = [None] * len(mbs)
+    def retry_on_oom(fn):
+        nonlocal size
+        while True:
+            try:
+                return fn()
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                free_memory()
+                if size == 1:
+                    raise
+                size = max(1, size // 2)
+                tqdm.write(f"out of memory in the loss pass: retrying with micro_batch_size {size}")
+
+    @torch.no_grad()
+    def fixed_logps():  # per rollout: old policy (if reused) and reference log-probs, (N, T) each
+        old = torch.cat([logps_of(model, s) for s in micro_batches()]) if cfg.num_iterations > 1 else None
+        ref = None
         if cfg.beta > 0 and ref_model is not None:
-            ref = [logps_of(ref_model, s) for s in mbs]
+            ref = torch.cat([logps_of(ref_model, s) for s in micro_batches()])
         elif cfg.beta > 0:  # LoRA: the reference is the base model, i.e. the adapter switched off
             with model.disable_adapter():
-                ref = [logps_of(model, s) for s in mbs]
+                ref = torch.cat([logps_of(model, s) for s in micro_batches()])
+        return old, ref
 
-    totals = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "grad_norm": 0.0}
-    for _ in range(cfg.num_iterations):
-        for k, s in enumerate(mbs):
+    def pick(t, s):
+        return None if t is None else t[s]
+
+    def one_update():  # forward + backward over all micro-batches, then one optimizer step (or a skip)
+        mbs = micro_batches()
+        step = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
+        for s in mbs:
             if cfg.liger:
                 loss, st = liger_loss(model, r.input_ids[s], r.attention_mask[s], mask[s], start, adv[s],
-                                      old[k], ref[k], cfg, n, num_tokens, len(mbs))
+                                      pick(old, s), pick(ref, s), cfg, n, num_tokens, len(mbs))
             else:
                 logps = logps_of(model, s)
-                old_k = old[k] if old[k] is not None else logps.detach()
-                loss, st = policy_loss(logps, old_k, ref[k], adv[s], mask[s], cfg, n, num_tokens, len(mbs))
+                old_s = old[s] if old is not None else logps.detach()
+                loss, st = policy_loss(logps, old_s, pick(ref, s), adv[s], mask[s], cfg, n, num_tokens, len(mbs))
             loss.backward()
-            totals["loss"] += loss.item()
-            totals["kl"] += st["kl"]
-            totals["clip"] += st["clip"]
+            step["loss"] += loss.item()
+            step["kl"] += st["kl"]
+            step["clip"] += st["clip"]
         params = [p for p in model.parameters() if p.requires_grad]
-        totals["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()  # before clipping
-        optimizer.step()
+        step["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()  # before clipping
+        step["skipped"] = not (math.isfinite(step["loss"]) and math.isfinite(step["grad_norm"]))
+        if not step["skipped"]:  # a NaN or inf would poison the weights and the optimizer's moments
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    it = cfg.num_iterations
-    tokens = num_tokens.item() * it
-    return {"loss": totals["loss"] / it, "grad_norm": totals["grad_norm"] / it,
-            "kl": totals["kl"] / max(1, tokens), "clip_frac": totals["clip"] / max(1, tokens)}
+        return step
+
+    old, ref = retry_on_oom(fixed_logps)
+    steps = [retry_on_oom(one_update) for _ in range(cfg.num_iterations)]
+    tokens = max(1, num_tokens.item() * len(steps))
+    return {"loss": sum(s["loss"] for s in steps) / len(steps),
+            "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
+            "kl": sum(s["kl"] for s in steps) / tokens, "clip_frac": sum(s["clip"] for s in steps) / tokens,
+            "skipped": int(any(s["skipped"] for s in steps)), "micro_batch_size": size}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +262,8 @@ def make_optimizer(model, cfg):
         optimizer = bnb.optim.AdamW8bit(params, **kwargs)
     else:
         optimizer = torch.optim.AdamW(params, **kwargs)
+    if cfg.kahan_updates:  # bf16 weights: carry each update's rounding error instead of dropping it
+        kahan.attach(optimizer)
 
     def factor(step):  # step counts GRPO steps; linear warmup, then constant or cosine to 0
         if step < cfg.warmup_steps:
@@ -250,6 +294,14 @@ def warm_start(model, tokenizer, examples, cfg, device) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
+def reward_settings(cfg) -> dict:
+    """The config values reward functions take as keyword arguments (next to each chain's info)."""
+    return {"think_fault_penalty": cfg.think_fault_penalty, "think_min_chars": cfg.think_min_chars,
+            "think_short_penalty": cfg.think_short_penalty, "answer_exact_reward": cfg.answer_exact_reward,
+            "answer_contains_reward": cfg.answer_contains_reward, "answer_wrong_reward": cfg.answer_wrong_reward,
+            "overlong_max_tokens": cfg.max_completion_tokens, "overlong_buffer_tokens": cfg.overlong_buffer_tokens}
+
+
 def step_batch(examples, step: int, size: int, seed: int) -> list[dict]:
     """The questions of a step: a fresh seeded shuffle per epoch, so a resumed run sees the same order."""
     epoch_len = max(1, len(examples) // size)
@@ -267,8 +319,37 @@ def peak_mem_gb() -> float:
 
 
 def append_jsonl(path: str, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:  # a full disk: say so; a half-written line is dropped on resume
+        raise RunStopped(f"could not append to {path}: {e.strerror or e}. Free disk space, then continue with "
+                         f"--resume {os.path.dirname(path)} (steps after the last checkpoint are redone)") from e
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (repeated non-finite steps, out of memory, full disk); the message says why
+    and what to change. What the run wrote so far, its last checkpoint included, is intact."""
+
+
+class StopOnCtrlC:
+    """From creation to restore(), the first Ctrl-C only asks the loop to stop after the current step
+    (which then saves a checkpoint); a second one interrupts at once, the previous checkpoint intact."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)")
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,24 +371,36 @@ def main(argv: list[str]) -> None:
                               f"or start a new one with another --out_dir (or delete the folder)")
     os.makedirs(cfg.out_dir, exist_ok=True)
 
-    # 1. data: train and held-out test examples {"question", "answer", "solution"}
+    # 1. data: train and held-out test examples {"question", "answer", "solution"} of cfg.task
     train_set, test_set = data.load(
         cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.test_split, cfg.test_dataset,
         cfg.question_field, cfg.answer_field, cfg.seed, cfg.arithmetic_train_size,
         cfg.arithmetic_test_size, cfg.arithmetic_min_steps, cfg.arithmetic_max_steps,
-        cfg.arithmetic_max_value)
+        cfg.arithmetic_max_value, cfg.task, cfg.prompt_template, cfg.skip_bad_rows)
     if cfg.rollout == "ghpo":  # hints are cut from reference solutions: fail now, not at the first hint
         guidance.check_solutions(train_set, cfg.dataset)
     eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
     print(f"data: {len(train_set)} train questions, evaluating on {len(eval_set)} held-out questions")
 
+    context = llms.context_length(cfg.model_name, cfg.trust_remote_code)  # reads config.json only
+    if context and cfg.max_prompt_tokens + cfg.max_completion_tokens > context:
+        raise ValueError(f"max_prompt_tokens + max_completion_tokens = {cfg.max_prompt_tokens} + "
+                         f"{cfg.max_completion_tokens} exceeds {cfg.model_name}'s context of {context} tokens: "
+                         f"lower one of them")
+
     # 2. model: a fresh run starts from model_name; a resumed one from its latest checkpoint
     ckpt = checkpoint.latest(cfg.out_dir) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        raise FileNotFoundError(f"--resume {cfg.resume}: no complete checkpoint in {cfg.resume}/checkpoints")
+    if cfg.resume and ckpt is None:  # stopped before its first checkpoint: nothing to keep, start over
+        print(f"--resume {cfg.resume}: no complete checkpoint yet, so the run starts over in the same folder")
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            checkpoint.truncate_log(os.path.join(cfg.out_dir, name), -1)
     base_dir = os.path.join(cfg.out_dir, "base_model")  # the model after its warm start, if any
     base_name = base_dir if ckpt is not None and os.path.isdir(base_dir) else cfg.model_name
     lora_resume = ckpt is not None and checkpoint.is_adapter(ckpt)
+    if ckpt is not None and lora_resume != (cfg.lora_r > 0):
+        raise ValueError(f"{ckpt} holds {'a LoRA adapter' if lora_resume else 'full weights'}, but lora_r is "
+                         f"{cfg.lora_r}: resume with the run's own lora_r (drop --lora_r from the command)")
+    config.save(cfg, os.path.join(cfg.out_dir, "config.json"))  # before the model: --resume works from here on
     model_kwargs = dict(device=device, dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
                         liger=cfg.liger, trust_remote_code=cfg.trust_remote_code,
                         tiny_vocab_size=cfg.tiny_vocab_size, tiny_hidden=cfg.tiny_hidden,
@@ -321,8 +414,7 @@ def main(argv: list[str]) -> None:
     if ckpt is None and cfg.sft_steps > 0:
         warm_start(model, tokenizer, train_set, cfg, device)
     if ckpt is None and (cfg.sft_steps > 0 or cfg.model_name == llms.TINY):
-        model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
+        checkpoint.save_model(base_dir, model, tokenizer)
         base_name = base_dir
     if cfg.lora_r > 0:
         model = llms.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
@@ -332,7 +424,6 @@ def main(argv: list[str]) -> None:
         ref_model, _ = llms.load(base_name, **{**model_kwargs, "gradient_checkpointing": False})
         ref_model.eval().requires_grad_(False)
     optimizer, scheduler = make_optimizer(model, cfg)
-    config.save(cfg, os.path.join(cfg.out_dir, "config.json"))
 
     first_step = 1
     if ckpt is not None:
@@ -349,7 +440,7 @@ def main(argv: list[str]) -> None:
             torch.manual_seed(cfg.seed)
             metrics, records = evaluator.evaluate(
                 model, tokenizer, eval_set, cfg.system_prompt, cfg.max_prompt_tokens,
-                cfg.max_completion_tokens, cfg.eval_temperature, cfg.eval_samples, cfg.eval_batch_size)
+                cfg.max_completion_tokens, cfg.eval_temperature, cfg.eval_samples, cfg.eval_batch_size, cfg.task)
         append_jsonl(metrics_path, {"step": step, "split": "eval", **metrics})
         os.makedirs(os.path.join(cfg.out_dir, "eval"), exist_ok=True)
         with open(os.path.join(cfg.out_dir, "eval", f"step_{step:06d}.jsonl"), "w") as f:
@@ -359,64 +450,102 @@ def main(argv: list[str]) -> None:
 
     accuracy = run_eval(0) if first_step == 1 else float("nan")
     bar = tqdm(range(first_step, cfg.max_steps + 1), initial=first_step - 1, total=cfg.max_steps, desc="GRPO")
-    for step in bar:
-        t0 = time.time()
-        # 4. sample B questions x G chains
-        batch = step_batch(train_set, step, cfg.prompts_per_step, cfg.seed)
-        prompts = [llms.chat_prompt(tokenizer, cfg.system_prompt, ex["question"]) for ex in batch]
-        if cfg.rollout == "plain":  # each sampling idea is one branch here that returns a Rollout
-            r = rollout.sample(model, tokenizer, prompts, cfg.num_chains, cfg.max_prompt_tokens,
-                               cfg.max_completion_tokens, cfg.temperature, cfg.top_p)
-        elif cfg.rollout == "guided":  # Guide-GRPO: shared prefix, guidance tokens, postfix (guidance.py)
-            r = guidance.three_phase(model, tokenizer, prompts, cfg.num_chains, cfg.max_prompt_tokens,
-                                     cfg.max_completion_tokens, cfg.temperature, cfg.top_p,
-                                     cfg.guide_min_prefix_tokens, cfg.guide_max_prefix_tokens,
-                                     cfg.guide_prefix_retries, cfg.min_guide_tokens, cfg.max_guide_tokens,
-                                     cfg.guide_loss_on)
-        elif cfg.rollout == "ghpo":  # GHPO: all-wrong groups regenerated with part of the solution as a hint
-            r = guidance.ghpo(model, tokenizer, batch, cfg.system_prompt, cfg.num_chains, cfg.max_prompt_tokens,
-                              cfg.max_completion_tokens, cfg.temperature, cfg.top_p, cfg.rewards,
-                              cfg.ghpo_accuracy_reward, cfg.ghpo_hint_ratios if step >= cfg.ghpo_start_step else [],
-                              cfg.ghpo_hint_unit, cfg.ghpo_hint_in)
-        # 5. rewards (N, K) from plain functions, weighted sum (N,), group-normalised advantages (N,)
-        answers = [batch[g]["answer"] for g in r.group.tolist()]
-        per_fn, names, reward_errors = rewards.score(r.texts, answers, r.info, cfg.rewards)
-        total = rewards.total(per_fn, names, cfg.rewards)
-        if cfg.rollout == "guided" and cfg.guide_position_weight:  # weighted by where the guidance sits
-            total = guidance.weight_rewards(total, r.info)
-        advantages, zero_adv_frac = group_advantages(total, r.group.cpu(), cfg.adv_scale)
-        # 6. policy update on the sampled tokens only
-        stats = train_on_rollout(model, ref_model, r, advantages, optimizer, cfg)
-        scheduler.step()
+    last_done = first_step - 1  # the last step whose update is applied: what a checkpoint holds
+    bad_steps = 0  # updates skipped in a row for a non-finite loss or gradient
+    ctrl_c = StopOnCtrlC()  # a first Ctrl-C stops after the current step
+    try:
+        for step in bar:
+            t0 = time.time()
+            # 4. sample B questions x G chains
+            batch = step_batch(train_set, step, cfg.prompts_per_step, cfg.seed)
+            prompts = [llms.chat_prompt(tokenizer, cfg.system_prompt, ex["question"]) for ex in batch]
+            if cfg.rollout == "plain":  # each sampling idea is one branch here that returns a Rollout
+                r = rollout.sample(model, tokenizer, prompts, cfg.num_chains, cfg.max_prompt_tokens,
+                                   cfg.max_completion_tokens, cfg.temperature, cfg.top_p, sampler=cfg.sampler)
+            elif cfg.rollout == "guided":  # Guide-GRPO: shared prefix, guidance tokens, postfix (guidance.py)
+                r = guidance.three_phase(model, tokenizer, prompts, cfg.num_chains, cfg.max_prompt_tokens,
+                                         cfg.max_completion_tokens, cfg.temperature, cfg.top_p,
+                                         cfg.guide_min_prefix_tokens, cfg.guide_max_prefix_tokens,
+                                         cfg.guide_prefix_retries, cfg.min_guide_tokens, cfg.max_guide_tokens,
+                                         cfg.guide_loss_on)
+            elif cfg.rollout == "ghpo":  # GHPO: all-wrong groups sampled again with part of the solution as a hint
+                r = guidance.ghpo(model, tokenizer, batch, cfg.system_prompt, cfg.num_chains, cfg.max_prompt_tokens,
+                                  cfg.max_completion_tokens, cfg.temperature, cfg.top_p, cfg.rewards,
+                                  reward_settings(cfg), cfg.ghpo_accuracy_reward,
+                                  cfg.ghpo_hint_ratios if step >= cfg.ghpo_start_step else [], cfg.ghpo_hint_unit,
+                                  cfg.ghpo_hint_in, cfg.sampler)
+            # 5. rewards (N, K) from plain functions, weighted sum (N,), group-normalised advantages (N,)
+            answers = [batch[g]["answer"] for g in r.group.tolist()]
+            per_fn, names, reward_errors = rewards.score(r.texts, answers, r.info, cfg.rewards,
+                                                         reward_settings(cfg))
+            total = rewards.total(per_fn, names, cfg.rewards)
+            if cfg.rollout == "guided" and cfg.guide_position_weight:  # weighted by where the guidance sits
+                total = guidance.weight_rewards(total, r.info)
+            advantages, zero_adv_frac = group_advantages(total, r.group.cpu(), cfg.adv_scale)
+            # 6. policy update on the sampled tokens only
+            stats = train_on_rollout(model, ref_model, r, advantages, optimizer, cfg)
+            scheduler.step()
+            last_done = step
+            bad_steps = bad_steps + 1 if stats["skipped"] else 0
+            if stats["skipped"]:
+                tqdm.write(f"step {step}: loss or gradient not finite, update skipped ({bad_steps} in a row)")
 
-        # 7. log, evaluate, plot, checkpoint
-        dt = time.time() - t0
-        completion_lens = torch.tensor([d["completion_len"] for d in r.info], dtype=torch.float)  # (N,)
-        row = {"step": step, "split": "train", "reward": total.mean().item(),
-               **{f"reward/{k}": per_fn[:, i].mean().item() for i, k in enumerate(names)},
-               **{f"reward_errors/{k}": n for k, n in reward_errors.items() if n},
-               "reward_std": total.std().item(), "zero_adv_frac": zero_adv_frac,
-               "completion_len": completion_lens.mean().item(),
-               "truncated_frac": sum(d["truncated"] for d in r.info) / len(r), **stats,
-               "lr": scheduler.get_last_lr()[0], "step_time_s": dt,
-               "tokens_per_s": completion_lens.sum().item() / dt, "peak_mem_gb": peak_mem_gb()}
-        if cfg.rollout == "guided":
-            row.update(guidance.summary(r.info))  # guide/prefix_len, guidance_len, postfix_len, fallback
-        elif cfg.rollout == "ghpo":
-            row.update(guidance.ghpo_summary(r.info, cfg.ghpo_hint_ratios))  # ghpo/hinted@r, accuracy before/after
-        append_jsonl(metrics_path, row)
-        for i in range(min(cfg.log_samples, len(r))):
-            append_jsonl(os.path.join(cfg.out_dir, "samples.jsonl"), {
-                "step": step, "question": batch[r.group[i]]["question"], "answer": answers[i],
-                "completion": r.texts[i], "rewards": dict(zip(names, per_fn[i].tolist())),
-                "advantage": advantages[i].item(), "info": r.info[i]})
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            accuracy = run_eval(step)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            checkpoint.save(cfg.out_dir, step, model, tokenizer, optimizer, scheduler, cfg.keep_last)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{accuracy:.2f}", loss=f"{row['loss']:.3f}")
+            # 7. log, evaluate, plot, checkpoint
+            dt = time.time() - t0
+            completion_lens = torch.tensor([d["completion_len"] for d in r.info], dtype=torch.float)  # (N,)
+            row = {"step": step, "split": "train", "reward": total.mean().item(),
+                   **{f"reward/{k}": per_fn[:, i].mean().item() for i, k in enumerate(names)},
+                   **{f"reward_errors/{k}": n for k, n in reward_errors.items() if n},
+                   "reward_std": total.std().item(), "zero_adv_frac": zero_adv_frac,
+                   "completion_len": completion_lens.mean().item(),
+                   "truncated_frac": sum(d["truncated"] for d in r.info) / len(r), **stats,
+                   "lr": scheduler.get_last_lr()[0], "step_time_s": dt,
+                   "tokens_per_s": completion_lens.sum().item() / dt, "peak_mem_gb": peak_mem_gb()}
+            if cfg.rollout == "guided":
+                row.update(guidance.summary(r.info))  # guide/prefix_len, guidance_len, postfix_len, fallback
+            elif cfg.rollout == "ghpo":
+                row.update(guidance.ghpo_summary(r.info, cfg.ghpo_hint_ratios))  # ghpo/hinted@r, accuracy before/after
+            append_jsonl(metrics_path, row)
+            for i in range(min(cfg.log_samples, len(r))):
+                append_jsonl(os.path.join(cfg.out_dir, "samples.jsonl"), {
+                    "step": step, "question": batch[r.group[i]]["question"], "answer": answers[i],
+                    "completion": r.texts[i], "rewards": dict(zip(names, per_fn[i].tolist())),
+                    "advantage": advantages[i].item(), "info": r.info[i]})
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                accuracy = run_eval(step)
+            stop = ctrl_c.requested or bad_steps >= cfg.max_bad_steps
+            if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
+                checkpoint.save(cfg.out_dir, step, model, tokenizer, optimizer, scheduler, cfg.keep_last)
+            if bad_steps >= cfg.max_bad_steps:  # the weights saved are those of the last good step
+                raise RunStopped(
+                    f"{bad_steps} steps in a row (to step {step}) had a non-finite loss or gradient, so their "
+                    f"updates were skipped; checkpoint of step {step} saved with the last good weights. "
+                    f"Look at reward/* and grad_norm in {metrics_path}; lower learning_rate "
+                    f"({cfg.learning_rate}) or max_grad_norm, or use dtype fp32 or bf16 instead of fp16; "
+                    f"then continue with --resume {cfg.out_dir} (or raise max_bad_steps)")
+            if ctrl_c.requested:
+                break
+            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{accuracy:.2f}", loss=f"{row['loss']:.3f}")
+    except torch.OutOfMemoryError:  # train_on_rollout and rollout.generate already retried in smaller pieces
+        free_memory()
+        checkpoint.save(cfg.out_dir, last_done, model, tokenizer, optimizer, scheduler, cfg.keep_last)
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
+        raise RunStopped(
+            f"out of memory at step {last_done + 1}, even in micro-batches of 1 chain (peak {peak_mem_gb():.1f} GB "
+            f"of {total:.1f} GB). Checkpoint of step {last_done} saved. Lower max_completion_tokens "
+            f"({cfg.max_completion_tokens}), num_chains ({cfg.num_chains}), prompts_per_step "
+            f"({cfg.prompts_per_step}) or logp_chunk ({cfg.logp_chunk}); or turn on gradient_checkpointing, "
+            f"liger, optimizer adamw8bit, lora_r > 0. Then continue with --resume {cfg.out_dir}") from None
+    finally:
+        ctrl_c.restore()
+    if ctrl_c.requested:
+        print(f"stopped by Ctrl-C after step {last_done}: continue with --resume {cfg.out_dir}")
+        return
     print(f"done: {cfg.out_dir}/metrics.jsonl, curves in {cfg.out_dir}/reward.png and accuracy.png")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except RunStopped as e:
+        sys.exit(f"stopped: {e}")

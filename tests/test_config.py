@@ -40,9 +40,16 @@ def test_unknown_key_names_close_matches(tmp_path):
     (["--liger", "--loss_type", "reinforce"], "drop --liger"),
     (["--num_chains", "1"], "num_chains >= 2"),
     (["--eval_samples", "4"], "greedy"),
+    (["--temperature", "0"], "temperature > 0"),
+    (["--top_p", "1.5"], "top_p"),
+    (["--lora_r", "8", "--lora_target_modules", ""], "lora_target_modules"),
+    (["--max_bad_steps", "0"], "max_bad_steps must be at least 1"),
+    (["--keep_last", "0"], "keep_last must be at least 1"),
+    (["--config", "configs/nope.yaml"], "configs/nope.yaml: no such file"),
+    (["--resume", "out/never_ran"], "no run there"),
 ])
 def test_bad_values_say_what_is_wrong(argv, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
         config.load(argv)
 
 
@@ -59,3 +66,12 @@ def test_every_field_is_read_somewhere():
     source = "".join(open(p).read() for p in glob.glob("*.py") if p != "config.py")
     unread = [f.name for f in dataclasses.fields(config.Config) if f"cfg.{f.name}" not in source]
     assert unread == [], f"config fields nobody reads: {unread}"
+
+
+def test_untrusted_by_default():
+    """Hub model code never runs unless asked for, and no reward runs model output as code."""
+    import glob
+    assert config.Config().trust_remote_code is False
+    for path in glob.glob("reward*.py"):
+        source = open(path).read()
+        assert "eval(" not in source and "exec(" not in source, path

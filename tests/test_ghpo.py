@@ -108,8 +108,8 @@ def record(monkeypatch):
 def run_ghpo(tiny, examples, ratios=(0.25, 0.5, 0.75), unit="steps", hint_in="user"):
     model, tok = tiny
     torch.manual_seed(0)
-    return guidance.ghpo(model, tok, examples, "", G, 96, 16, 1.0, 1.0, {"fake": 1.0}, "fake", list(ratios), unit,
-                         hint_in)
+    return guidance.ghpo(model, tok, examples, "", G, 96, 16, 1.0, 1.0, {"fake": 1.0}, None, "fake", list(ratios),
+                         unit, hint_in)
 
 
 def test_schedule_stops_at_the_first_stage_that_helps(tiny, examples, monkeypatch):

@@ -425,7 +425,8 @@ def test_train_on_rollout_updates_and_reports_finite_stats(lm, roll):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     stats = train.train_on_rollout(model, ref_model, roll, adv, optimizer, train_cfg())
 
-    assert set(stats) == {"loss", "grad_norm", "kl", "clip_frac"}
+    assert set(stats) == {"loss", "grad_norm", "kl", "clip_frac", "skipped", "micro_batch_size"}
+    assert stats["skipped"] == 0 and stats["micro_batch_size"] == 2
     assert all(math.isfinite(v) for v in stats.values()), stats
     assert stats["grad_norm"] > 0 and stats["kl"] >= 0
     assert 0 < stats["clip_frac"] <= 1  # the second iteration is off-policy after a large step

@@ -162,9 +162,20 @@ def test_score_empty_batch():
     assert values.shape == (0, 1) and names == ["correctness"]
 
 
+def call(name, text, answer="5"):
+    """Any registered reward the way rewards.score calls it: default settings and a rollout's info."""
+    import config
+    import train
+    answer = {"judge_pointwise": "3", "judge_pairwise": "A"}.get(name, answer)
+    return R.REWARDS[name](text, answer, **train.reward_settings(config.Config()), completion_len=5,
+                           anything=1)
+
+
 def test_registry_signature():
-    for fn in R.REWARDS.values():
-        assert fn("<answer>1</answer>", "1", anything=1) in (0.0, 1.0)
+    for name in R.REWARDS:
+        assert isinstance(call(name, "<answer>1</answer>", "1"), float)
+    for name in ("correctness", "strict_format", "soft_format", "integer_answer"):
+        assert R.REWARDS[name]("<answer>1</answer>", "1", anything=1) in (0.0, 1.0)
 
 
 def test_check_names():
@@ -196,7 +207,7 @@ ADVERSARIAL = [
 @pytest.mark.parametrize("text", ADVERSARIAL, ids=lambda t: repr(t[:16]))
 def test_adversarial_inputs_are_fast(text):
     for fn in [extract_answer, lambda t: is_correct(t, "5"), *[
-            lambda t, f=f: f(t, "5") for f in R.REWARDS.values()]]:
+            lambda t, name=name: call(name, t) for name in R.REWARDS]]:
         start = time.perf_counter()
         fn(text)
         assert time.perf_counter() - start < 1.0

@@ -1,4 +1,5 @@
 """Plain sampling: masks, truncation, explicit sampling settings, and scoring that agrees with sampling."""
+import pytest
 import torch
 
 import llms
@@ -41,7 +42,8 @@ def test_sample_masks_and_groups(tiny, task):
         assert all(t not in eos for t in trained[:-1])  # nothing is trained after an EOS
 
 
-def test_scoring_matches_sampling_logprobs(tiny, task):
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_scoring_matches_sampling_logprobs(tiny, task, cache):
     """Left padding, positions and temperature agree between generate and the training forward pass."""
     model, tok = tiny
     prompts = [llms.chat_prompt(tok, "", ex["question"]) for ex in task[0][:2]] + [llms.chat_prompt(tok, "", "Hi")]
@@ -51,7 +53,7 @@ def test_scoring_matches_sampling_logprobs(tiny, task):
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6, min_new_tokens=6,
                              output_logits=True, return_dict_in_generate=True, eos_token_id=None,
-                             pad_token_id=tok.pad_token_id)
+                             pad_token_id=tok.pad_token_id, cache_implementation=cache)
         full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], 1)
         scored = train.token_logps(model, out.sequences, full_mask, ids.shape[1], temperature, chunk=4)
     model.train()
@@ -67,3 +69,19 @@ def test_teacher_forced_trains_on_the_completion_and_eos(tiny):
         trained = row_ids[row_mask.bool()].tolist()
         assert trained[-1] == tok.eos_token_id
     assert r.texts == ["1 + 2 = 3.", "4"]
+
+
+def test_static_sampler_samples_like_the_dynamic_one(tiny, task):
+    """The fast path (static KV cache) gives the same greedy tokens, and the same samples for a seed."""
+    model, tok = tiny
+    prompts = [llms.chat_prompt(tok, "Solve it." * i, ex["question"]) for i, ex in enumerate(task[0][:3])]
+    ids, mask = rollout.tokenize_prompts(tok, prompts, 96, "cpu")  # ragged: left padding differs per row
+    ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
+    for temperature in (0.0, 1.0):
+        out = {}
+        for sampler in ("dynamic", "static"):
+            torch.manual_seed(1)
+            out[sampler] = rollout.generate(model, ids, mask, 16, temperature, sampler=sampler, min_new_tokens=16)
+        assert out["dynamic"].shape == (12, 16)
+        assert torch.equal(out["dynamic"], out["static"]), temperature
+    assert not torch.equal(out["static"][0], out["static"][1])  # seeded samples do differ between chains

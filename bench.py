@@ -1,0 +1,403 @@
+"""Speed and memory of one GRPO workload: our loop and TRL's GRPOTrainer, side by side in one process.
+
+    python bench.py                          # GPU: Qwen2.5-1.5B architecture, 1 prompt x 16 chains x 786 tokens
+    python bench.py --cap_gb 24              # the same, limited to 24 GB of a larger card
+    python bench.py --cap_gb 24 --lora_r 16  # LoRA; any train.py key applies (--beta, --num_chains, --sampler ...)
+    python bench.py --tiny                   # CPU: the built-in tiny model, same workload shape
+
+The workload: a model of the exact Qwen2.5-1.5B architecture (vocab 151,936, tied embeddings) with
+random weights, built from its config on the device (nothing is downloaded), bf16 on GPU; one
+prompt of about 150 tokens x 16 chains, every chain forced to the full 786 new tokens (EOS is
+forbidden until then), a reward that varies between chains (distinct words), and `warmup` steps
+before `steps` measured ones. Both systems start from the same weights with matched settings:
+chains, lengths, micro-batch, dtype, gradient checkpointing, optimizer (8-bit AdamW), beta, loss,
+learning rate, LoRA. TRL samples with its own default (HF generate, dynamic cache); ours with
+`--sampler` (dynamic or static).
+
+Each system gets one row, printed and appended to BENCHMARKS.md (date, device, versions, command):
+peak memory (GPU: torch's allocated / reserved; CPU: the process's peak RSS so far), seconds per
+step split into sampling / log-prob forward passes / backward and the rest (loss, rewards,
+clipping) / optimizer step, sampled tokens per second of step, and decode time per token as a
+fraction of the physical limit: the bytes of the weights (each read once per decode step) over
+the memory bandwidth, which is measured here with a large device-to-device copy. Decode time per
+token is sampling time / new tokens, prefill included, so the fraction is a lower bound.
+
+Bench-only flags: --tiny, --cap_gb (GB, 0 = no cap), --steps, --warmup, --prompt_tokens,
+--systems (ours,trl), --benchmarks_file. Our timings come from light wrappers around
+train.token_logps / train.liger_loss and the optimizer's step hooks: the loop itself is train.py's.
+"""
+import contextlib
+import datetime
+import gc
+import importlib.metadata
+import os
+import platform
+import resource
+import shlex
+import sys
+import tempfile
+import time
+
+import torch
+from transformers.utils import logging as hf_logging
+
+import config
+import data
+import llms
+import rollout
+import train
+
+BENCH_FLAGS = {"tiny": False, "cap_gb": 0.0, "steps": 3, "warmup": 1, "prompt_tokens": 150,
+               "systems": "ours,trl", "benchmarks_file": "BENCHMARKS.md"}
+# Qwen/Qwen2.5-1.5B-Instruct's config.json, so that no download is needed
+QWEN2_5_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                    rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, hidden_act="silu",
+                    bos_token_id=151643, eos_token_id=151645)
+QWEN_SPECIAL = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
+TRL_LOSS = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo", "cispo": "cispo", "gspo": "grpo"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The workload: model, tokenizer, prompt, reward
+
+
+def word_tokenizer(vocab_size: int, special: dict):
+    """A tokenizer of `vocab_size` words "w0", "w1", ... with Qwen's special ids: any id decodes, and a
+    prompt of n random words is exactly n tokens. The random-weight model needs no real tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = {i: s for s, i in special.items()}
+    vocab = {names.get(i, f"w{i}"): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=llms.CHAT_TEMPLATE)
+
+
+def build(cfg, device: str, gradient_checkpointing: bool):
+    """A fresh (model, tokenizer), the same weights on every call (seeded)."""
+    if cfg.model_name == llms.TINY:
+        train_set, _ = data.arithmetic_task(500, 10, seed=cfg.seed)
+        return llms.load(llms.TINY, device, cfg.dtype, gradient_checkpointing, cfg.liger,
+                         tiny_corpus=[ex["question"] + "\n" + data.target_text(ex) for ex in train_set],
+                         tiny_vocab_size=cfg.tiny_vocab_size, tiny_hidden=cfg.tiny_hidden,
+                         tiny_layers=cfg.tiny_layers, seed=cfg.seed)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):  # built in place: no fp32 copy on the host
+        model = Qwen2ForCausalLM._from_config(Qwen2Config(**QWEN2_5_1_5B), dtype=llms.pick_dtype(cfg.dtype, device))
+    return llms.prepare(model, word_tokenizer(QWEN2_5_1_5B["vocab_size"], QWEN_SPECIAL), device,
+                        gradient_checkpointing, cfg.liger)
+
+
+def make_prompt(tokenizer, num_tokens: int, seed: int) -> str:
+    """Text of random ordinary tokens, num_tokens long (or about, for BPE) once tokenized again."""
+    special = set(tokenizer.all_special_ids)
+    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    pick = torch.randint(len(ordinary), (num_tokens,), generator=torch.Generator().manual_seed(seed))
+    text = tokenizer.decode(ordinary[pick].tolist())  # a BPE tokenizer may merge across the joins:
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:num_tokens])  # cut again
+
+
+def reward(text: str) -> float:
+    """Distinct words / 100: varies between chains, so advantages (and gradients) are not zero."""
+    return len(set(text.split())) / 100
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+
+
+class Clock:
+    """Seconds per named phase, with the device synchronised at each edge so GPU work is counted."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.totals, self.started = {}, {}
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def start(self, name: str):
+        self.started[name] = self.now()
+
+    def stop(self, name: str):
+        self.totals[name] = self.totals.get(name, 0.0) + self.now() - self.started.pop(name)
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            self.start(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.stop(name)
+        return timed
+
+    def take(self) -> dict:
+        totals, self.totals = self.totals, {}
+        return totals
+
+
+def bandwidth(device: str) -> float:
+    """Memory bandwidth in bytes/s: a large copy reads and writes every byte once."""
+    size = 2 * 2**30 if device.startswith("cuda") else 64 * 2**20  # well past any cache
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    clock = Clock(device)
+    for _ in range(2):
+        dst.copy_(src)
+    t0, repeats = clock.now(), 10
+    for _ in range(repeats):
+        dst.copy_(src)
+    seconds = clock.now() - t0
+    del src, dst
+    return 2 * size * repeats / seconds
+
+
+def weight_bytes(model) -> int:
+    """Bytes of all weights (tied ones once): what one decode step must read at least."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def reset_memory(device: str) -> None:
+    """Free what the previous system held: compiled graphs (and their CUDA graph pools) included."""
+    torch.compiler.reset()
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: str) -> tuple[float, float]:
+    """(allocated, reserved) peak in GB on GPU; on CPU the process's peak resident memory, twice."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return rss, rss
+
+
+def summarise(system: str, steps: list[dict], tokens: int, new_tokens: int, bytes_per_step: int, bw: float,
+              device: str) -> dict:
+    """One row: the mean of the measured steps."""
+    mean = {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in ("step", "sample", "logp", "optim")}
+    decode = mean["sample"] / new_tokens
+    alloc, reserved = peak_memory(device)
+    return {"system": system, "peak_alloc_gb": alloc, "peak_reserved_gb": reserved, "step_s": mean["step"],
+            "sample_s": mean["sample"], "logp_s": mean["logp"],
+            "backward_s": mean["step"] - mean["sample"] - mean["logp"] - mean["optim"],
+            "optim_s": mean["optim"], "tokens_per_s": tokens / mean["step"], "decode_ms": 1000 * decode,
+            "decode_bw_frac": bytes_per_step / bw / decode}
+
+
+# ----------------------------------------------------------------------------------------------
+# The two systems
+
+
+@contextlib.contextmanager
+def swapped(module, name: str, fn):
+    """module.name = fn for the duration, restored afterwards."""
+    original = getattr(module, name)
+    setattr(module, name, fn)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float) -> dict:
+    """train.py's functions, as train.main calls them: sample, reward, advantages, train_on_rollout."""
+    model, tok = build(cfg, device, cfg.gradient_checkpointing)
+    if cfg.lora_r > 0:
+        model = llms.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    ref_model = None
+    if cfg.beta > 0 and cfg.lora_r == 0:
+        ref_model, _ = build(cfg, device, gradient_checkpointing=False)
+        ref_model.eval().requires_grad_(False)
+    optimizer, scheduler = train.make_optimizer(model, cfg)
+    clock = Clock(device)
+    optimizer.register_step_pre_hook(lambda *_: clock.start("optim"))
+    optimizer.register_step_post_hook(lambda *_: clock.stop("optim"))
+    measured = []
+    with swapped(train, "token_logps", clock.wrap("logp", train.token_logps)), \
+            swapped(train, "liger_loss", clock.wrap("logp", train.liger_loss)):
+        for step in range(warmup + steps):
+            t0 = clock.now()
+            clock.start("sample")
+            r = rollout.sample(model, tok, [prompt], cfg.num_chains, cfg.max_prompt_tokens,
+                               cfg.max_completion_tokens, cfg.temperature, cfg.top_p, sampler=cfg.sampler,
+                               min_new_tokens=cfg.max_completion_tokens)
+            clock.stop("sample")
+            advantages, _ = train.group_advantages(torch.tensor([reward(t) for t in r.texts]), r.group.cpu(),
+                                                   cfg.adv_scale)
+            train.train_on_rollout(model, ref_model, r, advantages, optimizer, cfg)
+            scheduler.step()
+            times = {"step": clock.now() - t0, **clock.take()}
+            if step >= warmup:
+                measured.append(times)
+    tokens = int(r.loss_mask.sum())
+    row = summarise(f"ours ({cfg.sampler})", measured, tokens, cfg.max_completion_tokens, weight_bytes(model), bw,
+                    device)
+    del model, ref_model, optimizer, r
+    return row
+
+
+def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, workdir: str) -> dict:
+    """TRL's GRPOTrainer on the same model, prompt, reward and settings."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+    from transformers import TrainerCallback
+
+    model, tok = build(cfg, device, gradient_checkpointing=False)  # TRL switches it on itself
+    peft_config = None
+    if cfg.lora_r > 0:
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    elif cfg.beta > 0:  # TRL loads its reference model from the policy's path
+        model.save_pretrained(os.path.join(workdir, "ref"))
+        model.config._name_or_path = os.path.join(workdir, "ref")
+    accumulation = cfg.num_chains // cfg.micro_batch_size
+    args = GRPOConfig(
+        output_dir=workdir, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+        use_cpu=not device.startswith("cuda"), bf16=model.dtype == torch.bfloat16, seed=cfg.seed,
+        max_steps=warmup + steps, per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=accumulation, num_generations=cfg.num_chains,
+        max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+        repetition_penalty=1.0, generation_kwargs={"min_new_tokens": cfg.max_completion_tokens},
+        beta=cfg.beta, loss_type=TRL_LOSS[cfg.loss_type], scale_rewards=cfg.adv_scale,
+        importance_sampling_level="sequence" if cfg.loss_type == "gspo" else "token",
+        epsilon=cfg.eps_low, epsilon_high=cfg.eps_high, num_iterations=cfg.num_iterations,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm, warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="cosine" if cfg.lr_schedule == "cosine" else "constant_with_warmup",
+        optim="adamw_bnb_8bit" if cfg.optimizer == "adamw8bit" else "adamw_torch",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    dataset = Dataset.from_dict({"prompt": [prompt] * (warmup + steps) * 2})
+    clock, measured = Clock(device), []
+
+    class Steps(TrainerCallback):  # a step ends at on_step_end; the optimizer step sits between two events
+        def on_train_begin(self, *a, **k):
+            self.t0 = clock.now()
+
+        def on_pre_optimizer_step(self, *a, **k):
+            clock.start("optim")
+
+        def on_optimizer_step(self, *a, **k):
+            clock.stop("optim")
+
+        def on_step_end(self, args, state, control, **k):
+            t = clock.now()
+            times = {"step": t - self.t0, **clock.take()}
+            self.t0 = t
+            if state.global_step > warmup:
+                measured.append(times)
+
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [reward(c) for c in completions],
+                          args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config,
+                          callbacks=[Steps()])
+    trainer._generate_single_turn = clock.wrap("sample", trainer._generate_single_turn)
+    trainer._get_per_token_logps_and_entropies = clock.wrap("logp", trainer._get_per_token_logps_and_entropies)
+    trainer.train()
+    tokens = cfg.num_chains * cfg.max_completion_tokens  # forced full length, as for ours
+    row = summarise(f"trl {importlib.metadata.version('trl')}", measured, tokens, cfg.max_completion_tokens,
+                    weight_bytes(trainer.model), bw, device)
+    del trainer, model
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+COLUMNS = [("system", "system", "{}"), ("peak_alloc_gb", "peak GB alloc", "{:.2f}"),
+           ("peak_reserved_gb", "peak GB reserved", "{:.2f}"), ("step_s", "step s", "{:.2f}"),
+           ("sample_s", "sample s", "{:.2f}"), ("logp_s", "log-prob s", "{:.2f}"),
+           ("backward_s", "backward+rest s", "{:.2f}"), ("optim_s", "optim s", "{:.3f}"),
+           ("tokens_per_s", "tokens/s", "{:.0f}"), ("decode_ms", "decode ms/token", "{:.2f}"),
+           ("decode_bw_frac", "% of bandwidth limit", "{:.1%}")]
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_params: int, argv: list[str]) -> str:
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in
+                         ("torch", "transformers", "trl", "bitsandbytes", "peft"))
+    cap = f", capped at {bench['cap_gb']:g} GB" if bench["cap_gb"] else ""
+    model = "tiny" if cfg.model_name == llms.TINY else "Qwen2.5-1.5B architecture, random weights"
+    memory = "GPU memory" if device.startswith("cuda") else "process peak RSS so far (CPU)"
+    lines = [
+        f"### {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · {device_name(device)}{cap}", "",
+        f"`python bench.py {shlex.join(argv)}`", "",
+        f"{versions}. Model: {model}, {num_params / 1e6:.1f}M parameters, "
+        f"{str(llms.pick_dtype(cfg.dtype, device)).replace('torch.', '')}. Workload: 1 prompt "
+        f"({bench['prompt_tokens']} tokens) x {cfg.num_chains} chains x {cfg.max_completion_tokens} new tokens, "
+        f"micro-batch {cfg.micro_batch_size}, {'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full fine-tuning'}, "
+        f"beta {cfg.beta:g}, {cfg.optimizer}, gradient checkpointing {cfg.gradient_checkpointing}, "
+        f"kahan_updates {cfg.kahan_updates}; {bench['warmup']} warm-up + {bench['steps']} measured steps. "
+        f"Memory bandwidth (copy): {bw / 1e9:.1f} GB/s. Peak memory: {memory}.", "",
+        "| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |" for row in rows]
+    ours = [r for r in rows if r["system"].startswith("ours")]
+    trl = [r for r in rows if r["system"].startswith("trl")]
+    if ours and trl:
+        lines += ["", f"Step time ours / TRL: {ours[0]['step_s'] / trl[0]['step_s']:.2f}; "
+                      f"peak memory ours / TRL: {ours[0]['peak_reserved_gb'] / trl[0]['peak_reserved_gb']:.2f}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> list[dict]:
+    hf_logging.disable_progress_bar()
+    flags = config.parse_flags(argv)
+    bench = {k: config._convert(k, flags.pop(k, v), type(v)) for k, v in BENCH_FLAGS.items()}
+    systems = bench["systems"].split(",")
+    if not systems or any(s not in ("ours", "trl") for s in systems):
+        raise ValueError(f"unknown system in --systems {bench['systems']!r}: it takes ours, trl or both (ours,trl)")
+    cfg = config.Config(prompts_per_step=1)
+    if bench["tiny"]:
+        cfg.model_name, cfg.device = llms.TINY, "cpu"
+    config.update(cfg, flags)
+    config.validate(cfg)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if cfg.model_name not in (llms.TINY, config.Config.model_name):
+        raise ValueError("bench.py measures the Qwen2.5-1.5B architecture (the default) or --tiny")
+    if "trl" in systems and cfg.loss_type not in TRL_LOSS:
+        raise ValueError(f"TRL has no {cfg.loss_type!r} loss: pick another --loss_type or --systems ours")
+    if "trl" in systems and cfg.num_chains % cfg.micro_batch_size:
+        raise ValueError(f"TRL needs num_chains ({cfg.num_chains}) divisible by micro_batch_size "
+                         f"({cfg.micro_batch_size})")
+    if bench["cap_gb"] and device.startswith("cuda"):  # before any allocation: the allocator enforces it
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, bench["cap_gb"] * 2**30 / total))
+    bw = bandwidth(device)
+    model, tok = build(cfg, device, gradient_checkpointing=False)
+    prompt, num_params = make_prompt(tok, bench["prompt_tokens"], cfg.seed), model.num_parameters()
+    bench["prompt_tokens"] = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    del model
+    rows = []
+    for system in systems:
+        reset_memory(device)
+        torch.manual_seed(cfg.seed)
+        if system == "ours":
+            rows.append(run_ours(cfg, device, prompt, bench["warmup"], bench["steps"], bw))
+        else:
+            with tempfile.TemporaryDirectory() as workdir:
+                rows.append(run_trl(cfg, device, prompt, bench["warmup"], bench["steps"], bw, workdir))
+    text = report(rows, cfg, bench, device, bw, num_params, argv)
+    print(text)
+    with open(bench["benchmarks_file"], "a") as f:
+        f.write("\n" + text)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,35 @@
+"""bench.py --tiny runs both systems end to end and appends a well-formed section to BENCHMARKS.md."""
+import re
+
+import pytest
+
+import bench
+
+SMALL = ["--tiny", "--tiny_hidden", "32", "--tiny_layers", "2", "--num_chains", "4", "--micro_batch_size", "2",
+         "--max_completion_tokens", "8", "--prompt_tokens", "16", "--steps", "1", "--warmup", "1"]
+
+
+def test_tiny_bench_writes_a_row_per_system(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n")
+    rows = bench.main(SMALL + ["--benchmarks_file", str(path)])
+    assert [r["system"] for r in rows] == ["ours (dynamic)", "trl " + bench.importlib.metadata.version("trl")]
+    for r in rows:
+        assert r["step_s"] > 0 and r["sample_s"] > 0 and r["logp_s"] > 0 and r["optim_s"] > 0, r
+        assert r["step_s"] >= r["sample_s"] + r["logp_s"] + r["optim_s"]  # the phases lie inside the step
+        assert r["tokens_per_s"] == pytest.approx(4 * 8 / r["step_s"])  # every chain ran to full length
+        assert 0 < r["decode_bw_frac"] and r["peak_alloc_gb"] > 0
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n")  # appended, never overwritten
+    assert re.search(r"### \d{4}-\d\d-\d\d \d\d:\d\d · CPU", text)
+    assert "`python bench.py --tiny" in text and "trl " in text and "transformers " in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(table) == 3 and all(line.count("|") == len(bench.COLUMNS) + 1 for line in table)
+    assert re.search(r"Step time ours / TRL: \d+\.\d\d", text)
+
+
+def test_unknown_system_and_key_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown system"):
+        bench.main(SMALL + ["--systems", "vllm", "--benchmarks_file", str(tmp_path / "b.md")])
+    with pytest.raises(ValueError, match="unknown config key"):
+        bench.main(SMALL + ["--num_chain", "4"])
