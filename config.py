@@ -113,6 +113,8 @@ class Config:
     sft_steps: int = 0
     sft_batch_size: int = 32
     sft_learning_rate: float = 1e-3
+    sft_warmup_steps: int = 10         # then cosine decay to 0 at sft_steps
+    sft_answer_only_frac: float = 0.0  # share of targets that are the final answer alone (no worked steps)
     # --- evaluation (evaluator.py)
     eval_every: int = 25
     eval_n: int = 0                    # 0 = the whole test split, else a fixed seeded subset
@@ -213,7 +215,7 @@ def validate(cfg: Config) -> None:
         raise ValueError("group-normalised advantages need num_chains >= 2")
     for key in ("prompts_per_step", "num_chains", "micro_batch_size", "max_steps", "eval_every",
                 "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations", "keep_last",
-                "max_bad_steps"):
+                "max_bad_steps", "sft_warmup_steps"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
