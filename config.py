@@ -55,7 +55,7 @@ class Config:
     arithmetic_max_steps: int = 4
     arithmetic_max_value: int = 99     # no number in a problem exceeds it: smaller is easier
     # --- sampling (rollout.py)
-    rollout: str = "plain"             # plain, guided (guidance.py), verifier (verifier.py)
+    rollout: str = "plain"             # plain, guided or ghpo (guidance.py), verifier (verifier.py)
     prompts_per_step: int = 4          # B questions per step
     num_chains: int = 16               # G chains per question
     max_prompt_tokens: int = 256
@@ -71,6 +71,14 @@ class Config:
     max_guide_tokens: int = 8          # Guide-GRPO's default; must stay below max_completion_tokens
     guide_loss_on: str = "guidance"    # trained tokens: guidance (Guide-GRPO), guidance+postfix, all (prefix too)
     guide_position_weight: bool = False  # scale rewards by guidance.position_weight: later guidance, more reward
+    # --- GHPO hints (guidance.py), used when rollout is "ghpo"
+    ghpo_accuracy_reward: str = "correctness"  # a group is all wrong when this reward is <= 0 on every chain
+    ghpo_hint_ratios: list = field(default_factory=lambda: [0.25, 0.5, 0.75])  # share of the solution
+    # given as a hint at each stage, increasing; each stage regenerates the groups still all wrong
+    ghpo_hint_unit: str = "steps"      # hints count solution steps (lines) or chars
+    ghpo_hint_in: str = "user"         # user: after the question, with an instruction (GHPO); assistant: the
+    # response starts with the hint and the model continues it (suits a model never shown hints)
+    ghpo_start_step: int = 1           # plain GRPO before this step
     # --- verifier turns (verifier.py, verifier_backends.py), used when rollout is "verifier"
     verifier_backend: str = "rules"    # rules (built-in task, no model), hf (a local model), http (OpenAI-compatible)
     verifier_model: str = "policy"     # hf: hub name, folder, or policy (itself; with LoRA its base); http: served name
@@ -122,6 +130,8 @@ class Config:
     sft_steps: int = 0
     sft_batch_size: int = 32
     sft_learning_rate: float = 1e-3
+    sft_warmup_steps: int = 10         # then cosine decay to 0 at sft_steps
+    sft_answer_only_frac: float = 0.0  # share of targets that are the final answer alone (no worked steps)
     # --- evaluation (evaluator.py)
     eval_every: int = 25
     eval_n: int = 0                    # 0 = the whole test split, else a fixed seeded subset
@@ -141,10 +151,11 @@ class Config:
 
 
 CHOICES = {
-    "rollout": ["plain", "guided", "verifier"], "guide_loss_on": ["guidance", "guidance+postfix", "all"],
+    "rollout": ["plain", "guided", "ghpo", "verifier"], "guide_loss_on": ["guidance", "guidance+postfix", "all"],
     "verifier_backend": ["rules", "hf", "http"], "verifier_step_end": ["newline", "sentence", "eos"],
     "verifier_train_on": ["all", "last_turn"],
     "task": ["math", "judge_pointwise", "judge_pairwise"], "sampler": ["dynamic", "static"],
+    "ghpo_hint_unit": ["steps", "chars"], "ghpo_hint_in": ["user", "assistant"],
     "loss_type": ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"],
     "adv_scale": ["group", "batch", "none"], "optimizer": ["adamw8bit", "adamw"],
     "lr_schedule": ["constant", "cosine"], "dtype": ["auto", "bf16", "fp16", "fp32"],
@@ -223,7 +234,7 @@ def validate(cfg: Config) -> None:
         raise ValueError("group-normalised advantages need num_chains >= 2")
     for key in ("prompts_per_step", "num_chains", "micro_batch_size", "max_steps", "eval_every",
                 "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations", "keep_last",
-                "max_bad_steps"):
+                "max_bad_steps", "sft_warmup_steps"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
@@ -258,6 +269,18 @@ def validate(cfg: Config) -> None:
             raise ValueError("verifier_retries must be >= 0 and verifier_timeout_s > 0")
     elif "verifier_score" in cfg.rewards:
         raise ValueError("the verifier_score reward reads the verifier's [SCORE] lines: use it with --rollout verifier")
+    if cfg.rollout == "ghpo":
+        if cfg.ghpo_accuracy_reward not in cfg.rewards:
+            raise ValueError(f"ghpo_accuracy_reward {cfg.ghpo_accuracy_reward!r} must be one of the rewards "
+                             f"{list(cfg.rewards)}: add it to --rewards (weight 0 scores it without adding it in)")
+        try:  # flags give strings ("0.25,0.5"), YAML gives numbers
+            cfg.ghpo_hint_ratios = [float(r) for r in cfg.ghpo_hint_ratios]
+        except ValueError:
+            raise ValueError(f"ghpo_hint_ratios must be numbers, got {cfg.ghpo_hint_ratios}") from None
+        ratios = cfg.ghpo_hint_ratios
+        if not ratios or sorted(set(ratios)) != ratios or not 0 < ratios[0] <= ratios[-1] < 1:
+            raise ValueError(f"ghpo_hint_ratios must increase strictly within (0, 1), e.g. 0.25,0.5,0.75; "
+                             f"got {ratios}")
     if cfg.eval_temperature == 0 and cfg.eval_samples > 1:
         raise ValueError("greedy evaluation (eval_temperature 0) gives one answer per question: "
                          "set eval_samples 1 or eval_temperature > 0")

@@ -302,12 +302,14 @@ def load(dataset: str, dataset_config: str, train_split: str, test_split: str, t
     return to_examples(train_rows, dataset, *args), to_examples(test_rows, test_source, *args)
 
 
-def target_text(example: dict) -> str:
+def target_text(example: dict, answer_only: bool = False) -> str:
     """What the SFT warm start teaches: a judge example's verdict in its output format (its "target",
-    with an empty think), else the worked solution, then the answer after '####'."""
+    with an empty think), else the worked solution (left out when answer_only), then '#### answer'."""
     if "target" in example:
         return example["target"]
-    return f"{example['solution']}\n#### {example['answer']}" if example["solution"] else f"#### {example['answer']}"
+    if answer_only or not example["solution"]:
+        return f"#### {example['answer']}"
+    return f"{example['solution']}\n#### {example['answer']}"
 
 
 # ----------------------------------------------------------------------------------------------

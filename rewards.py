@@ -98,13 +98,17 @@ def parse_number(text: str) -> float | None:
     return -value if sign == "-" else value
 
 
+def _mv_timeout() -> int | None:
+    """math-verify's timeouts use signal.alarm, which raises outside the main thread: keep them in
+    the main thread (sympy can hang on e.g. 9^{9^{9^9}}) and switch them off (None) elsewhere."""
+    return 1 if threading.current_thread() is threading.main_thread() else None
+
+
 def _math_verify(ref: str, pred: str) -> bool:
     """Symbolic check with math-verify, for answers that are not plain numbers (\\frac, \\sqrt, ...)."""
     if len(pred) > _MV_MAX_CHARS or len(ref) > _MV_MAX_CHARS:
         return False
-    # math-verify's timeouts use signal.alarm, which raises outside the main thread: keep them in
-    # the main thread (sympy can hang on e.g. 9^{9^{9^9}}) and switch them off (None) elsewhere.
-    secs = 1 if threading.current_thread() is threading.main_thread() else None
+    secs = _mv_timeout()
     try:
         # math-verify looks for latex math: "$...$" makes a bare answer such as "\frac{1}{2}" parse
         gold = parse(f"${ref.strip('$')}$", parsing_timeout=secs)
@@ -124,6 +128,20 @@ def is_correct(completion: str, answer: str) -> bool:
     if p is not None and r is not None:
         return abs(p - r) <= 1e-6 * max(1.0, abs(r))
     return _math_verify(ref, pred)
+
+
+def checkable(answer: str) -> bool:
+    """Whether the reference parses: a plain number, or math that math-verify extracts an expression from
+    ("\\frac{1}{2}", "x^2+1"; not "", "???"). GHPO never hints a group whose reference fails this."""
+    ref = reference_answer(answer)
+    if parse_number(ref) is not None:
+        return True
+    if not ref or len(ref) > _MV_MAX_CHARS:
+        return False
+    try:  # parse gives [expression, text] when it found math, [text] alone when it did not
+        return len(parse(f"${ref.strip('$')}$", parsing_timeout=_mv_timeout())) > 1
+    except Exception:
+        return False
 
 # -----------------------------------------------------------------------------
 # GSM8K-style rewards (each returns 0 or 1; weights are applied by `total`)

@@ -20,6 +20,7 @@ per-token Python and kernel launches; same distribution: tests/test_rollout.py c
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig, StoppingCriteriaList
 
 
@@ -127,6 +128,24 @@ def sample(model, tokenizer, prompts: list[str], num_chains: int, max_prompt_tok
     group = torch.arange(len(prompts), device=device).repeat_interleave(num_chains)
     info = [{} for _ in range(len(group))]
     return assemble(tokenizer, ids, mask, completions, model.generation_config.eos_token_id, group, info)
+
+
+def concat(parts: list[tuple[Rollout, list[int]]], group: torch.Tensor, pad_id: int) -> Rollout:
+    """The chosen rows of several Rollouts as one, in order (GHPO mixes hinted and unhinted chains).
+
+    The parts differ in width (a longer prompt, a longer completion), so each row is left padded as a
+    whole to the widest (L,): its prompt and completion stay together and loss_mask still marks exactly
+    its sampled tokens. Completions may then start at different columns; the loss never assumes otherwise.
+    """
+    width = max(r.input_ids.shape[1] for r, _ in parts)
+
+    def stack(name, value):  # (sum of rows, width)
+        return torch.cat([F.pad(getattr(r, name)[list(rows)], (width - r.input_ids.shape[1], 0), value=value)
+                          for r, rows in parts])
+    return Rollout(input_ids=stack("input_ids", pad_id), attention_mask=stack("attention_mask", 0),
+                   loss_mask=stack("loss_mask", 0.0), group=group,
+                   texts=[r.texts[i] for r, rows in parts for i in rows],
+                   info=[r.info[i] for r, rows in parts for i in rows])
 
 
 def teacher_forced(tokenizer, prompts: list[str], completions: list[str], max_prompt_tokens: int,
