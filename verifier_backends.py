@@ -142,7 +142,10 @@ class HTTPVerifier:
         self.model, self.template, self.max_tokens, self.temperature = model, template, max_tokens, temperature
         self.concurrency, self.reported = concurrency, set()
         try:  # start-up check: the server answers at all (a 404 for /models still proves it is up)
-            self.client.with_options(max_retries=0, timeout=min(timeout_s, 10.0)).models.list()
+            served = [m.id for m in self.client.with_options(max_retries=0, timeout=min(timeout_s, 10.0)).models.list()]
+            if served and model not in served:
+                print(f"warning: the verifier server at {base_url} lists the models {served[:5]}, not "
+                      f"{model!r} (verifier_model): its requests may fail", file=sys.stderr)
         except openai.APIConnectionError as e:  # also the timeout error
             raise RuntimeError(f"the verifier server at {base_url} is unreachable ({type(e).__name__}): start it "
                                f"(python verifier.py serve --model X --port P serves a local model) or fix "

@@ -276,13 +276,14 @@ def http(base_url, **kw):
     return vb.HTTPVerifier(base_url, **{**args, **kw})
 
 
-def test_http_backend_against_verifier_serve(tiny, tiny_dir):
+def test_http_backend_against_verifier_serve(tiny, tiny_dir, capsys):
     proc = subprocess.Popen([sys.executable, "verifier.py", "serve", "--model", tiny_dir, "--port", "0",
                              "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # "serving ... at http://127.0.0.1:PORT/v1 ..."
         base_url = re.search(r"http://127\.0\.0\.1:\d+/v1", line).group(0)
-        backend = http(base_url)
+        backend = http(base_url)  # asks for model "verifier": the server lists only its folder's name
+        assert f"lists the models ['{tiny_dir}'], not 'verifier'" in capsys.readouterr().err
         jobs = [verifier.Job("Tom has 3 pens.", "7", ["3 + 4 = 7.\n"])] * 3
         replies = backend(jobs)
         assert len(replies) == 3 and all(isinstance(x, str) for x in replies)
