@@ -19,8 +19,8 @@ def sft(tiny, task):
     and stops with EOS, so prefixes have boundaries to cut at (the untrained model rarely does)."""
     model, tok = tiny
     model = copy.deepcopy(model)
-    cfg = config.Config(system_prompt="", sft_steps=40, sft_batch_size=32, sft_learning_rate=3e-3,
-                        max_prompt_tokens=96, max_completion_tokens=48, logp_chunk=64)
+    cfg = config.Config(system_prompt="", sft_steps=80, sft_batch_size=32, sft_learning_rate=5e-3,
+                        sft_warmup_steps=5, max_prompt_tokens=96, max_completion_tokens=48, logp_chunk=64)
     torch.manual_seed(0)
     train.warm_start(model, tok, task[0], cfg, "cpu")
     return model, tok
