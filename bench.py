@@ -24,7 +24,7 @@ token is sampling time / new tokens, prefill included, so the fraction is a lowe
 
 Bench-only flags: --tiny, --cap_gb (GB, 0 = no cap), --steps, --warmup, --prompt_tokens,
 --systems (ours,trl), --benchmarks_file. Our timings come from light wrappers around
-train.token_logps / train.liger_loss and the optimizer's step hooks: the loop itself is train.py's.
+losses.token_logps / losses.liger_loss and the optimizer's step hooks: the loop itself is train.py's.
 """
 import contextlib
 import datetime
@@ -45,6 +45,7 @@ import config
 import data
 import llms
 import rollout
+import losses
 import train
 
 BENCH_FLAGS = {"tiny": False, "cap_gb": 0.0, "steps": 3, "warmup": 1, "prompt_tokens": 150,
@@ -223,8 +224,8 @@ def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float) 
     optimizer.register_step_pre_hook(lambda *_: clock.start("optim"))
     optimizer.register_step_post_hook(lambda *_: clock.stop("optim"))
     measured = []
-    with swapped(train, "token_logps", clock.wrap("logp", train.token_logps)), \
-            swapped(train, "liger_loss", clock.wrap("logp", train.liger_loss)):
+    with swapped(losses, "token_logps", clock.wrap("logp", losses.token_logps)), \
+            swapped(losses, "liger_loss", clock.wrap("logp", losses.liger_loss)):
         for step in range(warmup + steps):
             t0 = clock.now()
             clock.start("sample")
@@ -232,9 +233,9 @@ def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float) 
                                cfg.max_completion_tokens, cfg.temperature, cfg.top_p, sampler=cfg.sampler,
                                min_new_tokens=cfg.max_completion_tokens)
             clock.stop("sample")
-            advantages, _ = train.group_advantages(torch.tensor([reward(t) for t in r.texts]), r.group.cpu(),
+            advantages, _ = losses.group_advantages(torch.tensor([reward(t) for t in r.texts]), r.group.cpu(),
                                                    cfg.adv_scale)
-            train.train_on_rollout(model, ref_model, r, advantages, optimizer, cfg)
+            losses.train_on_rollout(model, ref_model, r, advantages, optimizer, cfg)
             scheduler.step()
             times = {"step": clock.now() - t0, **clock.take()}
             if step >= warmup:

@@ -301,7 +301,7 @@ def ghpo(model, tokenizer, examples: list[dict], system_prompt: str, num_chains:
         todo = [b for j, b in enumerate(todo) if not (acc[j] > 0).any()]
 
     r = rollout.concat(source, plain.group, tokenizer.pad_token_id)
-    std0 = total0.view(B, G).std(1, unbiased=False)  # (B,), as train.group_advantages computes it
+    std0 = total0.view(B, G).std(1, unbiased=False)  # (B,), as losses.group_advantages computes it
     for i, d in enumerate(r.info):
         d.update(hint_stages=stages[i // G], accuracy=accuracy.view(-1)[i].item(),
                  accuracy_unhinted=acc0[i].item(), zero_adv_unhinted=bool(std0[i // G] < 1e-6))

@@ -16,6 +16,7 @@ import torch
 
 import checkpoint
 import rollout
+import losses
 import train
 from test_train import FAST, read
 
@@ -88,33 +89,33 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, straight, wher
 def test_ctrl_c_saves_a_checkpoint_and_resume_goes_on(tmp_path, straight, monkeypatch):
     out = str(tmp_path / "run")
     handler_before = signal.getsignal(signal.SIGINT)
-    original, calls = train.group_advantages, [0]
+    original, calls = losses.group_advantages, [0]
 
     def interrupted(*args, **kwargs):  # Ctrl-C in the middle of step 3 (called once per step)
         calls[0] += 1
         if calls[0] == 3:
             signal.raise_signal(signal.SIGINT)
         return original(*args, **kwargs)
-    monkeypatch.setattr(train, "group_advantages", interrupted)
+    monkeypatch.setattr(losses, "group_advantages", interrupted)
     train.main(RUN + ["--out_dir", out])  # returns cleanly after finishing step 3
     assert checkpoint.latest(out).endswith("step_000003")
     assert max(r["step"] for r in read(f"{out}/metrics.jsonl")) == 3
     assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is given back
-    monkeypatch.setattr(train, "group_advantages", original)
+    monkeypatch.setattr(losses, "group_advantages", original)
     train.main(["--resume", out])
     same_logs(straight, out)
 
 
 def nan_loss_at(monkeypatch, bad_steps, micro_batches_per_step=2):
     """policy_loss returns NaN during the given steps (counted by its calls)."""
-    original, calls = train.policy_loss, [0]
+    original, calls = losses.policy_loss, [0]
 
     def poisoned(*args, **kwargs):
         calls[0] += 1
         loss, stats = original(*args, **kwargs)
         step = (calls[0] - 1) // micro_batches_per_step + 1
         return (loss * float("nan"), stats) if step in bad_steps else (loss, stats)
-    monkeypatch.setattr(train, "policy_loss", poisoned)
+    monkeypatch.setattr(losses, "policy_loss", poisoned)
 
 
 def test_a_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -146,14 +147,14 @@ def test_max_bad_steps_in_a_row_stop_with_a_checkpoint_of_the_last_good_weights(
 
 def test_out_of_memory_in_the_loss_retries_with_smaller_micro_batches(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
-    original, failed = train.token_logps, []
+    original, failed = losses.token_logps, []
 
     def tight(model, input_ids, *args):  # a micro-batch of 4 chains does not fit, once (not the warm start's 32)
         if input_ids.shape[0] == 4 and not failed:
             failed.append(input_ids.shape[0])
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(model, input_ids, *args)
-    monkeypatch.setattr(train, "token_logps", tight)
+    monkeypatch.setattr(losses, "token_logps", tight)
     train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "10", "--save_every", "10"])
     rows = [r for r in read(f"{out}/metrics.jsonl") if r["split"] == "train"]
     assert failed == [4] and [r["micro_batch_size"] for r in rows] == [2, 4]  # halved for that step only
@@ -163,13 +164,13 @@ def test_out_of_memory_in_the_loss_retries_with_smaller_micro_batches(tmp_path, 
 def test_out_of_memory_at_one_chain_stops_with_a_checkpoint_and_the_settings_to_lower(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
 
-    original = train.token_logps
+    original = losses.token_logps
 
     def never_fits(model, input_ids, *args):  # no GRPO micro-batch fits (the warm start's batch of 32 does)
         if input_ids.shape[0] <= 4:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(model, input_ids, *args)
-    monkeypatch.setattr(train, "token_logps", never_fits)
+    monkeypatch.setattr(losses, "token_logps", never_fits)
     with pytest.raises(train.RunStopped, match="out of memory at step 1.*max_completion_tokens.*--resume"):
         train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "10"])
     assert checkpoint.latest(out).endswith("step_000000")  # the warm-started weights, resumable

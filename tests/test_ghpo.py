@@ -9,6 +9,7 @@ import guidance
 import llms
 import rewards
 import rollout
+import losses
 import train
 from test_train import FAST
 
@@ -177,9 +178,9 @@ def test_hint_tokens_are_prompt_and_never_trained(tiny, examples, monkeypatch, h
         assert r.loss_mask[i, :first].sum() == 0 and r.attention_mask[i, first - len(prompt_ids):first].all()
     # joined rows of different widths score exactly as in their own rollouts: padding changes nothing
     def chain_logps(x):
-        start = train.first_trained_column(x.loss_mask)
+        start = losses.first_trained_column(x.loss_mask)
         with torch.no_grad():
-            lp = train.token_logps(model, x.input_ids, x.attention_mask, start, 1.0, chunk=64)
+            lp = losses.token_logps(model, x.input_ids, x.attention_mask, start, 1.0, chunk=64)
         return (lp * x.loss_mask[:, start:]).sum(1)
     joined, plain, half = chain_logps(r), chain_logps(calls[0][1]), chain_logps(calls[2][1])
     torch.testing.assert_close(joined, torch.cat([plain[:G], half[:G], plain[2 * G:]]), rtol=1e-4, atol=1e-4)

@@ -9,6 +9,7 @@ import config
 import guidance
 import llms
 import rollout
+import losses
 import train
 from test_train import FAST
 
@@ -160,12 +161,12 @@ def test_loss_on_trains_exactly_the_intended_tokens(sft, task, loss_on):
         expected = [0] * P + [int(start <= j < end) for j in range(r.input_ids.shape[1] - P)]
         assert r.loss_mask[i].long().tolist() == expected
     # the loss's gradient reaches the per-token log-probs exactly where the mask is 1
-    start = train.first_trained_column(r.loss_mask)
+    start = losses.first_trained_column(r.loss_mask)
     mask = r.loss_mask[:, start:]
-    logps = train.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, chunk=16)
+    logps = losses.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, chunk=16)
     logps.retain_grad()
     cfg = config.Config(loss_type="grpo")
-    loss, _ = train.policy_loss(logps, logps.detach(), None, torch.ones(len(r)), mask, cfg, len(r), mask.sum(), 1)
+    loss, _ = losses.policy_loss(logps, logps.detach(), None, torch.ones(len(r)), mask, cfg, len(r), mask.sum(), 1)
     loss.backward()
     model.zero_grad(set_to_none=True)
     assert torch.equal(logps.grad != 0, mask.bool())

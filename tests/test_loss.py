@@ -17,8 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import llms  # noqa: E402
 import rollout  # noqa: E402
+import losses
 import train  # noqa: E402
-from train import group_advantages, liger_loss, policy_loss, token_logps  # noqa: E402
+from losses import group_advantages, liger_loss, policy_loss, token_logps  # noqa: E402
 
 ALL_LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"]
 LIGER_LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"]
@@ -45,7 +46,7 @@ def make_cfg(loss_type, beta=0.0, **kw):
 
 
 def reference_loss(logps, old, ref, adv, mask, loss_type, beta, num_seqs, num_tokens, num_micro):
-    """(loss, clipped token count, kl sum), written independently of train.policy_loss."""
+    """(loss, clipped token count, kl sum), written independently of losses.policy_loss."""
     lo, hi = 1 - EPS_LOW, 1 + EPS_HIGH
     rows, clipped, kl_sum = [], 0, 0.0
     for i in range(logps.shape[0]):
@@ -274,7 +275,7 @@ def roll(lm):
 def fixed(lm, roll):
     """old and ref log-probs: the model's own, perturbed so that ratios differ from 1 and clip."""
     model, _ = lm
-    start = train.first_trained_column(roll.loss_mask)
+    start = losses.first_trained_column(roll.loss_mask)
     with torch.no_grad():
         base = token_logps(model, roll.input_ids, roll.attention_mask, start, 0.7, 3)
     g = torch.Generator().manual_seed(1)
@@ -322,7 +323,7 @@ def test_token_logps_equal_plain_forward_log_softmax(lm, roll):
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attn, position_ids=rollout.position_ids(attn)).logits
         expected = torch.log_softmax(logits.float() / 0.7, -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-        for start, chunk in ((1, 5), (1, 1000), (train.first_trained_column(roll.loss_mask), 3)):
+        for start, chunk in ((1, 5), (1, 1000), (losses.first_trained_column(roll.loss_mask), 3)):
             got = token_logps(model, ids, attn, start, 0.7, chunk)
             real = attn[:, start:].bool()  # positions whose token is real (pads: any value)
             assert torch.allclose(got[real], expected[:, start - 1:][real], atol=1e-5)
@@ -423,7 +424,7 @@ def test_train_on_rollout_updates_and_reports_finite_stats(lm, roll):
     before = [p.detach().clone() for p in model.parameters()]
     adv, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), roll.group, "group")
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    stats = train.train_on_rollout(model, ref_model, roll, adv, optimizer, train_cfg())
+    stats = losses.train_on_rollout(model, ref_model, roll, adv, optimizer, train_cfg())
 
     assert set(stats) == {"loss", "grad_norm", "kl", "clip_frac", "skipped", "micro_batch_size"}
     assert stats["skipped"] == 0 and stats["micro_batch_size"] == 2
@@ -439,7 +440,7 @@ def test_train_on_rollout_single_iteration_never_clips(lm, roll):
     model = copy.deepcopy(base)
     adv, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), roll.group, "group")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = train.train_on_rollout(model, model, roll, adv, optimizer, train_cfg(num_iterations=1))
+    stats = losses.train_on_rollout(model, model, roll, adv, optimizer, train_cfg(num_iterations=1))
     assert stats["clip_frac"] == 0
     assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the model itself
 
@@ -454,7 +455,7 @@ def test_train_on_rollout_liger_matches_plain(lm, roll, loss_type):
     for liger in (False, True):
         model = copy.deepcopy(base)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        stats = train.train_on_rollout(model, ref_model, roll, adv, optimizer,
+        stats = losses.train_on_rollout(model, ref_model, roll, adv, optimizer,
                                        train_cfg(loss_type=loss_type, liger=liger))
         results.append((stats, [p.detach() for p in model.parameters()]))
     (s0, p0), (s1, p1) = results

@@ -4,6 +4,7 @@ import torch
 
 import llms
 import rollout
+import losses
 import train
 
 
@@ -55,7 +56,7 @@ def test_scoring_matches_sampling_logprobs(tiny, task, cache):
                              output_logits=True, return_dict_in_generate=True, eos_token_id=None,
                              pad_token_id=tok.pad_token_id, cache_implementation=cache)
         full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], 1)
-        scored = train.token_logps(model, out.sequences, full_mask, ids.shape[1], temperature, chunk=4)
+        scored = losses.token_logps(model, out.sequences, full_mask, ids.shape[1], temperature, chunk=4)
     model.train()
     logits = torch.stack(out.logits, 1).float() / temperature  # (n, 6, V)
     sampled = logits.log_softmax(-1).gather(-1, out.sequences[:, ids.shape[1]:, None]).squeeze(-1)

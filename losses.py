@@ -1,0 +1,226 @@
+"""Log-probs, advantages, the GRPO loss family, and one policy update on a rollout.
+
+Everything a step does after the rewards are known, written by hand in one place:
+    token_logps        log p(token) at the sampling temperature, logits chunked (never all in fp32)
+    group_advantages   rewards normalised within each prompt's group of G chains
+    policy_loss        grpo, bnpo, dr_grpo, dapo, gspo, cispo, reinforce (+ k3 KL when beta > 0)
+    liger_loss         the same through Liger's fused linear kernel (no logits tensor at all)
+    train_on_rollout   micro-batches, gradient accumulation, clipping, the optimizer step, and its
+                       guards: a non-finite update is skipped, out-of-memory retries smaller pieces
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as recompute
+from tqdm import tqdm
+
+import llms
+import rollout
+
+# ----------------------------------------------------------------------------------------------
+# Log-probs at the sampling temperature, never materialising the whole (n, L, vocab) fp32 logits
+
+
+def _chunk_logps(hidden, weight, bias, targets, temperature):
+    logits = F.linear(hidden, weight, bias).float() / temperature  # (n, c, V), one chunk only
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logps(model, input_ids, attention_mask, start: int, temperature: float, chunk: int):
+    """log p(x_t | x_<t) for positions t >= start: (n, L - start) fp32.
+
+    The body runs once; the output projection runs on `chunk` positions at a time and is recomputed
+    in backward (activation checkpointing), so only one chunk of logits ever exists.
+    """
+    body, head = llms.decoder_and_head(model)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=rollout.position_ids(attention_mask)).last_hidden_state  # (n, L, H)
+    out = []
+    for s in range(start, input_ids.shape[1], chunk):
+        e = min(s + chunk, input_ids.shape[1])
+        args = (hidden[:, s - 1:e - 1], head.weight, head.bias, input_ids[:, s:e], temperature)
+        out.append(recompute(_chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                   else _chunk_logps(*args))
+    return torch.cat(out, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages and the GRPO loss family
+
+
+def group_advantages(rewards_total, group, scale: str):
+    """(advantages (N,), share of groups whose rewards are all equal: they give no gradient)."""
+    n_groups = int(group.max()) + 1
+    count = torch.bincount(group, minlength=n_groups).float()
+    mean = torch.zeros(n_groups).index_add_(0, group, rewards_total) / count
+    centred = rewards_total - mean[group]
+    std = (torch.zeros(n_groups).index_add_(0, group, centred ** 2) / count).sqrt()
+    zero_frac = (std < 1e-6).float().mean().item()
+    centred = torch.where(std[group] < 1e-6, 0.0, centred)  # exactly 0, not float residue / 1e-4
+    if scale == "group":
+        return centred / (std[group] + 1e-4), zero_frac
+    if scale == "batch":
+        return centred / (rewards_total.std() + 1e-4), zero_frac
+    return centred, zero_frac
+
+
+def policy_loss(logps, old_logps, ref_logps, advantages, mask, cfg, num_seqs, num_tokens, num_micro):
+    """The loss of one micro-batch, scaled so that the sum over micro-batches is the step's loss.
+
+    logps, old_logps, ref_logps, mask: (n, T); advantages: (n,). The step has num_seqs chains with
+    num_tokens trained tokens in num_micro micro-batches. Per-token terms, then one normalisation:
+      grpo, gspo, reinforce: mean over each chain's tokens, then mean over chains
+      bnpo: mean over the micro-batch's tokens;   dapo, cispo: mean over all tokens of the step
+      dr_grpo: sum over tokens / (chains x max_completion_tokens), no length bias
+    """
+    A = advantages.unsqueeze(1)  # (n, 1)
+    log_ratio = logps - old_logps
+    if cfg.loss_type == "gspo":  # one ratio per sequence: the geometric mean of its token ratios
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    ratio = torch.exp(log_ratio)
+    lo, hi = 1 - cfg.eps_low, 1 + cfg.eps_high
+    if cfg.loss_type == "cispo":  # REINFORCE weighted by a capped, stop-gradient ratio
+        per_token = -torch.clamp(ratio, max=hi).detach() * A * logps
+    elif cfg.loss_type == "reinforce":  # plain policy gradient: no ratio, no clipping
+        per_token = -A * logps
+    else:  # PPO's clipped surrogate
+        per_token = -torch.min(ratio * A, torch.clamp(ratio, lo, hi) * A)
+    if cfg.loss_type == "reinforce":
+        clipped = torch.zeros_like(mask)
+    elif cfg.loss_type == "cispo":  # only the cap acts, and only where it changes the update
+        clipped = ((ratio > hi) & (A > 0)).float() * torch.ones_like(mask)
+    else:
+        clipped = (((ratio < lo) & (A < 0)) | ((ratio > hi) & (A > 0))).float() * torch.ones_like(mask)
+    kl = torch.zeros_like(logps)
+    if cfg.beta > 0:  # k3 estimator of KL(policy || reference), always >= 0
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + cfg.beta * kl
+
+    masked = per_token * mask
+    if cfg.loss_type in ("grpo", "gspo", "reinforce"):
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_seqs
+    elif cfg.loss_type == "bnpo":
+        loss = masked.sum() / mask.sum().clamp(min=1) / num_micro
+    elif cfg.loss_type == "dr_grpo":
+        loss = masked.sum() / (num_seqs * cfg.max_completion_tokens)
+    else:  # dapo, cispo
+        loss = masked.sum() / num_tokens
+    stats = {"kl": (kl.detach() * mask).sum().item(), "clip": (clipped * mask).sum().item()}
+    return loss, stats
+
+
+def liger_loss(model, ids, attn, mask, start, advantages, old_logps, ref_logps, cfg,
+               num_seqs, num_tokens, num_micro):
+    """The same loss through Liger's fused linear GRPO kernel: hidden states in, no logits tensor."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    body, head = llms.decoder_and_head(model)
+    hidden = body(input_ids=ids, attention_mask=attn, position_ids=rollout.position_ids(attn)).last_hidden_state
+    loss_fn = LigerFusedLinearGRPOLoss(
+        beta=cfg.beta, use_ref_model=cfg.beta > 0, compiled=ids.is_cuda,
+        loss_type="grpo" if cfg.loss_type == "gspo" else cfg.loss_type,
+        importance_sampling_level="sequence" if cfg.loss_type == "gspo" else "token",
+        epsilon_low=cfg.eps_low, epsilon_high=1 + cfg.eps_high if cfg.loss_type == "cispo" else cfg.eps_high,
+        max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature)
+    loss, metrics = loss_fn(hidden[:, start - 1:-1], head.weight, ids[:, start:], mask, advantages,
+                            bias=head.bias, ref_per_token_logps=ref_logps, old_per_token_logps=old_logps,
+                            num_items_in_batch=num_tokens if cfg.loss_type in ("dapo", "cispo") else None)
+    # Liger normalises over the micro-batch it sees; rescale to the step's normalisers as above
+    n = ids.shape[0]
+    if cfg.loss_type in ("grpo", "gspo", "dr_grpo"):
+        loss = loss * n / num_seqs
+    elif cfg.loss_type == "bnpo":
+        loss = loss / num_micro
+    active = mask.sum().item()
+    kl = metrics[0].item() * active if cfg.beta > 0 else 0.0
+    return loss, {"kl": kl, "clip": metrics[-1].item() * active}
+
+
+def first_trained_column(loss_mask) -> int:
+    """Columns before it are prompt for every chain: no log-probs are needed there."""
+    return max(1, int(loss_mask.sum(0).nonzero()[0]))
+
+
+def free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def train_on_rollout(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> dict:
+    """num_iterations optimizer steps on one rollout, in micro-batches; returns the logged figures.
+
+    Guards: an update whose loss or gradient is not finite is skipped ("skipped": 1), and CUDA
+    out-of-memory retries the pass with micro-batches of half the size, down to one chain; only then
+    does the error reach the caller. No optimizer step has been taken when a pass is retried.
+    """
+    device = r.input_ids.device
+    start = first_trained_column(r.loss_mask)
+    mask = r.loss_mask[:, start:]
+    n, num_tokens = len(r), mask.sum()
+    adv = advantages.to(device)
+    size = min(cfg.micro_batch_size, n)  # shrinks on out-of-memory, for the rest of this step
+
+    def micro_batches():
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def logps_of(m, s):
+        return token_logps(m, r.input_ids[s], r.attention_mask[s], start, cfg.temperature, cfg.logp_chunk)
+
+    def retry_on_oom(fn):
+        nonlocal size
+        while True:
+            try:
+                return fn()
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                free_memory()
+                if size == 1:
+                    raise
+                size = max(1, size // 2)
+                tqdm.write(f"out of memory in the loss pass: retrying with micro_batch_size {size}")
+
+    @torch.no_grad()
+    def fixed_logps():  # per rollout: old policy (if reused) and reference log-probs, (N, T) each
+        old = torch.cat([logps_of(model, s) for s in micro_batches()]) if cfg.num_iterations > 1 else None
+        ref = None
+        if cfg.beta > 0 and ref_model is not None:
+            ref = torch.cat([logps_of(ref_model, s) for s in micro_batches()])
+        elif cfg.beta > 0:  # LoRA: the reference is the base model, i.e. the adapter switched off
+            with model.disable_adapter():
+                ref = torch.cat([logps_of(model, s) for s in micro_batches()])
+        return old, ref
+
+    def pick(t, s):
+        return None if t is None else t[s]
+
+    def one_update():  # forward + backward over all micro-batches, then one optimizer step (or a skip)
+        mbs = micro_batches()
+        step = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
+        for s in mbs:
+            if cfg.liger:
+                loss, st = liger_loss(model, r.input_ids[s], r.attention_mask[s], mask[s], start, adv[s],
+                                      pick(old, s), pick(ref, s), cfg, n, num_tokens, len(mbs))
+            else:
+                logps = logps_of(model, s)
+                old_s = old[s] if old is not None else logps.detach()
+                loss, st = policy_loss(logps, old_s, pick(ref, s), adv[s], mask[s], cfg, n, num_tokens, len(mbs))
+            loss.backward()
+            step["loss"] += loss.item()
+            step["kl"] += st["kl"]
+            step["clip"] += st["clip"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        step["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()  # before clipping
+        step["skipped"] = not (math.isfinite(step["loss"]) and math.isfinite(step["grad_norm"]))
+        if not step["skipped"]:  # a NaN or inf would poison the weights and the optimizer's moments
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return step
+
+    old, ref = retry_on_oom(fixed_logps)
+    steps = [retry_on_oom(one_update) for _ in range(cfg.num_iterations)]
+    tokens = max(1, num_tokens.item() * len(steps))
+    return {"loss": sum(s["loss"] for s in steps) / len(steps),
+            "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
+            "kl": sum(s["kl"] for s in steps) / tokens, "clip_frac": sum(s["clip"] for s in steps) / tokens,
+            "skipped": int(any(s["skipped"] for s in steps)), "micro_batch_size": size}
