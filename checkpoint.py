@@ -37,41 +37,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_model(path: str, model, tokenizer) -> None:
-    """Model and tokenizer written under `path.tmp`, then renamed: `path` is complete or absent."""
+def save_model(path: str, model, tokenizer, state: dict | None = None, what: str = "model",
+               intact: str = "What was saved before") -> None:
+    """Model, tokenizer (and `state` as state.pt) written under `path.tmp`, then renamed: `path` is
+    complete or absent. A failed write (typically a full disk) leaves what was there untouched."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-write
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    except OSError as e:  # typically a full disk: keep what was there, say what happened
+        if state is not None:
+            torch.save(state, os.path.join(tmp, "state.pt"))
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; what was saved before is "
-                               f"intact. Free disk space, then continue with --resume") from e
+        raise OSError(e.errno, f"could not write {what} {path}: {e.strerror or e}. {intact} is intact. "
+                               f"Free disk space, then continue with --resume") from e
     shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # a rename is atomic
 
 
 def save(out_dir: str, step: int, model, tokenizer, optimizer, scheduler, keep_last: int) -> str:
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
-    tmp = final + ".tmp"
     for d in os.listdir(root) if os.path.isdir(root) else []:  # partial folders left by crashes
         if d.endswith(".tmp"):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state()}, os.path.join(tmp, "state.pt"))
-    except OSError as e:  # typically a full disk: the previous checkpoint is untouched
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"could not write checkpoint {final}: {e.strerror or e}. The previous "
-                               f"checkpoint ({latest(out_dir) or 'none yet'}) is intact. Free disk space, "
-                               f"then continue with --resume {out_dir}") from e
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # a rename is atomic: the folder is complete or absent
+    os.makedirs(root, exist_ok=True)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng_state()}
+    save_model(final, model, tokenizer, state, what="checkpoint",
+               intact=f"The previous checkpoint ({latest(out_dir) or 'none yet'})")
     write_atomic(os.path.join(root, "latest"), os.path.basename(final))
     complete = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
     for old in complete[:-max(1, keep_last)]:

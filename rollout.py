@@ -87,7 +87,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
         parts = [generate(model, input_ids[s], attention_mask[s], max_new_tokens, temperature, top_p, sampler,
                           min_new_tokens) for s in (slice(0, half), slice(half, None))]
         width = max(p.shape[1] for p in parts)  # (n, T_i) -> (N, T): pad after the end, as generate does
-        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=gen.pad_token_id)
+        return torch.cat([F.pad(p, (0, width - p.shape[1]), value=gen.pad_token_id)
                           for p in parts])
     finally:
         model.train(was_training)

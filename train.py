@@ -223,7 +223,7 @@ def main(argv: list[str]) -> None:
     if ckpt is None and cfg.sft_steps > 0:
         warm_start(model, tokenizer, train_set, cfg, device)
     if ckpt is None and (cfg.sft_steps > 0 or cfg.model_name == llms.TINY):
-        checkpoint.save_model(base_dir, model, tokenizer)
+        checkpoint.save_model(base_dir, model, tokenizer, what="the warm-started model")
         base_name = base_dir
     if cfg.lora_r > 0:
         model = llms.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
