@@ -31,6 +31,8 @@ class Config:
     lora_dropout: float = 0.0
     lora_target_modules: list = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    train_only: list = field(default_factory=list)  # GRPO trains only weights whose name holds one of these
+                                                    # (e.g. [norm]); empty = all (the warm start trains all)
     liger: bool = False                # Liger's fused linear GRPO loss (+ its kernels on GPU)
     trust_remote_code: bool = False    # model code from the hub is never run unless you say so
     tiny_hidden: int = 128             # size of the built-in tiny model
@@ -132,6 +134,7 @@ class Config:
     sft_learning_rate: float = 1e-3
     sft_warmup_steps: int = 10         # then cosine decay to 0 at sft_steps
     sft_answer_only_frac: float = 0.0  # share of targets that are the final answer alone (no worked steps)
+    sft_slip_rate: float = 0.0         # built-in task: chance that a target's step result is off by one (carried on)
     # --- evaluation (evaluator.py)
     eval_every: int = 25
     eval_n: int = 0                    # 0 = the whole test split, else a fixed seeded subset
@@ -240,12 +243,20 @@ def validate(cfg: Config) -> None:
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
         raise ValueError(f"training samples need temperature > 0 and 0 < top_p <= 1 (log-probs are taken at "
                          f"that temperature), got {cfg.temperature} and {cfg.top_p}; greedy is for eval only")
+    if cfg.lora_r > 0 and cfg.train_only:
+        raise ValueError("lora_r and train_only both pick what trains: use one of them (lora_r 0, or train_only [])")
     if cfg.lora_r > 0 and not cfg.lora_target_modules:
         raise ValueError("lora_r > 0 needs lora_target_modules (e.g. q_proj,v_proj); or set lora_r 0 for "
                          "full fine-tuning")
     for key in ("think_min_chars", "overlong_buffer_tokens"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key} must be at least 0, got {getattr(cfg, key)}")
+    for key in ("sft_answer_only_frac", "sft_slip_rate"):
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise ValueError(f"{key} is a share of the warm-start targets, between 0 and 1; got {getattr(cfg, key)}")
+    if cfg.sft_slip_rate > 0 and cfg.dataset != "arithmetic":
+        raise ValueError("sft_slip_rate reworks the built-in task's solutions (dataset arithmetic); set it to 0 "
+                         f"for {cfg.dataset!r}")
     if cfg.dataset == "arithmetic" and cfg.arithmetic_max_value < 12:
         raise ValueError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "
                          f"got {cfg.arithmetic_max_value}")

@@ -302,14 +302,41 @@ def load(dataset: str, dataset_config: str, train_split: str, test_split: str, t
     return to_examples(train_rows, dataset, *args), to_examples(test_rows, test_source, *args)
 
 
-def target_text(example: dict, answer_only: bool = False) -> str:
+def target_text(example: dict, answer_only: bool = False, slip_rate: float = 0.0, rng: random.Random | None = None
+                ) -> str:
     """What the SFT warm start teaches: a judge example's verdict in its output format (its "target",
-    with an empty think), else the worked solution (left out when answer_only), then '#### answer'."""
+    with an empty think), else the worked solution (left out when answer_only), then '#### answer'.
+    slip_rate > 0 (needs rng): each equation's result is off by one with that probability, and the slip
+    carries into the later steps and the final answer (see with_slips)."""
     if "target" in example:
         return example["target"]
     if answer_only or not example["solution"]:
         return f"#### {example['answer']}"
+    if slip_rate > 0:
+        solution, answer = with_slips(example["solution"], slip_rate, rng)
+        return f"{solution}\n#### {answer}"
     return f"{example['solution']}\n#### {example['answer']}"
+
+
+EQUATION_RE = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)\.$")
+
+
+def with_slips(solution: str, rate: float, rng: random.Random) -> tuple[str, str]:
+    """(solution, final answer) of a built-in problem worked the way imperfect human-written data is:
+    each result is one more or one less than right with probability `rate`, and every later step starts
+    from the slipped value. Lines that are not `a op b = c.` equations are kept as they are."""
+    lines, value = [], None
+    for line in solution.split("\n"):
+        m = EQUATION_RE.match(line)
+        if not m:
+            lines.append(line)
+            continue
+        a, op, b = int(m[1]) if value is None else value, m[2], int(m[3])
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        if rng.random() < rate:
+            value = value + 1 if value == 0 or rng.random() < 0.5 else value - 1
+        lines.append(f"{a} {op} {b} = {value}.")
+    return "\n".join(lines), str(value)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -163,6 +163,23 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str
                                             target_modules=target_modules, task_type="CAUSAL_LM"))
 
 
+def train_only(model, names: list[str]) -> int:
+    """Freeze every parameter whose name contains none of `names`; returns how many weights still train.
+
+    ["norm"] trains the RMSNorm scales alone (LayerNorm tuning): on the tiny demo model the policy
+    gradient of one step agrees with the next step's only there (measured in README.md), so GRPO can
+    take large steps on them without the noise of the other weights.
+    """
+    trained = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(n in name for n in names))
+        trained += p.numel() if p.requires_grad else 0
+    if not trained:
+        some = ", ".join(name for name, _ in list(model.named_parameters())[:6])
+        raise ValueError(f"train_only {names} matches no parameter of the model; names look like: {some}, ...")
+    return trained
+
+
 def patch_liger(model) -> None:
     """Swap in Liger's RMSNorm, RoPE and SwiGLU kernels (Qwen2 and Llama); the loss is fused elsewhere."""
     from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2

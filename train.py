@@ -83,7 +83,8 @@ def warm_start(model, tokenizer, examples, cfg, device) -> None:
     for _ in tqdm(range(cfg.sft_steps), desc="warm start (SFT)", leave=False):
         batch = rng.sample(examples, min(cfg.sft_batch_size, len(examples)))
         prompts = [llms.chat_prompt(tokenizer, cfg.system_prompt, ex["question"]) for ex in batch]
-        targets = [data.target_text(ex, answer_only=rng.random() < cfg.sft_answer_only_frac) for ex in batch]
+        targets = [data.target_text(ex, rng.random() < cfg.sft_answer_only_frac, cfg.sft_slip_rate, rng)
+                   for ex in batch]
         r = rollout.teacher_forced(tokenizer, prompts, targets, cfg.max_prompt_tokens, cfg.max_completion_tokens)
         start = losses.first_trained_column(r.loss_mask)
         mask = r.loss_mask[:, start:].to(device)
@@ -228,6 +229,8 @@ def main(argv: list[str]) -> None:
     if cfg.lora_r > 0:
         model = llms.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                               adapter_path=ckpt if lora_resume else "")
+    if cfg.train_only:  # e.g. the RMSNorm scales alone; the warm start above trained every weight
+        print(f"GRPO trains {llms.train_only(model, cfg.train_only):,} weights: those named {cfg.train_only}")
     ref_model = None
     if cfg.beta > 0 and cfg.lora_r == 0:  # full fine-tuning needs a frozen copy; LoRA disables its adapter
         ref_model, _ = llms.load(base_name, **{**model_kwargs, "gradient_checkpointing": False})

@@ -1,5 +1,6 @@
 """Datasets and model loading offline: local GSM8K-layout files, the built-in task, clear errors."""
 import json
+import random
 import re
 
 import pytest
@@ -27,6 +28,26 @@ def test_arithmetic_task_is_deterministic_and_disjoint():
             a, op, b = lhs.split()
             assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(rhs)
         assert rewards.is_correct(data.target_text(ex), ex["answer"])
+
+
+def test_slipped_targets_carry_the_slip_to_the_answer():
+    train, _ = data.arithmetic_task(100, 5, seed=2)
+    rng = random.Random(0)
+    for ex in train:
+        assert data.target_text(ex, slip_rate=0.0, rng=rng) == data.target_text(ex)
+        solution, answer = data.with_slips(ex["solution"], 1.0, rng)  # every step slips
+        value = None
+        for ours, right in zip(solution.split("\n"), ex["solution"].split("\n")):
+            a, op, b, c = re.fullmatch(r"(-?\d+) (.) (\d+) = (-?\d+)\.", ours).groups()
+            assert op == right.split()[1] and b == right.split()[2]  # same operation, same operand
+            assert value is None or int(a) == value  # each step starts from the slipped result
+            true = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            assert abs(int(c) - true) == 1
+            value = int(c)
+        assert answer == str(value)
+    slips = [data.with_slips(ex["solution"], 0.2, random.Random(i)) != (ex["solution"], ex["answer"])
+             for i, ex in enumerate(train)]
+    assert 0.2 < sum(slips) / len(slips) < 0.8  # about 1 - 0.8^3 of the 2-4 step targets
 
 
 @pytest.mark.parametrize("max_value", [12, 20, 99])

@@ -66,3 +66,19 @@ def test_a_raising_reward_never_stops_the_run(tmp_path, monkeypatch):
     train.main(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--save_every", "5"])
     row = [r for r in read(f"{out}/metrics.jsonl") if r["split"] == "train"][0]
     assert row["reward_errors/correctness"] == 2 * 4 and row["reward"] == 0.0  # every chain, scored 0
+
+
+def test_train_only_changes_the_named_weights_alone(tmp_path):
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "run")
+    train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "2", "--train_only", "norm",
+                       "--learning_rate", "0.01", "--sft_slip_rate", "0.2",
+                       "--rewards", "integer_answer=1"])  # varies between chains of the untrained model
+    before = load_file(f"{out}/base_model/model.safetensors")
+    after = load_file(f"{checkpoint.latest(out)}/model.safetensors")
+    norms = [k for k in before if "norm" in k]
+    assert norms and any(not before[k].equal(after[k]) for k in norms)
+    assert all(before[k].equal(after[k]) for k in before if "norm" not in k)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        train.main(FAST + ["--out_dir", str(tmp_path / "bad"), "--max_steps", "1", "--train_only", "nothing_named"])
