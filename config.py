@@ -244,7 +244,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"training samples need temperature > 0 and 0 < top_p <= 1 (log-probs are taken at "
                          f"that temperature), got {cfg.temperature} and {cfg.top_p}; greedy is for eval only")
     if cfg.lora_r > 0 and cfg.train_only:
-        raise ValueError("lora_r and train_only both pick what trains: use one of them (lora_r 0, or train_only [])")
+        raise ValueError(f"lora_r {cfg.lora_r} and train_only {cfg.train_only} both pick the weights that train: "
+                         f"for LoRA pass --train_only '' (configs/tiny.yaml sets it), else --lora_r 0")
     if cfg.lora_r > 0 and not cfg.lora_target_modules:
         raise ValueError("lora_r > 0 needs lora_target_modules (e.g. q_proj,v_proj); or set lora_r 0 for "
                          "full fine-tuning")

@@ -46,6 +46,7 @@ def test_unknown_key_names_close_matches(tmp_path):
     (["--max_bad_steps", "0"], "max_bad_steps must be at least 1"),
     (["--keep_last", "0"], "keep_last must be at least 1"),
     (["--dataset", "arithmetic", "--sft_slip_rate", "1.5"], "sft_slip_rate is a share"),
+    (["--config", "configs/tiny.yaml", "--lora_r", "8"], "for LoRA pass --train_only ''"),
     (["--sft_slip_rate", "0.2"], "sft_slip_rate reworks the built-in task"),
     (["--config", "configs/nope.yaml"], "configs/nope.yaml: no such file"),
     (["--resume", "out/never_ran"], "no run there"),
