@@ -73,8 +73,9 @@ def warm_start(model, tokenizer, examples, cfg, device) -> None:
     """Supervised pass on reference solutions (cross-entropy on the completion tokens only).
 
     Learning rate: linear warmup over sft_warmup_steps, then cosine decay to 0 at sft_steps; the
-    decay matters (tiny demo, step-0 accuracy: 26.8% against 14.6% at a constant rate). A share
-    sft_answer_only_frac of the targets is the final answer alone, without the worked steps.
+    decay matters (tiny demo on clean targets, step-0 accuracy: 26.8% against 14.6% at a constant
+    rate). A share sft_answer_only_frac of the targets is the final answer alone, without the worked
+    steps; sft_slip_rate puts carried one-off slips into the built-in task's solutions (data.with_slips).
     """
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.sft_warmup_steps)
