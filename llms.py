@@ -167,8 +167,8 @@ def train_only(model, names: list[str]) -> int:
     """Freeze every parameter whose name contains none of `names`; returns how many weights still train.
 
     ["norm"] trains the RMSNorm scales alone (LayerNorm tuning): on the tiny demo model the policy
-    gradient of one step agrees with the next step's only there (measured in README.md), so GRPO can
-    take large steps on them without the noise of the other weights.
+    gradients of two batches of questions agree only along the final norm (grad_agreement.py, figures
+    in README.md), so GRPO can take large steps there without the noise of the other weights.
     """
     trained = 0
     for name, p in model.named_parameters():

@@ -39,7 +39,8 @@ def test_short_run_writes_all_logs(tmp_path):
         train.main(FAST + ["--out_dir", out, "--max_steps", "2"])
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora_r", "4", "--beta", "0.05", "--train_only", ""]], ids=["full", "lora+kl"])
+@pytest.mark.parametrize("extra", [[], ["--lora_r", "4", "--beta", "0.05", "--train_only", ""]],
+                         ids=["norms", "lora+kl"])
 def test_resume_reproduces_the_next_step(tmp_path, extra):
     """Stop after step 2, resume, and step 3 equals step 3 of an uninterrupted run."""
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
