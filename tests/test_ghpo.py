@@ -224,7 +224,7 @@ def test_dataset_without_solutions_is_a_clear_error(tmp_path):
     path.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
     with pytest.raises(ValueError, match="needs reference solutions.*bare.jsonl"):
         train.main(FAST + ["--out_dir", str(tmp_path / "run"), "--dataset", str(path), "--test_dataset", str(path),
-                           "--rollout", "ghpo"])
+                           "--rollout", "ghpo", "--sft_slip_rate", "0"])
 
 
 @pytest.mark.parametrize("argv, message", [
