@@ -368,7 +368,7 @@ def main(argv: list[str]) -> list[dict]:
         cfg.model_name, cfg.device = llms.TINY, "cpu"
     config.update(cfg, flags)
     config.validate(cfg)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = train.pick_device(cfg)
     if cfg.model_name not in (llms.TINY, config.Config.model_name):
         raise ValueError("bench.py measures the Qwen2.5-1.5B architecture (the default) or --tiny")
     if "trl" in systems and cfg.loss_type not in TRL_LOSS:

@@ -17,7 +17,6 @@ import random
 import torch
 
 import config
-import data
 import llms
 import losses
 import rewards
@@ -59,11 +58,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args, rest = parser.parse_known_args(argv)
     cfg = config.load(rest + ["--model_name", args.model])
     torch.manual_seed(cfg.seed)
-    train_set, _ = data.load(cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.test_split, cfg.test_dataset,
-                             cfg.question_field, cfg.answer_field, cfg.seed, cfg.arithmetic_train_size,
-                             cfg.arithmetic_test_size, cfg.arithmetic_min_steps, cfg.arithmetic_max_steps,
-                             cfg.arithmetic_max_value, cfg.task, cfg.prompt_template, cfg.skip_bad_rows)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    train_set, _ = train.load_data(cfg)
+    device = train.pick_device(cfg)
     model, tokenizer = llms.load(args.model, device, cfg.dtype, cfg.gradient_checkpointing,
                                  trust_remote_code=cfg.trust_remote_code)
     rng = random.Random(cfg.seed)

@@ -99,6 +99,19 @@ def warm_start(model, tokenizer, examples, cfg, device) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
+def pick_device(cfg) -> str:
+    """cfg.device, with "auto" resolved to cuda when a GPU is there, else cpu."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+
+
+def load_data(cfg) -> tuple[list[dict], list[dict]]:
+    """(train, test) examples {"question", "answer", "solution"} of cfg.task, as data.load reads them."""
+    return data.load(cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.test_split, cfg.test_dataset,
+                     cfg.question_field, cfg.answer_field, cfg.seed, cfg.arithmetic_train_size,
+                     cfg.arithmetic_test_size, cfg.arithmetic_min_steps, cfg.arithmetic_max_steps,
+                     cfg.arithmetic_max_value, cfg.task, cfg.prompt_template, cfg.skip_bad_rows)
+
+
 def reward_settings(cfg) -> dict:
     """The config values reward functions take as keyword arguments (next to each chain's info)."""
     return {"think_fault_penalty": cfg.think_fault_penalty, "think_min_chars": cfg.think_min_chars,
@@ -166,7 +179,7 @@ def main(argv: list[str]) -> None:
     cfg = config.load(argv)
     if cfg.resume:
         cfg.out_dir = cfg.resume
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = pick_device(cfg)
     rewards.check_names(cfg.rewards)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -177,11 +190,7 @@ def main(argv: list[str]) -> None:
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     # 1. data: train and held-out test examples {"question", "answer", "solution"} of cfg.task
-    train_set, test_set = data.load(
-        cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.test_split, cfg.test_dataset,
-        cfg.question_field, cfg.answer_field, cfg.seed, cfg.arithmetic_train_size,
-        cfg.arithmetic_test_size, cfg.arithmetic_min_steps, cfg.arithmetic_max_steps,
-        cfg.arithmetic_max_value, cfg.task, cfg.prompt_template, cfg.skip_bad_rows)
+    train_set, test_set = load_data(cfg)
     if cfg.rollout == "ghpo":  # hints are cut from reference solutions: fail now, not at the first hint
         guidance.check_solutions(train_set, cfg.dataset)
     eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
