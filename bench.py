@@ -4,12 +4,16 @@
     python bench.py --cap_gb 24              # the same, limited to 24 GB of a larger card
     python bench.py --cap_gb 24 --lora_r 16  # LoRA; any train.py key applies (--beta, --num_chains, --sampler ...)
     python bench.py --tiny                   # CPU: the built-in tiny model, same workload shape
+    python bench.py --ragged                 # chains of unequal length, as real ones are
 
 The workload: a model of the exact Qwen2.5-1.5B architecture (vocab 151,936, tied embeddings) with
 random weights, built from its config on the device (nothing is downloaded), bf16 on GPU; one
 prompt of about 150 tokens x 16 chains, every chain forced to the full 786 new tokens (EOS is
 forbidden until then), a reward that varies between chains (distinct words), and `warmup` steps
-before `steps` measured ones. Both systems start from the same weights with matched settings:
+before `steps` measured ones. With --ragged, each sampled chain is then cut (EOS, padding after) to
+a length spread evenly over 1/G .. 1 of the maximum, in a seeded random order, the same in both
+systems: sampling still costs the full length (as when the longest chain runs to the limit), the
+loss passes see chains of unequal length. Both systems start from the same weights with matched settings:
 chains, lengths, micro-batch, dtype, gradient checkpointing, optimizer (8-bit AdamW), beta, loss,
 learning rate, LoRA. TRL samples with its own default (HF generate, dynamic cache); ours with
 `--sampler` (dynamic or static).
@@ -22,7 +26,7 @@ fraction of the physical limit: the bytes of the weights (each read once per dec
 the memory bandwidth, which is measured here with a large device-to-device copy. Decode time per
 token is sampling time / new tokens, prefill included, so the fraction is a lower bound.
 
-Bench-only flags: --tiny, --cap_gb (GB, 0 = no cap), --steps, --warmup, --prompt_tokens,
+Bench-only flags: --tiny, --cap_gb (GB, 0 = no cap), --steps, --warmup, --prompt_tokens, --ragged,
 --systems (ours,trl), --benchmarks_file. Our timings come from light wrappers around
 losses.token_logps / losses.liger_loss and the optimizer's step hooks: the loop itself is train.py's.
 """
@@ -48,7 +52,7 @@ import rollout
 import losses
 import train
 
-BENCH_FLAGS = {"tiny": False, "cap_gb": 0.0, "steps": 3, "warmup": 1, "prompt_tokens": 150,
+BENCH_FLAGS = {"tiny": False, "cap_gb": 0.0, "steps": 3, "warmup": 1, "prompt_tokens": 150, "ragged": False,
                "systems": "ours,trl", "benchmarks_file": "BENCHMARKS.md"}
 # Qwen/Qwen2.5-1.5B-Instruct's config.json, so that no download is needed
 QWEN2_5_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -101,6 +105,30 @@ def make_prompt(tokenizer, num_tokens: int, seed: int) -> str:
     pick = torch.randint(len(ordinary), (num_tokens,), generator=torch.Generator().manual_seed(seed))
     text = tokenizer.decode(ordinary[pick].tolist())  # a BPE tokenizer may merge across the joins:
     return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:num_tokens])  # cut again
+
+
+def chain_lengths(num_chains: int, max_tokens: int, ragged: bool, seed: int) -> list[int]:
+    """New tokens of each chain: all max_tokens, or (ragged) spread evenly over max/G .. max, shuffled."""
+    if not ragged:
+        return [max_tokens] * num_chains
+    order = torch.randperm(num_chains, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [max(1, round(max_tokens * (i + 1) / num_chains)) for i in order]
+
+
+def cut_chains(model, lengths: list[int], new_tokens: int, eos_id: int, pad_id: int) -> None:
+    """Wrap model.generate so that row i of its (full-length) output ends with EOS after
+    lengths[i % len(lengths)] new tokens, padding after: both systems call it, and read the EOS."""
+    generate = model.generate
+
+    def cut(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        seqs = out.sequences if hasattr(out, "sequences") else out  # (N, P + new_tokens)
+        ends = torch.tensor([lengths[i % len(lengths)] for i in range(len(seqs))], device=seqs.device)[:, None]
+        cols = torch.arange(new_tokens, device=seqs.device)
+        new = seqs[:, -new_tokens:]
+        seqs[:, -new_tokens:] = torch.where(cols < ends - 1, new, torch.where(cols == ends - 1, eos_id, pad_id))
+        return out
+    model.generate = cut
 
 
 def reward(text: str) -> float:
@@ -210,9 +238,11 @@ def swapped(module, name: str, fn):
         setattr(module, name, original)
 
 
-def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float) -> dict:
+def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, lengths: list[int]) -> dict:
     """train.py's functions, as train.main calls them: sample, reward, advantages, train_on_rollout."""
     model, tok = build(cfg, device, cfg.gradient_checkpointing)
+    if min(lengths) < cfg.max_completion_tokens:
+        cut_chains(model, lengths, cfg.max_completion_tokens, tok.eos_token_id, tok.pad_token_id)
     if cfg.lora_r > 0:
         model = llms.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     ref_model = None
@@ -247,13 +277,16 @@ def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float) 
     return row
 
 
-def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, workdir: str) -> dict:
+def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, lengths: list[int],
+            workdir: str) -> dict:
     """TRL's GRPOTrainer on the same model, prompt, reward and settings."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
     from transformers import TrainerCallback
 
     model, tok = build(cfg, device, gradient_checkpointing=False)  # TRL switches it on itself
+    if min(lengths) < cfg.max_completion_tokens:
+        cut_chains(model, lengths, cfg.max_completion_tokens, tok.eos_token_id, tok.pad_token_id)
     peft_config = None
     if cfg.lora_r > 0:
         from peft import LoraConfig
@@ -305,7 +338,10 @@ def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, w
     trainer._generate_single_turn = clock.wrap("sample", trainer._generate_single_turn)
     trainer._get_per_token_logps_and_entropies = clock.wrap("logp", trainer._get_per_token_logps_and_entropies)
     trainer.train()
-    tokens = cfg.num_chains * cfg.max_completion_tokens  # forced full length, as for ours
+    seen = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    if seen and abs(seen[-1] - sum(lengths) / len(lengths)) > 1e-3:  # TRL sampled some other way
+        raise RuntimeError(f"TRL's chains have mean length {seen[-1]}, not the workload's {sum(lengths) / len(lengths)}")
+    tokens = sum(lengths)  # as for ours
     row = summarise(f"trl {importlib.metadata.version('trl')}", measured, tokens, cfg.max_completion_tokens,
                     weight_bytes(trainer.model), bw, device)
     del trainer, model
@@ -336,15 +372,18 @@ def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_param
     cap = f", capped at {bench['cap_gb']:g} GB" if bench["cap_gb"] else ""
     model = "tiny" if cfg.model_name == llms.TINY else "Qwen2.5-1.5B architecture, random weights"
     memory = "GPU memory" if device.startswith("cuda") else "process peak RSS so far (CPU)"
+    ragged = (f" (--ragged: then cut to {min(bench['lengths'])}..{max(bench['lengths'])}, "
+              f"{sum(bench['lengths'])} in all)" if bench["ragged"] else "")
     lines = [
         f"### {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · {device_name(device)}{cap}", "",
         f"`python bench.py {shlex.join(argv)}`", "",
         f"{versions}. Model: {model}, {num_params / 1e6:.1f}M parameters, "
         f"{str(llms.pick_dtype(cfg.dtype, device)).replace('torch.', '')}. Workload: 1 prompt "
-        f"({bench['prompt_tokens']} tokens) x {cfg.num_chains} chains x {cfg.max_completion_tokens} new tokens, "
+        f"({bench['prompt_tokens']} tokens) x {cfg.num_chains} chains x {cfg.max_completion_tokens} new tokens"
+        f"{ragged}, "
         f"micro-batch {cfg.micro_batch_size}, {'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full fine-tuning'}, "
         f"beta {cfg.beta:g}, {cfg.optimizer}, gradient checkpointing {cfg.gradient_checkpointing}, "
-        f"kahan_updates {cfg.kahan_updates}; {bench['warmup']} warm-up + {bench['steps']} measured steps. "
+        f"kahan_updates {cfg.kahan_updates}, sort_micro_batches {cfg.sort_micro_batches}; {bench['warmup']} warm-up + {bench['steps']} measured steps. "
         f"Memory bandwidth (copy): {bw / 1e9:.1f} GB/s. Peak memory: {memory}.", "",
         "| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |" for row in rows]
@@ -384,15 +423,16 @@ def main(argv: list[str]) -> list[dict]:
     prompt, num_params = make_prompt(tok, bench["prompt_tokens"], cfg.seed), model.num_parameters()
     bench["prompt_tokens"] = len(tok(prompt, add_special_tokens=False)["input_ids"])
     del model
+    bench["lengths"] = lengths = chain_lengths(cfg.num_chains, cfg.max_completion_tokens, bench["ragged"], cfg.seed)
     rows = []
     for system in systems:
         reset_memory(device)
         torch.manual_seed(cfg.seed)
         if system == "ours":
-            rows.append(run_ours(cfg, device, prompt, bench["warmup"], bench["steps"], bw))
+            rows.append(run_ours(cfg, device, prompt, bench["warmup"], bench["steps"], bw, lengths))
         else:
             with tempfile.TemporaryDirectory() as workdir:
-                rows.append(run_trl(cfg, device, prompt, bench["warmup"], bench["steps"], bw, workdir))
+                rows.append(run_trl(cfg, device, prompt, bench["warmup"], bench["steps"], bw, lengths, workdir))
     text = report(rows, cfg, bench, device, bw, num_params, argv)
     print(text)
     with open(bench["benchmarks_file"], "a") as f:

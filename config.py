@@ -117,6 +117,8 @@ class Config:
     eps_high: float = 0.2              # DAPO's clip-higher: 0.28; CISPO caps its weight at 1 + eps_high
     num_iterations: int = 1            # optimizer steps per rollout (>1 uses stored old log-probs)
     micro_batch_size: int = 8          # chains per forward/backward; gradients accumulate over the step
+    sort_micro_batches: bool = True    # chains of similar length share a micro-batch, cropped after its longest
+    #                                    (faster; the same loss, except bnpo's per-micro-batch normaliser)
     logp_chunk: int = 256              # positions per log-prob chunk (bounds the logits memory)
     # --- optimizer
     optimizer: str = "adamw8bit"       # adamw8bit (bitsandbytes) or adamw

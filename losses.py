@@ -142,6 +142,12 @@ def first_trained_column(loss_mask) -> int:
     return max(1, int(loss_mask.sum(0).nonzero()[0]))
 
 
+def last_real_column(attention_mask) -> torch.Tensor:
+    """(N,) the index of each row's last real (attended) column."""
+    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.bool() * cols).max(1).values
+
+
 def free_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -150,6 +156,12 @@ def free_memory() -> None:
 def train_on_rollout(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> dict:
     """num_iterations optimizer steps on one rollout, in micro-batches; returns the logged figures.
 
+    Each micro-batch is cropped after its longest chain: the padding after the chains that ended
+    early costs nothing. With cfg.sort_micro_batches, chains are first sorted longest first, so
+    that chains of similar length share a micro-batch (and the first one is the largest: if it fits
+    in memory, all do). Every loss but bnpo sums per-chain or per-token terms with normalisers of
+    the whole step, so sorting changes nothing but the speed; bnpo's normaliser is the micro-batch's
+    token count, so sorting changes which chains share it.
     Guards: an update whose loss or gradient is not finite is skipped ("skipped": 1), and CUDA
     out-of-memory retries the pass with micro-batches of half the size, down to one chain; only then
     does the error reach the caller. No optimizer step has been taken when a pass is retried.
@@ -160,12 +172,23 @@ def train_on_rollout(model, ref_model, r: rollout.Rollout, advantages, optimizer
     n, num_tokens = len(r), mask.sum()
     adv = advantages.to(device)
     size = min(cfg.micro_batch_size, n)  # shrinks on out-of-memory, for the rest of this step
+    ends = last_real_column(r.attention_mask).clamp(min=start) + 1  # (N,) a chain's columns end before it
+    order = (torch.argsort(ends, descending=True, stable=True) if cfg.sort_micro_batches
+             else torch.arange(n, device=device))
 
-    def micro_batches():
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    def micro_batches():  # (rows (n,), end): the chains of each micro-batch and its cropped width
+        return [(rows, int(ends[rows].max())) for rows in order.split(size)]
 
-    def logps_of(m, s):
-        return token_logps(m, r.input_ids[s], r.attention_mask[s], start, cfg.temperature, cfg.logp_chunk)
+    def logps_of(m, mb):  # (n, end - start)
+        rows, end = mb
+        return token_logps(m, r.input_ids[rows, :end], r.attention_mask[rows, :end], start, cfg.temperature,
+                           cfg.logp_chunk)
+
+    def all_logps(m):  # (N, T): every chain's log-probs in rollout order, 0 after a cropped chain's end
+        out = torch.zeros(mask.shape, device=device)
+        for rows, end in micro_batches():
+            out[rows, :end - start] = logps_of(m, (rows, end))
+        return out
 
     def retry_on_oom(fn):
         nonlocal size
@@ -182,29 +205,32 @@ def train_on_rollout(model, ref_model, r: rollout.Rollout, advantages, optimizer
 
     @torch.no_grad()
     def fixed_logps():  # per rollout: old policy (if reused) and reference log-probs, (N, T) each
-        old = torch.cat([logps_of(model, s) for s in micro_batches()]) if cfg.num_iterations > 1 else None
+        old = all_logps(model) if cfg.num_iterations > 1 else None
         ref = None
         if cfg.beta > 0 and ref_model is not None:
-            ref = torch.cat([logps_of(ref_model, s) for s in micro_batches()])
+            ref = all_logps(ref_model)
         elif cfg.beta > 0:  # LoRA: the reference is the base model, i.e. the adapter switched off
             with model.disable_adapter():
-                ref = torch.cat([logps_of(model, s) for s in micro_batches()])
+                ref = all_logps(model)
         return old, ref
 
-    def pick(t, s):
-        return None if t is None else t[s]
+    def pick(t, mb):  # the micro-batch's rows of an (N, T) tensor, cropped to its width
+        rows, end = mb
+        return None if t is None else t[rows, :end - start]
 
     def one_update():  # forward + backward over all micro-batches, then one optimizer step (or a skip)
         mbs = micro_batches()
         step = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
-        for s in mbs:
+        for mb in mbs:
+            rows, end = mb
             if cfg.liger:
-                loss, st = liger_loss(model, r.input_ids[s], r.attention_mask[s], mask[s], start, adv[s],
-                                      pick(old, s), pick(ref, s), cfg, n, num_tokens, len(mbs))
+                loss, st = liger_loss(model, r.input_ids[rows, :end], r.attention_mask[rows, :end], pick(mask, mb),
+                                      start, adv[rows], pick(old, mb), pick(ref, mb), cfg, n, num_tokens, len(mbs))
             else:
-                logps = logps_of(model, s)
-                old_s = old[s] if old is not None else logps.detach()
-                loss, st = policy_loss(logps, old_s, pick(ref, s), adv[s], mask[s], cfg, n, num_tokens, len(mbs))
+                logps = logps_of(model, mb)
+                old_mb = pick(old, mb) if old is not None else logps.detach()
+                loss, st = policy_loss(logps, old_mb, pick(ref, mb), adv[rows], pick(mask, mb), cfg, n, num_tokens,
+                                       len(mbs))
             loss.backward()
             step["loss"] += loss.item()
             step["kl"] += st["kl"]

@@ -33,3 +33,13 @@ def test_unknown_system_and_key_are_clear_errors(tmp_path):
         bench.main(SMALL + ["--systems", "vllm", "--benchmarks_file", str(tmp_path / "b.md")])
     with pytest.raises(ValueError, match="unknown config key"):
         bench.main(SMALL + ["--num_chain", "4"])
+
+
+def test_ragged_chains_reach_both_systems(tmp_path):
+    lengths = bench.chain_lengths(4, 8, True, seed=0)
+    assert sorted(lengths) == [2, 4, 6, 8] and lengths != sorted(lengths)  # spread evenly, shuffled
+    assert bench.chain_lengths(4, 8, False, seed=0) == [8] * 4
+    rows = bench.main(SMALL + ["--ragged", "true", "--benchmarks_file", str(tmp_path / "b.md")])
+    for r in rows:  # ours counts the trained tokens of its rollout; TRL's own log is checked in run_trl
+        assert r["tokens_per_s"] * r["step_s"] == pytest.approx(20), r["system"]
+    assert "(--ragged: then cut to 2..8, 20 in all)" in (tmp_path / "b.md").read_text()

@@ -463,3 +463,44 @@ def test_train_on_rollout_liger_matches_plain(lm, roll, loss_type):
         assert s1[key] == pytest.approx(s0[key], rel=1e-4, abs=1e-6), key
     for a, b in zip(p0, p1):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def with_right_padding(r, extra):
+    """The same rollout with `extra` more padding columns after every chain."""
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, extra), value=value)
+    return rollout.Rollout(pad(r.input_ids, 0), pad(r.attention_mask, 0), pad(r.loss_mask, 0.0), r.group,
+                           r.texts, r.info)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "gspo", "cispo"])
+def test_sorted_cropped_micro_batches_give_the_same_update(lm, roll, loss_type, monkeypatch):
+    # unsorted micro-batches {0, 1}, {2, 3} against sorted ones {2, 0}, {3, 1} of a rollout with 5 more
+    # padding columns: old and ref log-probs (num_iterations 2, beta 0.1), loss and update all agree
+    base, _ = lm
+    ref_model = copy.deepcopy(base).requires_grad_(False)
+    adv, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), roll.group, "group")
+    widths, original = [], losses.token_logps
+
+    def recorded(model, input_ids, *args):
+        widths.append(input_ids.shape[1])
+        return original(model, input_ids, *args)
+    monkeypatch.setattr(losses, "token_logps", recorded)
+    results = []
+    for r, sort in ((roll, False), (with_right_padding(roll, 5), True)):
+        widths.clear()
+        model = copy.deepcopy(base)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        stats = losses.train_on_rollout(model, ref_model, r, adv, optimizer,
+                                       train_cfg(loss_type=loss_type, sort_micro_batches=sort))
+        results.append((stats, [p.detach() for p in model.parameters()], list(widths)))
+    (s0, p0, w0), (s1, p1, w1) = results
+    for key in ("loss", "grad_norm", "kl", "clip_frac"):
+        assert s1[key] == pytest.approx(s0[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(p0, p1):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    ends = losses.last_real_column(roll.attention_mask) + 1
+    assert w0[:2] == [int(ends[:2].max()), int(ends[2:].max())]  # rollout order, each cropped
+    by_length = ends.sort(descending=True).values
+    assert w1[:2] == [int(by_length[0]), int(by_length[2])]  # longest first; the extra padding never seen
+    assert sum(w1[:2]) < sum(w0[:2])  # sorting saves columns here
