@@ -86,3 +86,35 @@ def test_static_sampler_samples_like_the_dynamic_one(tiny, task):
         assert out["dynamic"].shape == (12, 16)
         assert torch.equal(out["dynamic"], out["static"]), temperature
     assert not torch.equal(out["static"][0], out["static"][1])  # seeded samples do differ between chains
+
+
+def test_static_sampler_compiles_its_decode_step_a_bounded_number_of_times(tiny, task, monkeypatch):
+    """On GPU, HF compiles the static sampler's decode step (CUDA graphs). Prompt widths and chain counts
+    change from step to step (and between plain, guided and eval calls): that must not recompile every
+    call, or the compile time would eat the gain. Here the GPU-only compile path is forced on CPU, with a
+    backend that only counts the graphs dynamo hands it (CUDA graph recording itself is not covered)."""
+    import copy
+
+    from transformers import CompileConfig
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    torch._dynamo.reset()
+    monkeypatch.setattr(type(model), "_valid_auto_compile_criteria", lambda self, kwargs, config: True)
+    model.generation_config.compile_config = CompileConfig(backend=counting_backend, mode=None)
+    new_graphs = []
+    for i, (questions, chains) in enumerate([(4, 2), (4, 2), (4, 2), (3, 4), (4, 2), (2, 2)]):
+        prompts = [llms.chat_prompt(tok, "Solve it. " * (3 * i), ex["question"]) for ex in task[0][i:i + questions]]
+        before = len(graphs)
+        rollout.sample(model, tok, prompts, chains, 96, 8, 1.0, sampler="static")
+        new_graphs.append(len(graphs) - before)
+    torch._dynamo.reset()
+    assert new_graphs[0] >= 1  # the forced path really compiles
+    # each new kind of change recompiles once (dynamo then marks that size dynamic), after that none do:
+    # the last two calls bring a new prompt width and a new chain count, and compile nothing
+    assert sum(new_graphs) < len(new_graphs) and new_graphs[-2:] == [0, 0], new_graphs
