@@ -5,6 +5,7 @@
     python bench.py --cap_gb 24 --lora_r 16  # LoRA; any train.py key applies (--beta, --num_chains, --sampler ...)
     python bench.py --tiny                   # CPU: the built-in tiny model, same workload shape
     python bench.py --ragged                 # chains of unequal length, as real ones are
+    python bench.py --head_memory            # the log-prob head alone: memory of micro_batch_size x logp_chunk
 
 The workload: a model of the exact Qwen2.5-1.5B architecture (vocab 151,936, tied embeddings) with
 random weights, built from its config on the device (nothing is downloaded), bf16 on GPU; one
@@ -26,8 +27,13 @@ fraction of the physical limit: the bytes of the weights (each read once per dec
 the memory bandwidth, which is measured here with a large device-to-device copy. Decode time per
 token is sampling time / new tokens, prefill included, so the fraction is a lower bound.
 
+--head_memory measures one piece instead: the output projection and log-probs (losses.head_logps,
+forward and backward) of one micro-batch of micro_batch_size chains x logp_chunk positions, on the
+workload's vocab and hidden size with random hidden states: its peak memory above the weights and
+gradients, and its time. This is the transient that logp_chunk bounds.
+
 Bench-only flags: --tiny, --cap_gb (GB, 0 = no cap), --steps, --warmup, --prompt_tokens, --ragged,
---systems (ours,trl), --benchmarks_file. Our timings come from light wrappers around
+--head_memory, --systems (ours,trl), --benchmarks_file. Our timings come from light wrappers around
 losses.token_logps / losses.liger_loss and the optimizer's step hooks: the loop itself is train.py's.
 """
 import contextlib
@@ -53,6 +59,7 @@ import losses
 import train
 
 BENCH_FLAGS = {"tiny": False, "cap_gb": 0.0, "steps": 3, "warmup": 1, "prompt_tokens": 150, "ragged": False,
+               "head_memory": False,
                "systems": "ours,trl", "benchmarks_file": "BENCHMARKS.md"}
 # Qwen/Qwen2.5-1.5B-Instruct's config.json, so that no download is needed
 QWEN2_5_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -348,6 +355,29 @@ def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, l
     return row
 
 
+def run_head(cfg, device: str) -> dict:
+    """The log-prob head alone on one chunk: peak memory above its inputs, and seconds."""
+    tiny = cfg.model_name == llms.TINY
+    vocab, width = (cfg.tiny_vocab_size, cfg.tiny_hidden) if tiny else (QWEN2_5_1_5B["vocab_size"],
+                                                                         QWEN2_5_1_5B["hidden_size"])
+    dtype, n, chunk = llms.pick_dtype(cfg.dtype, device), cfg.micro_batch_size, cfg.logp_chunk
+    torch.manual_seed(cfg.seed)
+    head = torch.nn.Linear(width, vocab, bias=False, device=device, dtype=dtype)
+    hidden = torch.randn(n, chunk + 1, width, device=device, dtype=dtype, requires_grad=True)
+    ids = torch.randint(vocab, (n, chunk + 1), device=device)
+    head.weight.grad, hidden.grad = torch.zeros_like(head.weight), torch.zeros_like(hidden)  # as when accumulating
+    reset_memory(device)
+    base = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else peak_memory(device)[0]
+    clock = Clock(device)
+    t0 = clock.now()
+    losses.head_logps(hidden, head, ids, 1, cfg.temperature, chunk).sum().backward()
+    seconds = clock.now() - t0
+    peak = peak_memory(device)[0] - base
+    return {"vocab": vocab, "hidden": width, "dtype": str(dtype).replace("torch.", ""), "chains": n,
+            "positions": chunk, "peak_gb": peak, "bytes_per_logit": peak * 2**30 / (n * chunk * vocab),
+            "seconds": seconds}
+
+
 # ----------------------------------------------------------------------------------------------
 # Report
 
@@ -366,9 +396,22 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def versions() -> str:
+    return ", ".join(f"{p} {importlib.metadata.version(p)}" for p in
+                     ("torch", "transformers", "trl", "bitsandbytes", "peft"))
+
+
+def report_head(h: dict, device: str, argv: list[str]) -> str:
+    return "\n".join([
+        f"### {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · {device_name(device)}", "",
+        f"`python bench.py {shlex.join(argv)}`", "",
+        f"{versions()}. The log-prob head alone (losses.head_logps, forward + backward, one chunk): vocab "
+        f"{h['vocab']:,}, hidden {h['hidden']}, {h['dtype']}, {h['chains']} chains x {h['positions']} positions "
+        f"= {h['chains'] * h['positions'] * h['vocab'] / 1e6:.1f}M logits. Peak memory above the weights and "
+        f"gradients: **{h['peak_gb']:.2f} GB** ({h['bytes_per_logit']:.1f} bytes per logit); {h['seconds']:.2f} s."]) + "\n"
+
+
 def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_params: int, argv: list[str]) -> str:
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in
-                         ("torch", "transformers", "trl", "bitsandbytes", "peft"))
     cap = f", capped at {bench['cap_gb']:g} GB" if bench["cap_gb"] else ""
     model = "tiny" if cfg.model_name == llms.TINY else "Qwen2.5-1.5B architecture, random weights"
     memory = "GPU memory" if device.startswith("cuda") else "process peak RSS so far (CPU)"
@@ -377,7 +420,7 @@ def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_param
     lines = [
         f"### {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · {device_name(device)}{cap}", "",
         f"`python bench.py {shlex.join(argv)}`", "",
-        f"{versions}. Model: {model}, {num_params / 1e6:.1f}M parameters, "
+        f"{versions()}. Model: {model}, {num_params / 1e6:.1f}M parameters, "
         f"{str(llms.pick_dtype(cfg.dtype, device)).replace('torch.', '')}. Workload: 1 prompt "
         f"({bench['prompt_tokens']} tokens) x {cfg.num_chains} chains x {cfg.max_completion_tokens} new tokens"
         f"{ragged}, "
@@ -418,6 +461,13 @@ def main(argv: list[str]) -> list[dict]:
     if bench["cap_gb"] and device.startswith("cuda"):  # before any allocation: the allocator enforces it
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, bench["cap_gb"] * 2**30 / total))
+    if bench["head_memory"]:
+        rows = [run_head(cfg, device)]
+        text = report_head(rows[0], device, argv)
+        print(text)
+        with open(bench["benchmarks_file"], "a") as f:
+            f.write("\n" + text)
+        return rows
     bw = bandwidth(device)
     model, tok = build(cfg, device, gradient_checkpointing=False)
     prompt, num_params = make_prompt(tok, bench["prompt_tokens"], cfg.seed), model.num_parameters()

@@ -43,3 +43,13 @@ def test_ragged_chains_reach_both_systems(tmp_path):
     for r in rows:  # ours counts the trained tokens of its rollout; TRL's own log is checked in run_trl
         assert r["tokens_per_s"] * r["step_s"] == pytest.approx(20), r["system"]
     assert "(--ragged: then cut to 2..8, 20 in all)" in (tmp_path / "b.md").read_text()
+
+
+def test_head_memory_measures_one_chunk_of_the_log_prob_head(tmp_path):
+    path = tmp_path / "b.md"
+    (row,) = bench.main(["--tiny", "--head_memory", "--micro_batch_size", "4", "--logp_chunk", "32",
+                         "--benchmarks_file", str(path)])
+    assert (row["vocab"], row["hidden"], row["chains"], row["positions"]) == (512, 128, 4, 32)
+    assert row["seconds"] > 0 and row["peak_gb"] >= 0  # CPU: growth of this process's peak RSS, often 0 here
+    text = path.read_text()
+    assert "`python bench.py --tiny --head_memory" in text and "4 chains x 32 positions = 0.1M logits" in text
