@@ -318,7 +318,8 @@ def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, l
         lr_scheduler_type="cosine" if cfg.lr_schedule == "cosine" else "constant_with_warmup",
         optim="adamw_bnb_8bit" if cfg.optimizer == "adamw8bit" else "adamw_torch",
         gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=cfg.liger and device.startswith("cuda"))  # its layer kernels, as llms.prepare does ours
     dataset = Dataset.from_dict({"prompt": [prompt] * (warmup + steps) * 2})
     clock, measured = Clock(device), []
 
