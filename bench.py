@@ -14,8 +14,8 @@ forbidden until then), a reward that varies between chains (distinct words), and
 before `steps` measured ones. With --ragged, each sampled chain is then cut (EOS, padding after) to
 a length spread evenly over 1/G .. 1 of the maximum, in a seeded random order, the same in both
 systems: sampling still costs the full length (as when the longest chain runs to the limit), the
-loss passes see chains of unequal length. Both systems start from the same weights with matched settings:
-chains, lengths, micro-batch, dtype, gradient checkpointing, optimizer (8-bit AdamW), beta, loss,
+loss passes see chains of unequal length. Both systems start from the same weights with matched
+settings: chains, lengths, micro-batch, dtype, gradient checkpointing, optimizer (8-bit AdamW), beta, loss,
 learning rate, LoRA. TRL samples with its own default (HF generate, dynamic cache); ours with
 `--sampler` (dynamic or static).
 
@@ -59,8 +59,7 @@ import losses
 import train
 
 BENCH_FLAGS = {"tiny": False, "cap_gb": 0.0, "steps": 3, "warmup": 1, "prompt_tokens": 150, "ragged": False,
-               "head_memory": False,
-               "systems": "ours,trl", "benchmarks_file": "BENCHMARKS.md"}
+               "head_memory": False, "systems": "ours,trl", "benchmarks_file": "BENCHMARKS.md"}
 # Qwen/Qwen2.5-1.5B-Instruct's config.json, so that no download is needed
 QWEN2_5_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                     num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
@@ -347,8 +346,9 @@ def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, l
     trainer._get_per_token_logps_and_entropies = clock.wrap("logp", trainer._get_per_token_logps_and_entropies)
     trainer.train()
     seen = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    if seen and abs(seen[-1] - sum(lengths) / len(lengths)) > 1e-3:  # TRL sampled some other way
-        raise RuntimeError(f"TRL's chains have mean length {seen[-1]}, not the workload's {sum(lengths) / len(lengths)}")
+    mean_length = sum(lengths) / len(lengths)
+    if seen and abs(seen[-1] - mean_length) > 1e-3:  # TRL sampled some other way
+        raise RuntimeError(f"TRL's chains have mean length {seen[-1]}, not the workload's {mean_length}")
     tokens = sum(lengths)  # as for ours
     row = summarise(f"trl {importlib.metadata.version('trl')}", measured, tokens, cfg.max_completion_tokens,
                     weight_bytes(trainer.model), bw, device)
@@ -402,14 +402,18 @@ def versions() -> str:
                      ("torch", "transformers", "trl", "bitsandbytes", "peft"))
 
 
+def heading(device: str, argv: list[str], cap: str = "") -> list[str]:
+    return [f"### {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · {device_name(device)}{cap}", "",
+            f"`python bench.py {shlex.join(argv)}`", ""]
+
+
 def report_head(h: dict, device: str, argv: list[str]) -> str:
-    return "\n".join([
-        f"### {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · {device_name(device)}", "",
-        f"`python bench.py {shlex.join(argv)}`", "",
+    return "\n".join(heading(device, argv) + [
         f"{versions()}. The log-prob head alone (losses.head_logps, forward + backward, one chunk): vocab "
         f"{h['vocab']:,}, hidden {h['hidden']}, {h['dtype']}, {h['chains']} chains x {h['positions']} positions "
         f"= {h['chains'] * h['positions'] * h['vocab'] / 1e6:.1f}M logits. Peak memory above the weights and "
-        f"gradients: **{h['peak_gb']:.2f} GB** ({h['bytes_per_logit']:.1f} bytes per logit); {h['seconds']:.2f} s."]) + "\n"
+        f"gradients: **{h['peak_gb']:.2f} GB** ({h['bytes_per_logit']:.1f} bytes per logit); "
+        f"{h['seconds']:.2f} s."]) + "\n"
 
 
 def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_params: int, argv: list[str]) -> str:
@@ -418,16 +422,15 @@ def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_param
     memory = "GPU memory" if device.startswith("cuda") else "process peak RSS so far (CPU)"
     ragged = (f" (--ragged: then cut to {min(bench['lengths'])}..{max(bench['lengths'])}, "
               f"{sum(bench['lengths'])} in all)" if bench["ragged"] else "")
-    lines = [
-        f"### {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · {device_name(device)}{cap}", "",
-        f"`python bench.py {shlex.join(argv)}`", "",
+    lines = heading(device, argv, cap) + [
         f"{versions()}. Model: {model}, {num_params / 1e6:.1f}M parameters, "
         f"{str(llms.pick_dtype(cfg.dtype, device)).replace('torch.', '')}. Workload: 1 prompt "
         f"({bench['prompt_tokens']} tokens) x {cfg.num_chains} chains x {cfg.max_completion_tokens} new tokens"
         f"{ragged}, "
         f"micro-batch {cfg.micro_batch_size}, {'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full fine-tuning'}, "
         f"beta {cfg.beta:g}, {cfg.optimizer}, gradient checkpointing {cfg.gradient_checkpointing}, "
-        f"kahan_updates {cfg.kahan_updates}, sort_micro_batches {cfg.sort_micro_batches}; {bench['warmup']} warm-up + {bench['steps']} measured steps. "
+        f"kahan_updates {cfg.kahan_updates}, sort_micro_batches {cfg.sort_micro_batches}; "
+        f"{bench['warmup']} warm-up + {bench['steps']} measured steps. "
         f"Memory bandwidth (copy): {bw / 1e9:.1f} GB/s. Peak memory: {memory}.", "",
         "| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |" for row in rows]
@@ -437,6 +440,13 @@ def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_param
         lines += ["", f"Step time ours / TRL: {ours[0]['step_s'] / trl[0]['step_s']:.2f}; "
                       f"peak memory ours / TRL: {ours[0]['peak_reserved_gb'] / trl[0]['peak_reserved_gb']:.2f}"]
     return "\n".join(lines) + "\n"
+
+
+def publish(text: str, path: str) -> None:
+    """Print a section and append it to BENCHMARKS.md (or --benchmarks_file)."""
+    print(text)
+    with open(path, "a") as f:
+        f.write("\n" + text)
 
 
 def main(argv: list[str]) -> list[dict]:
@@ -464,10 +474,7 @@ def main(argv: list[str]) -> list[dict]:
         torch.cuda.set_per_process_memory_fraction(min(1.0, bench["cap_gb"] * 2**30 / total))
     if bench["head_memory"]:
         rows = [run_head(cfg, device)]
-        text = report_head(rows[0], device, argv)
-        print(text)
-        with open(bench["benchmarks_file"], "a") as f:
-            f.write("\n" + text)
+        publish(report_head(rows[0], device, argv), bench["benchmarks_file"])
         return rows
     bw = bandwidth(device)
     model, tok = build(cfg, device, gradient_checkpointing=False)
@@ -484,10 +491,7 @@ def main(argv: list[str]) -> list[dict]:
         else:
             with tempfile.TemporaryDirectory() as workdir:
                 rows.append(run_trl(cfg, device, prompt, bench["warmup"], bench["steps"], bw, lengths, workdir))
-    text = report(rows, cfg, bench, device, bw, num_params, argv)
-    print(text)
-    with open(bench["benchmarks_file"], "a") as f:
-        f.write("\n" + text)
+    publish(report(rows, cfg, bench, device, bw, num_params, argv), bench["benchmarks_file"])
     return rows
 
 
