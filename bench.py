@@ -42,7 +42,6 @@ import gc
 import importlib.metadata
 import os
 import platform
-import resource
 import shlex
 import sys
 import tempfile
@@ -146,23 +145,57 @@ def reward(text: str) -> float:
 # Measurement
 
 
+def memory_now(device: str) -> float:
+    """GB in use now: allocated by torch (GPU), or the process's resident memory (CPU)."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated() / 2**30
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def memory_mark(device: str) -> tuple[float, float]:
+    """(allocated, reserved) peak GB since the last mark, and a new mark. On CPU the process's peak
+    resident memory (VmHWM, reset through /proc/self/clear_refs), as both."""
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        return peak
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return hwm, hwm
+
+
 class Clock:
-    """Seconds per named phase, with the device synchronised at each edge so GPU work is counted."""
+    """Seconds and peak memory per named phase, with the device synchronised at each edge so GPU work
+    is counted. Memory between phases (backward, loss, rewards, setup) goes to "rest"."""
 
     def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.totals, self.started = {}, {}
+        self.device, self.cuda = device, device.startswith("cuda")
+        self.totals, self.started, self.peaks, self.open = {}, {}, {}, []
+        memory_mark(device)  # peaks count from here
 
     def now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def mark(self):  # the peak since the last edge belongs to the phase that was running
+        phase = self.open[-1] if self.open else "rest"
+        alloc, reserved = memory_mark(self.device)
+        old = self.peaks.get(phase, (0.0, 0.0))
+        self.peaks[phase] = (max(old[0], alloc), max(old[1], reserved))
+
     def start(self, name: str):
+        self.mark()
+        self.open.append(name)
         self.started[name] = self.now()
 
     def stop(self, name: str):
         self.totals[name] = self.totals.get(name, 0.0) + self.now() - self.started.pop(name)
+        self.mark()
+        self.open.remove(name)
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
@@ -205,24 +238,17 @@ def reset_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory(device: str) -> tuple[float, float]:
-    """(allocated, reserved) peak in GB on GPU; on CPU the process's peak resident memory, twice."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return rss, rss
 
 
 def summarise(system: str, steps: list[dict], tokens: int, new_tokens: int, bytes_per_step: int, bw: float,
-              device: str) -> dict:
-    """One row: the mean of the measured steps."""
+              clock: Clock) -> dict:
+    """One row: the mean time of the measured steps; peak memory over all steps, warm-up included."""
     mean = {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in ("step", "sample", "logp", "optim")}
     decode = mean["sample"] / new_tokens
-    alloc, reserved = peak_memory(device)
-    return {"system": system, "peak_alloc_gb": alloc, "peak_reserved_gb": reserved, "step_s": mean["step"],
+    clock.mark()
+    alloc, reserved = (max(p[i] for p in clock.peaks.values()) for i in (0, 1))
+    return {"system": system, "peak_alloc_gb": alloc, "peak_reserved_gb": reserved,
+            "peak_by_phase": {k: p[0] for k, p in clock.peaks.items()}, "step_s": mean["step"],
             "sample_s": mean["sample"], "logp_s": mean["logp"],
             "backward_s": mean["step"] - mean["sample"] - mean["logp"] - mean["optim"],
             "optim_s": mean["optim"], "tokens_per_s": tokens / mean["step"], "decode_ms": 1000 * decode,
@@ -278,7 +304,7 @@ def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, 
                 measured.append(times)
     tokens = int(r.loss_mask.sum())
     row = summarise(f"ours ({cfg.sampler})", measured, tokens, cfg.max_completion_tokens, weight_bytes(model), bw,
-                    device)
+                    clock)
     del model, ref_model, optimizer, r
     return row
 
@@ -351,7 +377,7 @@ def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, l
         raise RuntimeError(f"TRL's chains have mean length {seen[-1]}, not the workload's {mean_length}")
     tokens = sum(lengths)  # as for ours
     row = summarise(f"trl {importlib.metadata.version('trl')}", measured, tokens, cfg.max_completion_tokens,
-                    weight_bytes(trainer.model), bw, device)
+                    weight_bytes(trainer.model), bw, clock)
     del trainer, model
     return row
 
@@ -368,12 +394,11 @@ def run_head(cfg, device: str) -> dict:
     ids = torch.randint(vocab, (n, chunk + 1), device=device)
     head.weight.grad, hidden.grad = torch.zeros_like(head.weight), torch.zeros_like(hidden)  # as when accumulating
     reset_memory(device)
-    base = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else peak_memory(device)[0]
-    clock = Clock(device)
+    base, clock = memory_now(device), Clock(device)
     t0 = clock.now()
     losses.head_logps(hidden, head, ids, 1, cfg.temperature, chunk).sum().backward()
     seconds = clock.now() - t0
-    peak = peak_memory(device)[0] - base
+    peak = memory_mark(device)[0] - base
     return {"vocab": vocab, "hidden": width, "dtype": str(dtype).replace("torch.", ""), "chains": n,
             "positions": chunk, "peak_gb": peak, "bytes_per_logit": peak * 2**30 / (n * chunk * vocab),
             "seconds": seconds}
@@ -389,6 +414,9 @@ COLUMNS = [("system", "system", "{}"), ("peak_alloc_gb", "peak GB alloc", "{:.2f
            ("backward_s", "backward+rest s", "{:.2f}"), ("optim_s", "optim s", "{:.3f}"),
            ("tokens_per_s", "tokens/s", "{:.0f}"), ("decode_ms", "decode ms/token", "{:.2f}"),
            ("decode_bw_frac", "% of bandwidth limit", "{:.1%}")]
+
+
+PHASES = {"sample": "sampling", "logp": "log-prob forward", "rest": "backward and the rest", "optim": "optimizer step"}
 
 
 def device_name(device: str) -> str:
@@ -419,7 +447,8 @@ def report_head(h: dict, device: str, argv: list[str]) -> str:
 def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_params: int, argv: list[str]) -> str:
     cap = f", capped at {bench['cap_gb']:g} GB" if bench["cap_gb"] else ""
     model = "tiny" if cfg.model_name == llms.TINY else "Qwen2.5-1.5B architecture, random weights"
-    memory = "GPU memory" if device.startswith("cuda") else "process peak RSS so far (CPU)"
+    memory = ("GPU memory (torch's allocator)" if device.startswith("cuda")
+              else "the process's peak resident memory during each system's run (CPU)")
     ragged = (f" (--ragged: then cut to {min(bench['lengths'])}..{max(bench['lengths'])}, "
               f"{sum(bench['lengths'])} in all)" if bench["ragged"] else "")
     lines = heading(device, argv, cap) + [
@@ -434,6 +463,9 @@ def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_param
         f"Memory bandwidth (copy): {bw / 1e9:.1f} GB/s. Peak memory: {memory}.", "",
         "| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |" for row in rows]
+    lines += [""] + [f"Peak GB by phase, {row['system']}: " + ", ".join(
+        f"{label} {row['peak_by_phase'][k]:.2f}" for k, label in PHASES.items() if k in row["peak_by_phase"])
+        for row in rows]
     ours = [r for r in rows if r["system"].startswith("ours")]
     trl = [r for r in rows if r["system"].startswith("trl")]
     if ours and trl:

@@ -2,6 +2,7 @@
 import re
 
 import pytest
+import torch
 
 import bench
 
@@ -53,3 +54,20 @@ def test_head_memory_measures_one_chunk_of_the_log_prob_head(tmp_path):
     assert row["seconds"] > 0 and row["peak_gb"] >= 0  # CPU: growth of this process's peak RSS, often 0 here
     text = path.read_text()
     assert "`python bench.py --tiny --head_memory" in text and "4 chains x 32 positions = 0.1M logits" in text
+
+
+def test_peak_memory_is_split_by_phase_and_counts_from_each_systems_start():
+    clock = bench.Clock("cpu")
+    clock.start("sample")
+    held = torch.ones(2**26)  # 256 MB, resident while sampling
+    held += 1
+    clock.stop("sample")
+    del held
+    clock.start("optim")
+    clock.stop("optim")
+    clock.mark()
+    assert set(clock.peaks) == {"sample", "optim", "rest"}
+    assert clock.peaks["sample"][0] > clock.peaks["optim"][0] + 0.2  # the 256 MB shows in its phase only
+    again = bench.Clock("cpu")  # a new system's clock starts from what is resident now
+    again.mark()
+    assert again.peaks["rest"][0] < clock.peaks["sample"][0] - 0.2
