@@ -5,35 +5,29 @@
     python bench.py --cap_gb 24 --lora_r 16  # LoRA; any train.py key applies (--beta, --num_chains, --sampler ...)
     python bench.py --tiny                   # CPU: the built-in tiny model, same workload shape
     python bench.py --ragged                 # chains of unequal length, as real ones are
-    python bench.py --head_memory            # the log-prob head alone: memory of micro_batch_size x logp_chunk
 
 The workload: a model of the exact Qwen2.5-1.5B architecture (vocab 151,936, tied embeddings) with
 random weights, built from its config on the device (nothing is downloaded), bf16 on GPU; one
 prompt of about 150 tokens x 16 chains, every chain forced to the full 786 new tokens (EOS is
 forbidden until then), a reward that varies between chains (distinct words), and `warmup` steps
-before `steps` measured ones. With --ragged, each sampled chain is then cut (EOS, padding after) to
-a length spread evenly over 1/G .. 1 of the maximum, in a seeded random order, the same in both
-systems: sampling still costs the full length (as when the longest chain runs to the limit), the
-loss passes see chains of unequal length. Both systems start from the same weights with matched
-settings: chains, lengths, micro-batch, dtype, gradient checkpointing, optimizer (8-bit AdamW), beta, loss,
-learning rate, LoRA. TRL samples with its own default (HF generate, dynamic cache); ours with
-`--sampler` (dynamic or static).
+before `steps` measured ones. --ragged then cuts each chain (EOS, padding after) to a length spread
+evenly over 1/G .. 1 of the maximum, shuffled, the same in both systems: sampling costs the same,
+the loss passes see chains of unequal length. Both systems start from the same weights with
+matched settings (bench_trl.py maps ours onto TRL's); TRL samples with its own default (HF
+generate, dynamic cache), ours with `--sampler` (dynamic or static).
 
 Each system gets one row, printed and appended to BENCHMARKS.md (date, device, versions, command):
-peak memory (GPU: torch's allocated / reserved; CPU: the process's peak RSS so far), seconds per
-step split into sampling / log-prob forward passes / backward and the rest (loss, rewards,
-clipping) / optimizer step, sampled tokens per second of step, and decode time per token as a
-fraction of the physical limit: the bytes of the weights (each read once per decode step) over
-the memory bandwidth, which is measured here with a large device-to-device copy. Decode time per
-token is sampling time / new tokens, prefill included, so the fraction is a lower bound.
+peak memory over its run (GPU: torch's allocated / reserved; CPU: the process's peak resident
+memory since the system started), and under the table the peak of each phase; seconds per step
+split into sampling / log-prob forward passes / backward and the rest (loss, rewards, clipping) /
+optimizer step; sampled tokens per second of step; and decode time per token (sampling time / new
+tokens, prefill included) as a fraction of the physical limit: the weights' bytes (read once per
+decode step) over the memory bandwidth, measured here with a large device-to-device copy.
 
---head_memory measures one piece instead: the output projection and log-probs (losses.head_logps,
-forward and backward) of one micro-batch of micro_batch_size chains x logp_chunk positions, on the
-workload's vocab and hidden size with random hidden states: its peak memory above the weights and
-gradients, and its time. This is the transient that logp_chunk bounds.
+bench_head.py measures one piece alone: the log-prob head's memory for one chunk of logits.
 
 Bench-only flags: --tiny, --cap_gb (GB, 0 = no cap), --steps, --warmup, --prompt_tokens, --ragged,
---head_memory, --systems (ours,trl), --benchmarks_file. Our timings come from light wrappers around
+--systems (ours,trl), --benchmarks_file. Our timings come from light wrappers around
 losses.token_logps / losses.liger_loss and the optimizer's step hooks: the loop itself is train.py's.
 """
 import contextlib
@@ -50,6 +44,7 @@ import time
 import torch
 from transformers.utils import logging as hf_logging
 
+import bench_trl
 import config
 import data
 import llms
@@ -58,14 +53,13 @@ import losses
 import train
 
 BENCH_FLAGS = {"tiny": False, "cap_gb": 0.0, "steps": 3, "warmup": 1, "prompt_tokens": 150, "ragged": False,
-               "head_memory": False, "systems": "ours,trl", "benchmarks_file": "BENCHMARKS.md"}
+               "systems": "ours,trl", "benchmarks_file": "BENCHMARKS.md"}
 # Qwen/Qwen2.5-1.5B-Instruct's config.json, so that no download is needed
 QWEN2_5_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                     num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
                     rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, hidden_act="silu",
                     bos_token_id=151643, eos_token_id=151645)
 QWEN_SPECIAL = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
-TRL_LOSS = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo", "cispo": "cispo", "gspo": "grpo"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,97 +305,17 @@ def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, 
 
 def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, lengths: list[int],
             workdir: str) -> dict:
-    """TRL's GRPOTrainer on the same model, prompt, reward and settings."""
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-    from transformers import TrainerCallback
-
+    """TRL's GRPOTrainer on the same model, prompt, reward and settings (bench_trl.py)."""
     model, tok = build(cfg, device, gradient_checkpointing=False)  # TRL switches it on itself
     if min(lengths) < cfg.max_completion_tokens:
         cut_chains(model, lengths, cfg.max_completion_tokens, tok.eos_token_id, tok.pad_token_id)
-    peft_config = None
-    if cfg.lora_r > 0:
-        from peft import LoraConfig
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
-    elif cfg.beta > 0:  # TRL loads its reference model from the policy's path
-        model.save_pretrained(os.path.join(workdir, "ref"))
-        model.config._name_or_path = os.path.join(workdir, "ref")
-    accumulation = cfg.num_chains // cfg.micro_batch_size
-    args = GRPOConfig(
-        output_dir=workdir, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-        use_cpu=not device.startswith("cuda"), bf16=model.dtype == torch.bfloat16, seed=cfg.seed,
-        max_steps=warmup + steps, per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=accumulation, num_generations=cfg.num_chains,
-        max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-        repetition_penalty=1.0, generation_kwargs={"min_new_tokens": cfg.max_completion_tokens},
-        beta=cfg.beta, loss_type=TRL_LOSS[cfg.loss_type], scale_rewards=cfg.adv_scale,
-        importance_sampling_level="sequence" if cfg.loss_type == "gspo" else "token",
-        epsilon=cfg.eps_low, epsilon_high=cfg.eps_high, num_iterations=cfg.num_iterations,
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm, warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type="cosine" if cfg.lr_schedule == "cosine" else "constant_with_warmup",
-        optim="adamw_bnb_8bit" if cfg.optimizer == "adamw8bit" else "adamw_torch",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        use_liger_kernel=cfg.liger and device.startswith("cuda"))  # its layer kernels, as llms.prepare does ours
-    dataset = Dataset.from_dict({"prompt": [prompt] * (warmup + steps) * 2})
-    clock, measured = Clock(device), []
-
-    class Steps(TrainerCallback):  # a step ends at on_step_end; the optimizer step sits between two events
-        def on_train_begin(self, *a, **k):
-            self.t0 = clock.now()
-
-        def on_pre_optimizer_step(self, *a, **k):
-            clock.start("optim")
-
-        def on_optimizer_step(self, *a, **k):
-            clock.stop("optim")
-
-        def on_step_end(self, args, state, control, **k):
-            t = clock.now()
-            times = {"step": t - self.t0, **clock.take()}
-            self.t0 = t
-            if state.global_step > warmup:
-                measured.append(times)
-
-    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [reward(c) for c in completions],
-                          args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config,
-                          callbacks=[Steps()])
-    trainer._generate_single_turn = clock.wrap("sample", trainer._generate_single_turn)
-    trainer._get_per_token_logps_and_entropies = clock.wrap("logp", trainer._get_per_token_logps_and_entropies)
-    trainer.train()
-    seen = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    mean_length = sum(lengths) / len(lengths)
-    if seen and abs(seen[-1] - mean_length) > 1e-3:  # TRL sampled some other way
-        raise RuntimeError(f"TRL's chains have mean length {seen[-1]}, not the workload's {mean_length}")
-    tokens = sum(lengths)  # as for ours
-    row = summarise(f"trl {importlib.metadata.version('trl')}", measured, tokens, cfg.max_completion_tokens,
-                    weight_bytes(trainer.model), bw, clock)
-    del trainer, model
+    clock = Clock(device)
+    measured, trained = bench_trl.run(cfg, device, model, tok, prompt, reward, warmup, steps, clock, lengths,
+                                      workdir)
+    row = summarise(f"trl {importlib.metadata.version('trl')}", measured, sum(lengths), cfg.max_completion_tokens,
+                    weight_bytes(trained), bw, clock)
+    del model, trained
     return row
-
-
-def run_head(cfg, device: str) -> dict:
-    """The log-prob head alone on one chunk: peak memory above its inputs, and seconds."""
-    tiny = cfg.model_name == llms.TINY
-    vocab, width = (cfg.tiny_vocab_size, cfg.tiny_hidden) if tiny else (QWEN2_5_1_5B["vocab_size"],
-                                                                         QWEN2_5_1_5B["hidden_size"])
-    dtype, n, chunk = llms.pick_dtype(cfg.dtype, device), cfg.micro_batch_size, cfg.logp_chunk
-    torch.manual_seed(cfg.seed)
-    head = torch.nn.Linear(width, vocab, bias=False, device=device, dtype=dtype)
-    hidden = torch.randn(n, chunk + 1, width, device=device, dtype=dtype, requires_grad=True)
-    ids = torch.randint(vocab, (n, chunk + 1), device=device)
-    head.weight.grad, hidden.grad = torch.zeros_like(head.weight), torch.zeros_like(hidden)  # as when accumulating
-    reset_memory(device)
-    base, clock = memory_now(device), Clock(device)
-    t0 = clock.now()
-    losses.head_logps(hidden, head, ids, 1, cfg.temperature, chunk).sum().backward()
-    seconds = clock.now() - t0
-    peak = memory_mark(device)[0] - base
-    return {"vocab": vocab, "hidden": width, "dtype": str(dtype).replace("torch.", ""), "chains": n,
-            "positions": chunk, "peak_gb": peak, "bytes_per_logit": peak * 2**30 / (n * chunk * vocab),
-            "seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,18 +344,9 @@ def versions() -> str:
                      ("torch", "transformers", "trl", "bitsandbytes", "peft"))
 
 
-def heading(device: str, argv: list[str], cap: str = "") -> list[str]:
+def heading(device: str, argv: list[str], cap: str = "", script: str = "bench.py") -> list[str]:
     return [f"### {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · {device_name(device)}{cap}", "",
-            f"`python bench.py {shlex.join(argv)}`", ""]
-
-
-def report_head(h: dict, device: str, argv: list[str]) -> str:
-    return "\n".join(heading(device, argv) + [
-        f"{versions()}. The log-prob head alone (losses.head_logps, forward + backward, one chunk): vocab "
-        f"{h['vocab']:,}, hidden {h['hidden']}, {h['dtype']}, {h['chains']} chains x {h['positions']} positions "
-        f"= {h['chains'] * h['positions'] * h['vocab'] / 1e6:.1f}M logits. Peak memory above the weights and "
-        f"gradients: **{h['peak_gb']:.2f} GB** ({h['bytes_per_logit']:.1f} bytes per logit); "
-        f"{h['seconds']:.2f} s."]) + "\n"
+            f"`python {script} {shlex.join(argv)}`", ""]
 
 
 def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_params: int, argv: list[str]) -> str:
@@ -496,7 +401,7 @@ def main(argv: list[str]) -> list[dict]:
     device = train.pick_device(cfg)
     if cfg.model_name not in (llms.TINY, config.Config.model_name):
         raise ValueError("bench.py measures the Qwen2.5-1.5B architecture (the default) or --tiny")
-    if "trl" in systems and cfg.loss_type not in TRL_LOSS:
+    if "trl" in systems and cfg.loss_type not in bench_trl.TRL_LOSS:
         raise ValueError(f"TRL has no {cfg.loss_type!r} loss: pick another --loss_type or --systems ours")
     if "trl" in systems and cfg.num_chains % cfg.micro_batch_size:
         raise ValueError(f"TRL needs num_chains ({cfg.num_chains}) divisible by micro_batch_size "
@@ -504,10 +409,6 @@ def main(argv: list[str]) -> list[dict]:
     if bench["cap_gb"] and device.startswith("cuda"):  # before any allocation: the allocator enforces it
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, bench["cap_gb"] * 2**30 / total))
-    if bench["head_memory"]:
-        rows = [run_head(cfg, device)]
-        publish(report_head(rows[0], device, argv), bench["benchmarks_file"])
-        return rows
     bw = bandwidth(device)
     model, tok = build(cfg, device, gradient_checkpointing=False)
     prompt, num_params = make_prompt(tok, bench["prompt_tokens"], cfg.seed), model.num_parameters()

@@ -1,10 +1,12 @@
-"""bench.py --tiny runs both systems end to end and appends a well-formed section to BENCHMARKS.md."""
+"""bench.py --tiny runs both systems end to end and appends a well-formed section to BENCHMARKS.md;
+bench_head.py measures the log-prob head alone."""
 import re
 
 import pytest
 import torch
 
 import bench
+import bench_head
 
 SMALL = ["--tiny", "--tiny_hidden", "32", "--tiny_layers", "2", "--num_chains", "4", "--micro_batch_size", "2",
          "--max_completion_tokens", "8", "--prompt_tokens", "16", "--steps", "1", "--warmup", "1"]
@@ -46,14 +48,13 @@ def test_ragged_chains_reach_both_systems(tmp_path):
     assert "(--ragged: then cut to 2..8, 20 in all)" in (tmp_path / "b.md").read_text()
 
 
-def test_head_memory_measures_one_chunk_of_the_log_prob_head(tmp_path):
+def test_bench_head_measures_one_chunk_of_the_log_prob_head(tmp_path):
     path = tmp_path / "b.md"
-    (row,) = bench.main(["--tiny", "--head_memory", "--micro_batch_size", "4", "--logp_chunk", "32",
-                         "--benchmarks_file", str(path)])
+    row = bench_head.main(["--tiny", "--micro_batch_size", "4", "--logp_chunk", "32", "--benchmarks_file", str(path)])
     assert (row["vocab"], row["hidden"], row["chains"], row["positions"]) == (512, 128, 4, 32)
-    assert row["seconds"] > 0 and row["peak_gb"] >= 0  # CPU: growth of this process's peak RSS, often 0 here
+    assert row["seconds"] > 0 and row["peak_gb"] >= 0  # CPU: resident memory, whose growth is often 0 here
     text = path.read_text()
-    assert "`python bench.py --tiny --head_memory" in text and "4 chains x 32 positions = 0.1M logits" in text
+    assert "`python bench_head.py --tiny" in text and "4 chains x 32 positions = 0.1M logits" in text
 
 
 def test_peak_memory_is_split_by_phase_and_counts_from_each_systems_start():
