@@ -23,7 +23,9 @@ import rollout
 
 
 def _chunk_logps(hidden, weight, bias, targets, temperature):
-    logits = F.linear(hidden, weight, bias).float() / temperature  # (n, c, V), one chunk only
+    # contiguous: with a frozen head (LoRA), a sliced 3-D input makes torch's matmul expand the
+    # weight once per chain (bmm) instead of one mm: 3.7 GB per chunk at Qwen2.5's vocab on CPU
+    logits = F.linear(hidden.contiguous(), weight, bias).float() / temperature  # (n, c, V), one chunk only
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -43,8 +45,8 @@ def head_logps(hidden, head, input_ids, start: int, temperature: float, chunk: i
     """token_logps from the final hidden states (n, L, H): the output projection, chunk by chunk.
 
     Its memory, beyond the weights and gradients, is one chunk's logits and their gradient: about 16
-    bytes x n x chunk x vocab, measured on CPU in bf16 by `python bench.py --head_memory --device cpu
-    --dtype bf16` (Qwen2.5's vocab of 151,936: 1.18 GB at 8 chains x 64 positions, 4.66 GB at 8 x 256).
+    bytes x n x chunk x vocab, measured on CPU in bf16 by `python bench_head.py --device cpu --dtype bf16
+    --logp_chunk N` (Qwen2.5's vocab of 151,936: 1.18 GB at 8 chains x 64 positions, 4.66 GB at 8 x 256).
     """
     out = []
     for s in range(start, input_ids.shape[1], chunk):
