@@ -80,8 +80,16 @@ def word_tokenizer(vocab_size: int, special: dict):
                                    chat_template=llms.CHAT_TEMPLATE)
 
 
-def build(cfg, device: str, gradient_checkpointing: bool):
-    """A fresh (model, tokenizer), the same weights on every call (seeded)."""
+def build(cfg, device: str, gradient_checkpointing: bool, lengths: list[int] | None = None):
+    """A fresh (model, tokenizer), the same weights on every call (seeded); chains cut to `lengths`
+    (cut_chains) when any is shorter than the maximum."""
+    model, tok = build_model(cfg, device, gradient_checkpointing)
+    if lengths and min(lengths) < cfg.max_completion_tokens:
+        cut_chains(model, lengths, cfg.max_completion_tokens, tok.eos_token_id, tok.pad_token_id)
+    return model, tok
+
+
+def build_model(cfg, device: str, gradient_checkpointing: bool):
     if cfg.model_name == llms.TINY:
         train_set, _ = data.arithmetic_task(500, 10, seed=cfg.seed)
         return llms.load(llms.TINY, device, cfg.dtype, gradient_checkpointing, cfg.liger,
@@ -266,9 +274,7 @@ def swapped(module, name: str, fn):
 
 def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, lengths: list[int]) -> dict:
     """train.py's functions, as train.main calls them: sample, reward, advantages, train_on_rollout."""
-    model, tok = build(cfg, device, cfg.gradient_checkpointing)
-    if min(lengths) < cfg.max_completion_tokens:
-        cut_chains(model, lengths, cfg.max_completion_tokens, tok.eos_token_id, tok.pad_token_id)
+    model, tok = build(cfg, device, cfg.gradient_checkpointing, lengths)
     if cfg.lora_r > 0:
         model = llms.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     ref_model = None
@@ -306,9 +312,7 @@ def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, 
 def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, lengths: list[int],
             workdir: str) -> dict:
     """TRL's GRPOTrainer on the same model, prompt, reward and settings (bench_trl.py)."""
-    model, tok = build(cfg, device, gradient_checkpointing=False)  # TRL switches it on itself
-    if min(lengths) < cfg.max_completion_tokens:
-        cut_chains(model, lengths, cfg.max_completion_tokens, tok.eos_token_id, tok.pad_token_id)
+    model, tok = build(cfg, device, False, lengths)  # gradient checkpointing: TRL switches it on itself
     clock = Clock(device)
     measured, trained = bench_trl.run(cfg, device, model, tok, prompt, reward, warmup, steps, clock, lengths,
                                       workdir)

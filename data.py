@@ -312,10 +312,10 @@ def target_text(example: dict, answer_only: bool = False, slip_rate: float = 0.0
         return example["target"]
     if answer_only or not example["solution"]:
         return f"#### {example['answer']}"
+    solution, answer = example["solution"], example["answer"]
     if slip_rate > 0:
-        solution, answer = with_slips(example["solution"], slip_rate, rng)
-        return f"{solution}\n#### {answer}"
-    return f"{example['solution']}\n#### {example['answer']}"
+        solution, answer = with_slips(solution, slip_rate, rng)
+    return f"{solution}\n#### {answer}"
 
 
 EQUATION_RE = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)\.$")

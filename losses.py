@@ -191,10 +191,12 @@ def train_on_rollout(model, ref_model, r: rollout.Rollout, advantages, optimizer
     def micro_batches():  # (rows (n,), end): the chains of each micro-batch and its cropped width
         return [(rows, int(ends[rows].max())) for rows in order.split(size)]
 
-    def logps_of(m, mb):  # (n, end - start)
+    def inputs(mb):  # (ids, attention mask) of the micro-batch's chains, cropped
         rows, end = mb
-        return token_logps(m, r.input_ids[rows, :end], r.attention_mask[rows, :end], start, cfg.temperature,
-                           cfg.logp_chunk)
+        return r.input_ids[rows, :end], r.attention_mask[rows, :end]
+
+    def logps_of(m, mb):  # (n, end - start)
+        return token_logps(m, *inputs(mb), start, cfg.temperature, cfg.logp_chunk)
 
     def all_logps(m):  # (N, T): every chain's log-probs in rollout order, 0 after a cropped chain's end
         out = torch.zeros(mask.shape, device=device)
@@ -234,10 +236,10 @@ def train_on_rollout(model, ref_model, r: rollout.Rollout, advantages, optimizer
         mbs = micro_batches()
         step = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
         for mb in mbs:
-            rows, end = mb
+            rows, _ = mb
             if cfg.liger:
-                loss, st = liger_loss(model, r.input_ids[rows, :end], r.attention_mask[rows, :end], pick(mask, mb),
-                                      start, adv[rows], pick(old, mb), pick(ref, mb), cfg, n, num_tokens, len(mbs))
+                loss, st = liger_loss(model, *inputs(mb), pick(mask, mb), start, adv[rows], pick(old, mb),
+                                      pick(ref, mb), cfg, n, num_tokens, len(mbs))
             else:
                 logps = logps_of(model, mb)
                 old_mb = pick(old, mb) if old is not None else logps.detach()
