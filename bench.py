@@ -31,6 +31,7 @@ Bench-only flags: --tiny, --cap_gb (GB, 0 = no cap), --steps, --warmup, --prompt
 losses.token_logps / losses.liger_loss and the optimizer's step hooks: the loop itself is train.py's.
 """
 import contextlib
+import copy
 import datetime
 import gc
 import importlib.metadata
@@ -47,10 +48,11 @@ from transformers.utils import logging as hf_logging
 import bench_trl
 import config
 import data
+import grpo
 import llms
-import rollout
 import losses
-import train
+import rewards
+import samplers
 
 BENCH_FLAGS = {"tiny": False, "cap_gb": 0.0, "steps": 3, "warmup": 1, "prompt_tokens": 150, "ragged": False,
                "systems": "ours,trl", "benchmarks_file": "BENCHMARKS.md"}
@@ -80,10 +82,16 @@ def word_tokenizer(vocab_size: int, special: dict):
                                    chat_template=llms.CHAT_TEMPLATE)
 
 
+RAW_PROMPT = "{{ messages[-1]['content'] }}"  # the chat template of the workload: its prompt as it is
+
+
 def build(cfg, device: str, gradient_checkpointing: bool, lengths: list[int] | None = None):
-    """A fresh (model, tokenizer), the same weights on every call (seeded); chains cut to `lengths`
-    (cut_chains) when any is shorter than the maximum."""
+    """A fresh (model, tokenizer), the same weights on every call (seeded). Every chain is forced to its
+    full length, then cut to `lengths` (cut_chains) when any is shorter than the maximum; the chat
+    template is the prompt itself, so both systems see the same prompt tokens."""
     model, tok = build_model(cfg, device, gradient_checkpointing)
+    tok.chat_template = RAW_PROMPT
+    force_length(model, cfg.max_completion_tokens)
     if lengths and min(lengths) < cfg.max_completion_tokens:
         cut_chains(model, lengths, cfg.max_completion_tokens, tok.eos_token_id, tok.pad_token_id)
     return model, tok
@@ -92,8 +100,8 @@ def build(cfg, device: str, gradient_checkpointing: bool, lengths: list[int] | N
 def build_model(cfg, device: str, gradient_checkpointing: bool):
     if cfg.model_name == llms.TINY:
         train_set, _ = data.arithmetic_task(500, 10, seed=cfg.seed)
-        return llms.load(llms.TINY, device, cfg.dtype, gradient_checkpointing, cfg.liger,
-                         tiny_corpus=[ex["question"] + "\n" + data.target_text(ex) for ex in train_set],
+        return llms.load(llms.TINY, device, dtype=cfg.dtype, gradient_checkpointing=gradient_checkpointing,
+                         liger=cfg.liger, tiny_corpus=[ex["question"] + "\n" + data.target_text(ex) for ex in train_set],
                          tiny_vocab_size=cfg.tiny_vocab_size, tiny_hidden=cfg.tiny_hidden,
                          tiny_layers=cfg.tiny_layers, seed=cfg.seed)
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -122,6 +130,19 @@ def chain_lengths(num_chains: int, max_tokens: int, ragged: bool, seed: int) -> 
     return [max(1, round(max_tokens * (i + 1) / num_chains)) for i in order]
 
 
+def force_length(model, new_tokens: int) -> None:
+    """Wrap model.generate so that no row may end (EOS) before new_tokens: sampling costs the same in
+    both systems whatever the random weights write (TRL also gets min_new_tokens from bench_trl)."""
+    generate = model.generate
+
+    def forced(*args, generation_config=None, **kwargs):
+        if generation_config is not None:
+            generation_config = copy.copy(generation_config)
+            generation_config.min_new_tokens = new_tokens
+        return generate(*args, generation_config=generation_config, **kwargs)
+    model.generate = forced
+
+
 def cut_chains(model, lengths: list[int], new_tokens: int, eos_id: int, pad_id: int) -> None:
     """Wrap model.generate so that row i of its (full-length) output ends with EOS after
     lengths[i % len(lengths)] new tokens, padding after: both systems call it, and read the EOS."""
@@ -141,6 +162,11 @@ def cut_chains(model, lengths: list[int], new_tokens: int, eos_id: int, pad_id: 
 def reward(text: str) -> float:
     """Distinct words / 100: varies between chains, so advantages (and gradients) are not zero."""
     return len(set(text.split())) / 100
+
+
+def distinct_words(completion: str, answer: str, **info) -> float:
+    """`reward` as a reward function (rewards.REWARDS): ours scores the workload through grpo.step."""
+    return reward(completion)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,39 +299,29 @@ def swapped(module, name: str, fn):
 
 
 def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, lengths: list[int]) -> dict:
-    """train.py's functions, as train.main calls them: sample, reward, advantages, train_on_rollout."""
+    """Our steps as train.py takes them: llms.for_training, samplers.make (--rollout), grpo.step."""
     model, tok = build(cfg, device, cfg.gradient_checkpointing, lengths)
-    if cfg.lora_r > 0:
-        model = llms.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    ref_model = None
-    if cfg.beta > 0 and cfg.lora_r == 0:
-        ref_model, _ = build(cfg, device, gradient_checkpointing=False)
-        ref_model.eval().requires_grad_(False)
-    optimizer, scheduler = train.make_optimizer(model, cfg)
+    policy = llms.for_training(model, tok, cfg, load_reference=lambda: build(cfg, device, False)[0])
+    optimizer, scheduler = losses.make_optimizer(policy.model, cfg)
     clock = Clock(device)
     optimizer.register_step_pre_hook(lambda *_: clock.start("optim"))
     optimizer.register_step_post_hook(lambda *_: clock.stop("optim"))
+    sample = clock.wrap("sample", samplers.make(cfg, device=device, train_set=[]))
+    batch = [{"question": prompt, "answer": "", "solution": ""}]
     measured = []
     with swapped(losses, "token_logps", clock.wrap("logp", losses.token_logps)), \
             swapped(losses, "liger_loss", clock.wrap("logp", losses.liger_loss)):
-        for step in range(warmup + steps):
+        for step in range(1, warmup + steps + 1):
             t0 = clock.now()
-            clock.start("sample")
-            r = rollout.sample(model, tok, [prompt], cfg.num_chains, cfg.max_prompt_tokens,
-                               cfg.max_completion_tokens, cfg.temperature, cfg.top_p, sampler=cfg.sampler,
-                               min_new_tokens=cfg.max_completion_tokens)
-            clock.stop("sample")
-            advantages, _ = losses.group_advantages(torch.tensor([reward(t) for t in r.texts]), r.group.cpu(),
-                                                   cfg.adv_scale)
-            losses.train_on_rollout(model, ref_model, r, advantages, optimizer, cfg)
+            out = grpo.step(policy, sample, batch, step, optimizer, cfg)
             scheduler.step()
             times = {"step": clock.now() - t0, **clock.take()}
-            if step >= warmup:
+            if step > warmup:
                 measured.append(times)
-    tokens = int(r.loss_mask.sum())
-    row = summarise(f"ours ({cfg.sampler})", measured, tokens, cfg.max_completion_tokens, weight_bytes(model), bw,
-                    clock)
-    del model, ref_model, optimizer, r
+    tokens = int(out.rollout.loss_mask.sum())
+    row = summarise(f"ours ({cfg.sampler})", measured, tokens, cfg.max_completion_tokens,
+                    weight_bytes(policy.model), bw, clock)
+    del model, policy, optimizer, out
     return row
 
 
@@ -397,14 +413,17 @@ def main(argv: list[str]) -> list[dict]:
     systems = bench["systems"].split(",")
     if not systems or any(s not in ("ours", "trl") for s in systems):
         raise ValueError(f"unknown system in --systems {bench['systems']!r}: it takes ours, trl or both (ours,trl)")
-    cfg = config.Config(prompts_per_step=1)
+    cfg = config.Config(prompts_per_step=1, rewards={"bench_distinct_words": 1.0})
     if bench["tiny"]:
         cfg.model_name, cfg.device = llms.TINY, "cpu"
     config.update(cfg, flags)
     config.validate(cfg)
-    device = train.pick_device(cfg)
+    rewards.REWARDS["bench_distinct_words"] = distinct_words  # the workload's reward, for our side
+    device = llms.pick_device(cfg.device)
     if cfg.model_name not in (llms.TINY, config.Config.model_name):
         raise ValueError("bench.py measures the Qwen2.5-1.5B architecture (the default) or --tiny")
+    if "trl" in systems and cfg.rollout != "plain":
+        raise ValueError(f"TRL samples plain chains only: --rollout {cfg.rollout} needs --systems ours")
     if "trl" in systems and cfg.loss_type not in bench_trl.TRL_LOSS:
         raise ValueError(f"TRL has no {cfg.loss_type!r} loss: pick another --loss_type or --systems ours")
     if "trl" in systems and cfg.num_chains % cfg.micro_batch_size:

@@ -18,7 +18,6 @@ import bench
 import config
 import llms
 import losses
-import train
 
 
 def run(cfg, device: str) -> dict:
@@ -58,7 +57,7 @@ def main(argv: list[str]) -> dict:
     cfg = config.Config(**({"model_name": llms.TINY, "device": "cpu"} if tiny else {}))
     config.update(cfg, flags)
     config.validate(cfg)
-    device = train.pick_device(cfg)
+    device = llms.pick_device(cfg.device)
     row = run(cfg, device)
     bench.publish(report(row, device, argv), path)
     return row

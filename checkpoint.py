@@ -1,4 +1,13 @@
-"""Checkpoints that a crash cannot break, and resuming from them.
+"""A run's folder: start or resume it, its append-only logs, checkpoints a crash cannot break, and
+the guards of the loop (Ctrl-C, out of memory, non-finite steps, a full disk).
+
+    run = Run(cfg)                          # a fresh run, or --resume: config.json, latest checkpoint, logs
+    ... load the model from run.model_path (and LoRA from run.adapter_path) ...
+    first_step = run.restore(optimizer, scheduler)
+    with Guard(run, policy, optimizer, scheduler, cfg) as guard:
+        for step in ...:
+            ... update ...; guard.applied(step, skipped)
+            ... log, evaluate ...; if guard.end_of_step(step): break
 
 A checkpoint is a folder `out_dir/checkpoints/step_000050/` with the model (`save_pretrained`: full
 weights or the LoRA adapter), the tokenizer, and `state.pt` (optimizer, scheduler, RNG states, step).
@@ -10,9 +19,14 @@ import json
 import os
 import random
 import shutil
+import signal
+import threading
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+import config
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -108,3 +122,188 @@ def truncate_log(path: str, step: int) -> None:
             except (ValueError, KeyError, TypeError):
                 pass
     write_atomic(path, "".join(kept))
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: start or resume, and its logs
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (repeated non-finite steps, out of memory, full disk); the message says why
+    and what to change. What the run wrote so far, its last checkpoint included, is intact."""
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:  # a full disk: say so; a half-written line is dropped on resume
+        raise RunStopped(f"could not append to {path}: {e.strerror or e}. Free disk space, then continue with "
+                         f"--resume {os.path.dirname(path)} (steps after the last checkpoint are redone)") from e
+
+
+class Run:
+    """cfg.out_dir as a fresh run (refused if it holds one already) or, with cfg.resume, as the run
+    to continue: its latest complete checkpoint, the model to load and the logs trimmed to match.
+    Writes config.json before any model is loaded, so --resume works from then on."""
+
+    LOGS = ("metrics.jsonl", "samples.jsonl")
+
+    def __init__(self, cfg):
+        if cfg.resume:
+            cfg.out_dir = cfg.resume
+        self.cfg, self.dir = cfg, cfg.out_dir
+        self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        if not cfg.resume and os.path.exists(self.metrics_path):  # never mix two runs or overwrite one
+            raise FileExistsError(f"{self.dir} already holds a run: continue it with --resume {self.dir}, "
+                                  f"or start a new one with another --out_dir (or delete the folder)")
+        os.makedirs(self.dir, exist_ok=True)
+        self.ckpt = latest(self.dir) if cfg.resume else None
+        if cfg.resume and self.ckpt is None:  # stopped before its first checkpoint: nothing to keep, start over
+            print(f"--resume {cfg.resume}: no complete checkpoint yet, so the run starts over in the same folder")
+            self.trim_logs(-1)
+        self.fresh, self.first_step = self.ckpt is None, 1
+        self.base_dir = os.path.join(self.dir, "base_model")  # the model after its warm start, if any
+        # what GRPO started from: the saved base of a resumed run, else model_name
+        self.base = self.base_dir if self.ckpt is not None and os.path.isdir(self.base_dir) else cfg.model_name
+        lora = self.ckpt is not None and is_adapter(self.ckpt)
+        if self.ckpt is not None and lora != (cfg.lora_r > 0):
+            raise ValueError(f"{self.ckpt} holds {'a LoRA adapter' if lora else 'full weights'}, but lora_r is "
+                             f"{cfg.lora_r}: resume with the run's own lora_r (drop --lora_r from the command)")
+        self.model_path = self.ckpt if self.ckpt and not lora else self.base  # full weights to load
+        self.adapter_path = self.ckpt if lora else ""  # a LoRA adapter to load on top
+        config.save(cfg, os.path.join(self.dir, "config.json"))
+
+    def save_base(self, model, tokenizer) -> None:
+        """Keep the starting weights (after a warm start): resume, LoRA and the reference load them."""
+        save_model(self.base_dir, model, tokenizer, what="the warm-started model")
+        self.base = self.base_dir
+
+    def restore(self, optimizer, scheduler) -> int:
+        """The first step to run: 1, or after the checkpoint's step with its optimizer, scheduler, RNG."""
+        if self.ckpt is not None:
+            state = load_state(self.ckpt, optimizer, scheduler)
+            self.trim_logs(state["step"])
+            set_rng_state(state["rng"])  # last, so that loading consumed no randomness
+            print(f"resumed from {self.ckpt} at step {state['step']}")
+            self.first_step = state["step"] + 1
+        return self.first_step
+
+    def trim_logs(self, step: int) -> None:
+        for name in self.LOGS:
+            truncate_log(os.path.join(self.dir, name), step)
+
+    def log(self, row: dict) -> None:
+        append_jsonl(self.metrics_path, row)
+
+    def log_samples(self, step: int, batch: list[dict], out, n: int) -> None:
+        """The first n chains of a step (grpo.Step) with their rewards and advantage, to samples.jsonl."""
+        r = out.rollout
+        for i in range(min(n, len(r))):
+            append_jsonl(os.path.join(self.dir, "samples.jsonl"), {
+                "step": step, "question": batch[r.group[i]]["question"], "answer": out.answers[i],
+                "completion": r.texts[i], "rewards": dict(zip(out.names, out.rewards[i].tolist())),
+                "advantage": out.advantages[i].item(), "info": r.info[i]})
+
+    def log_eval(self, step: int, metrics: dict, records: list[dict]) -> None:
+        self.log({"step": step, "split": "eval", **metrics})
+        os.makedirs(os.path.join(self.dir, "eval"), exist_ok=True)
+        with open(os.path.join(self.dir, "eval", f"step_{step:06d}.jsonl"), "w") as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in records)
+
+
+# ----------------------------------------------------------------------------------------------
+# The guards of the loop
+
+
+def peak_mem_gb() -> float:
+    """Peak GPU memory allocated by torch; on CPU the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class StopOnCtrlC:
+    """From creation to restore(), the first Ctrl-C only asks the loop to stop after the current step
+    (which then saves a checkpoint); a second one interrupts at once, the previous checkpoint intact."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)")
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+class Guard:
+    """Around the loop: checkpoints every save_every steps and at the end; stops with a checkpoint on
+    Ctrl-C, after max_bad_steps non-finite updates in a row, and on out-of-memory (the update and
+    sampling have already retried in smaller pieces), each with what to change in the message."""
+
+    def __init__(self, run: Run, policy, optimizer, scheduler, cfg):
+        self.run, self.policy, self.optimizer, self.scheduler, self.cfg = run, policy, optimizer, scheduler, cfg
+        self.last_done = run.first_step - 1  # the last step whose update is applied: what a checkpoint holds
+        self.bad_steps = 0  # updates skipped in a row for a non-finite loss or gradient
+        self.ctrl_c = None
+
+    def __enter__(self):
+        self.ctrl_c = StopOnCtrlC()
+        return self
+
+    def save(self, step: int) -> None:
+        save(self.run.dir, step, self.policy.model, self.policy.tokenizer, self.optimizer, self.scheduler,
+             self.cfg.keep_last)
+
+    def applied(self, step: int, skipped: bool) -> None:
+        """Step `step`'s update is done (or skipped): from now on a checkpoint holds it."""
+        self.last_done = step
+        self.bad_steps = self.bad_steps + 1 if skipped else 0
+        if skipped:
+            tqdm.write(f"step {step}: loss or gradient not finite, update skipped ({self.bad_steps} in a row)")
+
+    def end_of_step(self, step: int) -> bool:
+        """Checkpoint when due; True when the loop must stop (Ctrl-C)."""
+        cfg = self.cfg
+        stop = self.ctrl_c.requested or self.bad_steps >= cfg.max_bad_steps
+        if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
+            self.save(step)
+        if self.bad_steps >= cfg.max_bad_steps:  # the weights saved are those of the last good step
+            raise RunStopped(
+                f"{self.bad_steps} steps in a row (to step {step}) had a non-finite loss or gradient, so their "
+                f"updates were skipped; checkpoint of step {step} saved with the last good weights. "
+                f"Look at reward/* and grad_norm in {self.run.metrics_path}; lower learning_rate "
+                f"({cfg.learning_rate}) or max_grad_norm, or use dtype fp32 or bf16 instead of fp16; "
+                f"then continue with --resume {self.run.dir} (or raise max_bad_steps)")
+        return self.ctrl_c.requested
+
+    @property
+    def interrupted(self) -> bool:
+        return self.ctrl_c.requested
+
+    def __exit__(self, kind, error, traceback):
+        self.ctrl_c.restore()
+        if kind is None and self.ctrl_c.requested:
+            print(f"stopped by Ctrl-C after step {self.last_done}: continue with --resume {self.run.dir}")
+        if kind is not None and issubclass(kind, torch.OutOfMemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.save(self.last_done)
+            cfg = self.cfg
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
+            raise RunStopped(
+                f"out of memory at step {self.last_done + 1}, even in micro-batches of 1 chain (peak "
+                f"{peak_mem_gb():.1f} GB of {total:.1f} GB). Checkpoint of step {self.last_done} saved. Lower "
+                f"max_completion_tokens ({cfg.max_completion_tokens}), num_chains ({cfg.num_chains}), "
+                f"prompts_per_step ({cfg.prompts_per_step}) or logp_chunk ({cfg.logp_chunk}); or turn on "
+                f"gradient_checkpointing, liger, optimizer adamw8bit, lora_r > 0. Then continue with "
+                f"--resume {self.run.dir}") from None
+        return False

@@ -274,32 +274,38 @@ def to_examples(rows: list[tuple[str, object]], source: str, task: str, template
     return examples
 
 
-def load(dataset: str, dataset_config: str, train_split: str, test_split: str, test_dataset: str,
-         question_field: str, answer_field: str, seed: int, arithmetic_train_size: int,
-         arithmetic_test_size: int, arithmetic_min_steps: int, arithmetic_max_steps: int,
-         arithmetic_max_value: int = 99, task: str = "math", prompt_template: str = "",
-         skip_bad_rows: bool = False) -> tuple[list[dict], list[dict]]:
-    """(train, test) examples. `dataset` is "arithmetic", a hub name, or a local file/folder; `task`
-    says how rows become examples (math: question/answer columns; judge_*: the OpenJudge layout)."""
-    template = load_template(prompt_template, task)
-    if dataset == "arithmetic":
-        if task != "math":
-            raise ValueError(f"the built-in arithmetic task is a math task; task {task!r} needs judge data: "
+def load(cfg) -> tuple[list[dict], list[dict]]:
+    """(train, test) examples of cfg.dataset: "arithmetic" (the built-in task), a hub name, or a local
+    file or folder; cfg.task says how rows become examples (math: question/answer columns; judge_*:
+    the OpenJudge layout)."""
+    template = load_template(cfg.prompt_template, cfg.task)
+    if cfg.dataset == "arithmetic":
+        if cfg.task != "math":
+            raise ValueError(f"the built-in arithmetic task is a math task; task {cfg.task!r} needs judge data: "
                              f"make a small set with `python data.py make-demo out/demo_data`")
-        train, test = arithmetic_task(arithmetic_train_size, arithmetic_test_size, seed,
-                                      arithmetic_min_steps, arithmetic_max_steps, arithmetic_max_value)
+        train, test = arithmetic_task(cfg.arithmetic_train_size, cfg.arithmetic_test_size, cfg.seed,
+                                      cfg.arithmetic_min_steps, cfg.arithmetic_max_steps, cfg.arithmetic_max_value)
         return ([{**ex, "question": fill(template, question=ex["question"])} for ex in train],
                 [{**ex, "question": fill(template, question=ex["question"])} for ex in test])
-    train_rows = _load_rows(dataset, train_split, dataset_config)
-    if test_dataset:
-        test_rows, test_source = _load_rows(test_dataset, test_split, dataset_config), test_dataset
-    elif is_local(dataset) and not os.path.isdir(dataset):
-        raise ValueError(f"{dataset!r} is a single file, so it holds no test split: pass the held-out "
+    train_rows = _load_rows(cfg.dataset, cfg.train_split, cfg.dataset_config)
+    if cfg.test_dataset:
+        test_rows, test_source = _load_rows(cfg.test_dataset, cfg.test_split, cfg.dataset_config), cfg.test_dataset
+    elif is_local(cfg.dataset) and not os.path.isdir(cfg.dataset):
+        raise ValueError(f"{cfg.dataset!r} is a single file, so it holds no test split: pass the held-out "
                          f"file with --test_dataset path/to/test.jsonl")
     else:
-        test_rows, test_source = _load_rows(dataset, test_split, dataset_config), dataset
-    args = (task, template, question_field, answer_field, skip_bad_rows)
-    return to_examples(train_rows, dataset, *args), to_examples(test_rows, test_source, *args)
+        test_rows, test_source = _load_rows(cfg.dataset, cfg.test_split, cfg.dataset_config), cfg.dataset
+    args = (cfg.task, template, cfg.question_field, cfg.answer_field, cfg.skip_bad_rows)
+    return to_examples(train_rows, cfg.dataset, *args), to_examples(test_rows, test_source, *args)
+
+
+def step_batch(examples: list[dict], step: int, size: int, seed: int) -> list[dict]:
+    """The questions of a step: a fresh seeded shuffle per epoch, so a resumed run sees the same order."""
+    epoch_len = max(1, len(examples) // size)
+    epoch, pos = divmod(step - 1, epoch_len)
+    order = list(range(len(examples)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [examples[i] for i in order[pos * size:(pos + 1) * size]]
 
 
 def target_text(example: dict, answer_only: bool = False, slip_rate: float = 0.0, rng: random.Random | None = None

@@ -14,6 +14,8 @@ the records into the task's figures:
 """
 import random
 
+import torch
+
 import judge_rewards
 import llms
 import rewards
@@ -52,27 +54,34 @@ def task_metrics(task: str, records: list[dict], samples: int) -> dict:
     return metrics
 
 
-def evaluate(model, tokenizer, examples: list[dict], system_prompt: str, max_prompt_tokens: int,
-             max_new_tokens: int, temperature: float, samples: int, batch_size: int, task: str = "math"
-             ) -> tuple[dict, list[dict]]:
-    """(task_metrics, per-example records). accuracy is the mean over all samples."""
+def evaluate(model, tokenizer, examples: list[dict], cfg) -> tuple[dict, list[dict]]:
+    """(task_metrics, per-example records) of plain sampling at eval_temperature, eval_samples chains per
+    question; accuracy is the mean over all samples. Its own RNG, seeded with cfg.seed: every eval
+    samples alike, and the caller's random stream is untouched."""
+    device = next(model.parameters()).device
     records = []
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i:i + batch_size]
-        prompts = [llms.chat_prompt(tokenizer, system_prompt, ex["question"]) for ex in batch]
-        r = rollout.sample(model, tokenizer, prompts, samples, max_prompt_tokens, max_new_tokens, temperature)
-        for j, ex in enumerate(batch):
-            texts = r.texts[j * samples:(j + 1) * samples]
-            graded = [grade(task, t, ex["answer"]) for t in texts]
-            records.append({"question": ex["question"], "answer": ex["answer"], "completions": texts,
-                            "correct": [c for c, _ in graded]}
-                           | ({"predicted": [p for _, p in graded]} if task != "math" else {}))
-    return task_metrics(task, records, samples), records
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        for i in range(0, len(examples), cfg.eval_batch_size):
+            batch = examples[i:i + cfg.eval_batch_size]
+            r = rollout.sample(model, tokenizer, rollout.prompts_of(tokenizer, cfg.system_prompt, batch),
+                               cfg.eval_samples, max_prompt_tokens=cfg.max_prompt_tokens,
+                               max_new_tokens=cfg.max_completion_tokens, temperature=cfg.eval_temperature)
+            for j, ex in enumerate(batch):
+                texts = r.texts[j * cfg.eval_samples:(j + 1) * cfg.eval_samples]
+                graded = [grade(cfg.task, t, ex["answer"]) for t in texts]
+                records.append({"question": ex["question"], "answer": ex["answer"], "completions": texts,
+                                "correct": [c for c, _ in graded]}
+                               | ({"predicted": [p for _, p in graded]} if cfg.task != "math" else {}))
+    return task_metrics(cfg.task, records, cfg.eval_samples), records
 
 
 if __name__ == "__main__":
+    import config
     import data
 
     train, test = data.arithmetic_task(500, 20, seed=0)
     m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] for ex in train])
-    print(evaluate(m, tok, test, "", 128, 16, temperature=1.0, samples=2, batch_size=20)[0])
+    cfg = config.Config(system_prompt="", max_prompt_tokens=128, max_completion_tokens=16, eval_temperature=1.0,
+                        eval_samples=2, eval_batch_size=20)
+    print(evaluate(m, tok, test, cfg)[0])

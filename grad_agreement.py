@@ -1,13 +1,14 @@
 """Which weights get a policy gradient that carries over from one batch of questions to the next?
 
 For a model, this draws several independent GRPO batches (fresh questions each), computes the policy
-gradient of each with the run's own sampling, rewards and loss, and prints, per parameter group, the
-mean cosine between the gradients of two different batches. Near 0: that group's gradient is noise
-specific to the batch's questions, and large steps on it only hurt. Clearly positive: the direction
-holds across questions, so it is worth training (see train_only in config.py).
+gradient of each with the run's own step (grpo.step: its sampling idea, rewards and loss), and
+prints, per parameter group, the mean cosine between the gradients of two different batches. Near 0:
+that group's gradient is noise specific to the batch's questions, and large steps on it only hurt.
+Clearly positive: the direction holds across questions, so it is worth training (train_only in
+config.py; it is ignored here, since choosing it is what this measures).
 
     python grad_agreement.py --model out/tiny/base_model --config configs/tiny.yaml
-Any other train.py setting can follow (--prompts_per_step, --num_chains, --rewards ...).
+Any other train.py setting can follow (--prompts_per_step, --num_chains, --rewards, --rollout ...).
 """
 import argparse
 import collections
@@ -17,28 +18,34 @@ import random
 import torch
 
 import config
+import data
+import grpo
 import llms
-import losses
-import rewards
-import rollout
-import train
+import samplers
 
 
-def batch_gradient(model, tokenizer, batch: list[dict], cfg) -> dict[str, torch.Tensor]:
+class GradientTap:
+    """Stands in for the optimizer in grpo.step: keeps the step's gradient instead of applying it.
+    That gradient is after clipping, which scales every weight's gradient alike: cosines are unchanged."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def step(self):
+        self.grads = {n: p.grad.flatten().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def batch_gradient(policy, sample, batch: list[dict], cfg) -> dict[str, torch.Tensor]:
     """{parameter name: flat gradient} of the policy loss on one freshly sampled batch."""
-    prompts = [llms.chat_prompt(tokenizer, cfg.system_prompt, ex["question"]) for ex in batch]
-    r = rollout.sample(model, tokenizer, prompts, cfg.num_chains, cfg.max_prompt_tokens,
-                       cfg.max_completion_tokens, cfg.temperature, cfg.top_p)
-    answers = [batch[g]["answer"] for g in r.group.tolist()]
-    per_fn, names, _ = rewards.score(r.texts, answers, r.info, cfg.rewards, train.reward_settings(cfg))
-    advantages, _ = losses.group_advantages(rewards.total(per_fn, names, cfg.rewards), r.group, cfg.adv_scale)
-    start = losses.first_trained_column(r.loss_mask)
-    mask = r.loss_mask[:, start:]
-    logps = losses.token_logps(model, r.input_ids, r.attention_mask, start, cfg.temperature, cfg.logp_chunk)
-    loss, _ = losses.policy_loss(logps, logps.detach(), None, advantages, mask, cfg, len(r), mask.sum(), 1)
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return {n: p.grad.flatten().clone() for n, p in model.named_parameters() if p.grad is not None}
+    tap = GradientTap(policy.model)
+    out = grpo.step(policy, sample, batch, 1, tap, cfg)
+    if tap.grads is None:
+        raise RuntimeError(f"the batch's loss or gradient was not finite (loss {out.figures['loss']}): "
+                           f"try another --seed or a smaller model")
+    return tap.grads
 
 
 def agreement(grads: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -57,17 +64,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batches", type=int, default=5, help="independent batches (pairs compared: n(n-1)/2)")
     args, rest = parser.parse_known_args(argv)
     cfg = config.load(rest + ["--model_name", args.model])
+    cfg.train_only = []  # every weight: which ones to train is the question
     torch.manual_seed(cfg.seed)
-    train_set, _ = train.load_data(cfg)
-    device = train.pick_device(cfg)
-    model, tokenizer = llms.load(args.model, device, cfg.dtype, cfg.gradient_checkpointing,
-                                 trust_remote_code=cfg.trust_remote_code)
+    train_set, _ = data.load(cfg)
+    device = llms.pick_device(cfg.device)
+    sample = samplers.make(cfg, device=device, train_set=train_set)
+    model, tokenizer = llms.from_config(cfg, args.model, device, train_set)
+    policy = llms.for_training(model, tokenizer, cfg, load_reference=lambda: (
+        llms.from_config(cfg, args.model, device, train_set, gradient_checkpointing=False)[0]))
     rng = random.Random(cfg.seed)
-    grads = [batch_gradient(model, tokenizer, rng.sample(train_set, cfg.prompts_per_step), cfg)
+    grads = [batch_gradient(policy, sample, rng.sample(train_set, cfg.prompts_per_step), cfg)
              for _ in range(args.batches)]
     result = agreement(grads)
     result["all weights"] = agreement([{"all weights": torch.cat(list(g.values()))} for g in grads])["all weights"]
-    sizes = {n: p.numel() for n, p in model.named_parameters()} | {"all weights": model.num_parameters()}
+    sizes = {n: p.numel() for n, p in policy.model.named_parameters()} | {"all weights": model.num_parameters()}
     print(f"{'parameter':<50} {'weights':>8}  cosine between batches")
     for name in sizes:  # in the model's order
         if name in result:

@@ -11,6 +11,7 @@ Qwen's, the tokenizer splits numbers into single digits.
     python llms.py     # builds the tiny model and prints its size and a tokenized prompt
 """
 import os
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
@@ -81,6 +82,11 @@ def eos_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def pick_device(device: str) -> str:
+    """A device setting, with "auto" resolved to cuda when a GPU is there, else cpu."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -100,7 +106,7 @@ def _from_pretrained(cls, name: str, **kwargs):
             f"model).") from None
 
 
-def load(model_name: str, device: str, dtype: str = "auto", gradient_checkpointing: bool = False,
+def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpointing: bool = False,
          liger: bool = False, trust_remote_code: bool = False, tiny_corpus: list[str] | None = None,
          tiny_vocab_size: int = 512, tiny_hidden: int = 128, tiny_layers: int = 4, seed: int = 0,
          load_8bit: bool = False):
@@ -129,6 +135,30 @@ def load(model_name: str, device: str, dtype: str = "auto", gradient_checkpointi
     return prepare(model, tokenizer, device, gradient_checkpointing, liger)
 
 
+def from_config(cfg, name: str, device: str, train_set: list[dict], *, gradient_checkpointing: bool | None = None):
+    """`load` with the run's settings: the policy (name = model_name, a checkpoint or the warm-started
+    base) or its frozen reference. The tiny model's tokenizer trains on the train set's chats."""
+    import data
+
+    corpus = None
+    if cfg.model_name == TINY:  # only the tiny tokenizer trains on it
+        corpus = [f"system\n{cfg.system_prompt}\nuser\n{ex['question']}\nassistant\n{data.target_text(ex)}"
+                  for ex in train_set]
+    return load(name, device, dtype=cfg.dtype, liger=cfg.liger, trust_remote_code=cfg.trust_remote_code,
+                gradient_checkpointing=cfg.gradient_checkpointing if gradient_checkpointing is None
+                else gradient_checkpointing, tiny_corpus=corpus, tiny_vocab_size=cfg.tiny_vocab_size,
+                tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed)
+
+
+def check_context(cfg) -> None:
+    """prompt + completion budgets must fit the model's context (read from its config.json alone)."""
+    context = context_length(cfg.model_name, cfg.trust_remote_code)
+    if context and cfg.max_prompt_tokens + cfg.max_completion_tokens > context:
+        raise ValueError(f"max_prompt_tokens + max_completion_tokens = {cfg.max_prompt_tokens} + "
+                         f"{cfg.max_completion_tokens} exceeds {cfg.model_name}'s context of {context} tokens: "
+                         f"lower one of them")
+
+
 def prepare(model, tokenizer, device: str, gradient_checkpointing: bool = False, liger: bool = False):
     """Set up a built (model, tokenizer) pair as `load` returns it; bench.py builds its own model."""
     if tokenizer.pad_token is None:
@@ -155,6 +185,32 @@ def prepare(model, tokenizer, device: str, gradient_checkpointing: bool = False,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model, tokenizer
+
+
+@dataclass
+class Policy:
+    """What GRPO trains and scores with: the model (LoRA-wrapped or not), its tokenizer, and the frozen
+    reference of the KL term for full fine-tuning (None when beta is 0, and with LoRA, whose reference
+    is the same model with its adapter switched off)."""
+    model: torch.nn.Module
+    tokenizer: object
+    ref_model: torch.nn.Module | None = None
+
+
+def for_training(model, tokenizer, cfg, *, load_reference, adapter_path: str = "") -> Policy:
+    """The weights GRPO trains, as cfg says: LoRA adapters (new ones, or those saved at adapter_path),
+    the weights train_only names, or all of them; and with beta > 0 and full fine-tuning the reference,
+    load_reference() -> a model with the starting weights, frozen here. train.py, bench.py and
+    grad_agreement.py all set up their policy through this."""
+    if cfg.lora_r > 0:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                         adapter_path=adapter_path)
+    if cfg.train_only:  # e.g. the RMSNorm scales alone; a warm start before this trained every weight
+        print(f"GRPO trains {train_only(model, cfg.train_only):,} weights: those named {cfg.train_only}")
+    ref_model = None
+    if cfg.beta > 0 and cfg.lora_r == 0:
+        ref_model = load_reference().eval().requires_grad_(False)
+    return Policy(model, tokenizer, ref_model)
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], adapter_path: str = ""):

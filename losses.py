@@ -5,8 +5,9 @@ Everything a step does after the rewards are known, written by hand in one place
     group_advantages   rewards normalised within each prompt's group of G chains
     policy_loss        grpo, bnpo, dr_grpo, dapo, gspo, cispo, reinforce (+ k3 KL when beta > 0)
     liger_loss         the same through Liger's fused linear kernel (no logits tensor at all)
-    train_on_rollout   micro-batches, gradient accumulation, clipping, the optimizer step, and its
+    update             micro-batches, gradient accumulation, clipping, the optimizer step, and its
                        guards: a non-finite update is skipped, out-of-memory retries smaller pieces
+    make_optimizer     AdamW (torch or bitsandbytes' 8-bit), compensated bf16 updates, the schedule
 """
 import math
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
+import kahan
 import llms
 import rollout
 
@@ -165,7 +167,7 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def train_on_rollout(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> dict:
+def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> dict:
     """num_iterations optimizer steps on one rollout, in micro-batches; returns the logged figures.
 
     Each micro-batch is cropped after its longest chain: the padding after the chains that ended
@@ -264,3 +266,29 @@ def train_on_rollout(model, ref_model, r: rollout.Rollout, advantages, optimizer
             "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
             "kl": sum(s["kl"] for s in steps) / tokens, "clip_frac": sum(s["clip"] for s in steps) / tokens,
             "skipped": int(any(s["skipped"] for s in steps)), "micro_batch_size": size}
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer and its schedule
+
+
+def make_optimizer(model, cfg):
+    """(optimizer, scheduler) over the trainable weights; the scheduler steps once per GRPO step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+        optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(params, **kwargs)
+    if cfg.kahan_updates:  # bf16 weights: carry each update's rounding error instead of dropping it
+        kahan.attach(optimizer)
+
+    def factor(step):  # step counts GRPO steps; linear warmup, then constant or cosine to 0
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -130,6 +130,13 @@ def is_correct(completion: str, answer: str) -> bool:
     return _math_verify(ref, pred)
 
 
+def has_final_answer(text: str) -> bool:
+    """The work states its answer explicitly (####, <answer>, \\boxed, "the answer is"); a bare last
+    number, which extract_answer falls back to, does not count (verifier turns ask for one)."""
+    marked = any(m in text for m in ("####", "</answer>", "\\boxed{")) or "the answer is" in text.lower()
+    return marked and extract_answer(text) is not None
+
+
 def checkable(answer: str) -> bool:
     """Whether the reference parses: a plain number, or math that math-verify extracts an expression from
     ("\\frac{1}{2}", "x^2+1"; not "", "???"). GHPO never hints a group whose reference fails this."""
@@ -298,6 +305,14 @@ REWARDS = {
 
 # -----------------------------------------------------------------------------
 # batch scoring
+
+
+def settings(cfg) -> dict:
+    """The config values reward functions take as keyword arguments (next to each chain's info)."""
+    return {"think_fault_penalty": cfg.think_fault_penalty, "think_min_chars": cfg.think_min_chars,
+            "think_short_penalty": cfg.think_short_penalty, "answer_exact_reward": cfg.answer_exact_reward,
+            "answer_contains_reward": cfg.answer_contains_reward, "answer_wrong_reward": cfg.answer_wrong_reward,
+            "overlong_max_tokens": cfg.max_completion_tokens, "overlong_buffer_tokens": cfg.overlong_buffer_tokens}
 
 
 def check_names(weights: dict[str, float]) -> None:

@@ -8,12 +8,19 @@ A sampling idea only decides which tokens exist and which of them the policy is 
     group          (N,)   long   which prompt each chain belongs to (0..B-1)
     texts          N strings     what the reward functions read (the completion)
     info           N dicts       per-chain facts for rewards and logs ("truncated", "completion_len", ...)
+    reward_weight  (N,) float or None   each chain's total reward is multiplied by it (None = 1)
+    stats          dict          the idea's own figures for the step's train line (merged as they are)
 
 N = B prompts x G chains, chains of one prompt are adjacent. Plain sampling is one batched HF
 `generate` call with every sampling setting passed explicitly. `sampler` picks its KV cache:
 "dynamic" (HF's default, grows per token) or "static" (allocated once for prompt + completion, so
 HF compiles the decode step with torch.compile and replays it as a CUDA graph on GPU, to cut the
 per-token Python and kernel launches; same distribution: tests/test_rollout.py checks both agree).
+
+Each sampling idea has a constructor `make_sampler(cfg, *, device, train_set)` that checks its own
+settings once, at start-up, and returns `sample(model, tokenizer, batch, step) -> Rollout` for a
+batch of examples {"question", "answer", "solution"}; samplers.py maps names to them. This file's
+is plain sampling.
 
     python rollout.py     # samples a few chains from the untrained tiny model and prints the masks
 """
@@ -22,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, StoppingCriteriaList
+
+import llms
 
 
 @dataclass
@@ -32,6 +41,8 @@ class Rollout:
     group: torch.Tensor
     texts: list[str]
     info: list[dict] = field(default_factory=list)
+    reward_weight: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -51,7 +62,7 @@ def completion_mask(completions: torch.Tensor, eos_ids: list[int]) -> tuple[torc
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float, top_p: float = 1.0, sampler: str = "dynamic",
              min_new_tokens: int = 0, stopping_criteria=None) -> torch.Tensor:
     """New tokens (N, T) for already-tokenized, left-padded prompts; T <= max_new_tokens.
@@ -84,13 +95,22 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
             torch.cuda.empty_cache()
         half = len(input_ids) // 2
         print(f"out of memory sampling {len(input_ids)} sequences: sampling them in two halves")
-        parts = [generate(model, input_ids[s], attention_mask[s], max_new_tokens, temperature, top_p, sampler,
-                          min_new_tokens) for s in (slice(0, half), slice(half, None))]
+        parts = [generate(model, input_ids[s], attention_mask[s], max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, sampler=sampler, min_new_tokens=min_new_tokens)
+                 for s in (slice(0, half), slice(half, None))]
         width = max(p.shape[1] for p in parts)  # (n, T_i) -> (N, T): pad after the end, as generate does
         return torch.cat([F.pad(p, (0, width - p.shape[1]), value=gen.pad_token_id)
                           for p in parts])
     finally:
         model.train(was_training)
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths as left-padded (ids (n, L), mask (n, L)) for generate."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    return ids, mask
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device) -> tuple[torch.Tensor, ...]:
@@ -116,18 +136,32 @@ def assemble(tokenizer, prompt_ids, prompt_mask, completions, eos_ids, group, in
         group=group, texts=texts, info=info)
 
 
-def sample(model, tokenizer, prompts: list[str], num_chains: int, max_prompt_tokens: int,
+def sample(model, tokenizer, prompts: list[str], num_chains: int, *, max_prompt_tokens: int,
            max_new_tokens: int, temperature: float, top_p: float = 1.0, sampler: str = "dynamic",
            min_new_tokens: int = 0) -> Rollout:
     """Plain GRPO sampling: B prompts x G chains in one batched generate call."""
     device = next(model.parameters()).device
     ids, mask = tokenize_prompts(tokenizer, prompts, max_prompt_tokens, device)
     ids, mask = ids.repeat_interleave(num_chains, 0), mask.repeat_interleave(num_chains, 0)  # (N, P)
-    completions = generate(model, ids, mask, max_new_tokens, temperature, top_p,  # (N, T)
-                           sampler, min_new_tokens)
+    completions = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,  # (N, T)
+                           top_p=top_p, sampler=sampler, min_new_tokens=min_new_tokens)
     group = torch.arange(len(prompts), device=device).repeat_interleave(num_chains)
     info = [{} for _ in range(len(group))]
     return assemble(tokenizer, ids, mask, completions, model.generation_config.eos_token_id, group, info)
+
+
+def prompts_of(tokenizer, system_prompt: str, batch: list[dict]) -> list[str]:
+    """The chat prompt of each example's question, ending where the assistant starts writing."""
+    return [llms.chat_prompt(tokenizer, system_prompt, ex["question"]) for ex in batch]
+
+
+def make_sampler(cfg, *, device: str, train_set: list[dict]):
+    """Plain GRPO (the default idea): each question's G chains sampled independently, all in one call."""
+    def sample_plain(model, tokenizer, batch: list[dict], step: int) -> Rollout:
+        return sample(model, tokenizer, prompts_of(tokenizer, cfg.system_prompt, batch), cfg.num_chains,
+                      max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_completion_tokens,
+                      temperature=cfg.temperature, top_p=cfg.top_p, sampler=cfg.sampler)
+    return sample_plain
 
 
 def concat(parts: list[tuple[Rollout, list[int]]], group: torch.Tensor, pad_id: int) -> Rollout:
@@ -163,7 +197,6 @@ def teacher_forced(tokenizer, prompts: list[str], completions: list[str], max_pr
 
 if __name__ == "__main__":
     import data
-    import llms
 
     train, _ = data.arithmetic_task(500, 10, seed=0)
     m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] for ex in train])

@@ -33,7 +33,6 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from transformers import StoppingCriteria
@@ -41,33 +40,10 @@ from transformers import StoppingCriteria
 import guidance
 import rewards
 import rollout
+import verifier_backends
+from verifier_backends import STOP, Job
 
-STOP = "###STOP###"
 STEP_ENDS = {"newline": ("\n",), "sentence": ("\n", ".", "!", "?"), "eos": ()}
-TRAIN_ON = ("all", "last_turn")
-DEFAULT_NUDGE = "Please give the final answer."
-DEFAULT_PROMPT = """You are a careful math teacher. A student solves the problem below one step at a time, \
-and you check each step as it is written.
-
-Problem:
-{question}
-
-Reference final answer (never reveal it): {answer}
-
-Judge only the student's latest step.
-- If it contains a mistake, reply with one or two short sentences that name the mistake and give the \
-correct value or a hint. Do not solve the rest of the problem.
-- If every step is correct and the student has stated the final answer, reply with exactly {stop}
-- If the latest step is correct but the solution is not finished, reply with nothing but the score line.
-End every reply with one line: [SCORE] hallucination_detect=1 if the latest step has a mistake or an \
-unsupported claim, else [SCORE] hallucination_detect=0."""
-
-
-class Job(NamedTuple):
-    """What a verifier judges: one conversation's problem, reference answer and policy turns so far."""
-    question: str
-    answer: str
-    steps: list[str]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,14 +63,6 @@ def parse_reply(reply: str) -> tuple[str, bool, int | None]:
             score = int(m.group(1))
     body = _SCORE_RE.sub("", reply)
     return body.replace(STOP, "").strip(), STOP in body, score
-
-
-def has_final_answer(text: str) -> bool:
-    """The work states its answer explicitly (####, <answer>, \\boxed, "the answer is"); a bare last
-    number, which rewards.extract_answer falls back to, does not count."""
-    marked = any(m in text for m in ("####", "</answer>", "\\boxed{")) or "the answer is" in text.lower()
-    return marked and rewards.extract_answer(text) is not None
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,17 +152,15 @@ class Conversation:
         return sum(len(t) for t in self.turns)
 
 
-def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: list[str], num_chains: int,
+def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: list[str], num_chains: int, *,
            backend, max_prompt_tokens: int, max_completion_tokens: int, temperature: float, top_p: float,
-           turn_tokens: int, max_turns: int, step_end: str = "newline", train_on: str = "all",
-           nudge: str = DEFAULT_NUDGE) -> rollout.Rollout:
+           turn_tokens: int, max_turns: int, step_end: str, train_on: str, nudge: str) -> rollout.Rollout:
     """B prompts x G conversations with a verifier (module docstring); one generate call per turn.
 
     backend(jobs, model, tokenizer) -> one reply string per Job, None where the call failed
     (verifier_backends.make). The policy's tokens over all turns stay within max_completion_tokens.
+    step_end: a key of STEP_ENDS; train_on: "all" or "last_turn".
     """
-    if step_end not in STEP_ENDS or train_on not in TRAIN_ON:
-        raise ValueError(f"step_end must be one of {list(STEP_ENDS)} and train_on one of {TRAIN_ON}")
     device = next(model.parameters()).device
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
@@ -208,10 +174,11 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
         # 1. the policy: one turn per live conversation, all in one generate call; a final turn after
         #    a nudge runs to EOS, every other turn also stops at its step end
         room = [min(turn_tokens, max_completion_tokens - c.policy_tokens) for c in live]
-        ids, mask = guidance.left_pad([prompt_rows[c.group] + c.seq for c in live], pad, device)  # (n, ctx)
+        ids, mask = rollout.left_pad([prompt_rows[c.group] + c.seq for c in live], pad, device)  # (n, ctx)
         steps = torch.tensor([not c.nudged for c in live], device=device)
         stop = [StepEnd(ends, blank, ids.shape[1], steps)] if ends else None
-        out = rollout.generate(model, ids, mask, max(room), temperature, top_p, stopping_criteria=stop).tolist()
+        out = rollout.generate(model, ids, mask, max_new_tokens=max(room), temperature=temperature, top_p=top_p,
+                               stopping_criteria=stop).tolist()
         for c, row, n in zip(live, out, room):
             turn, c.eos = cut_turn(row, n, eos, frozenset() if c.nudged else ends, blank)
             c.add(turn, len(c.turns))
@@ -238,7 +205,7 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
             no_room = c.policy_tokens >= max_completion_tokens
             if stopped:
                 c.stopped = True
-                if has_final_answer("".join(job.steps)) or no_room:
+                if rewards.has_final_answer("".join(job.steps)) or no_room:
                     c.done = True
                 else:  # STOP without a final answer: ask for it, and give one more turn
                     c.nudged = True
@@ -253,7 +220,7 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
             # else: no feedback (or a failed call): the policy goes on with its next step
 
     # the Rollout: whole conversations, left padded (N, L); trained only on the policy's own tokens
-    ids, attn = guidance.left_pad([prompt_rows[c.group] + c.seq for c in convs], pad, device)
+    ids, attn = rollout.left_pad([prompt_rows[c.group] + c.seq for c in convs], pad, device)
     loss_mask = torch.zeros(ids.shape, dtype=torch.float, device=device)
     info, texts = [], []
     for i, c in enumerate(convs):
@@ -262,7 +229,7 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
         loss_mask[i, ids.shape[1] - len(c.seq):] = torch.tensor(trained, dtype=torch.float)
         texts.append(tokenizer.decode([t for turn in c.turns for t in turn], skip_special_tokens=True))
         info.append({"turns": len(c.turns), "stopped": c.stopped, "nudged": c.nudged,
-                     "final_answer": has_final_answer(texts[-1]), "truncated": c.truncated,
+                     "final_answer": rewards.has_final_answer(texts[-1]), "truncated": c.truncated,
                      "completion_len": c.policy_tokens, "verifier_calls": len(c.replies),
                      "verifier_failed": c.failed, "verifier_corrections": c.corrections,
                      "verifier_latency_s": c.latency,
@@ -285,29 +252,48 @@ def summary(info: list[dict]) -> dict:
             "verifier/hallucination_score": sum(d["verifier_hallucination_score"] for d in info) / n}
 
 
-if __name__ == "__main__":
-    import verifier_backends
+def make_sampler(cfg, *, device: str, train_set: list[dict]):
+    """`--rollout verifier`: checks the verifier_* settings and builds the backend once (an http server
+    that does not answer fails the run here, before the policy is loaded), then samples conversations."""
+    for key in ("verifier_turn_tokens", "verifier_max_turns", "verifier_concurrency", "verifier_max_tokens"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.verifier_retries < 0 or cfg.verifier_timeout_s <= 0:
+        raise ValueError("verifier_retries must be >= 0 and verifier_timeout_s > 0")
+    backend = verifier_backends.make(cfg, device)
 
+    def sample_verifier(model, tokenizer, batch: list[dict], step: int) -> rollout.Rollout:
+        r = guided(model, tokenizer, rollout.prompts_of(tokenizer, cfg.system_prompt, batch),
+                   [ex["question"] for ex in batch], [ex["answer"] for ex in batch], cfg.num_chains,
+                   backend=backend, max_prompt_tokens=cfg.max_prompt_tokens,
+                   max_completion_tokens=cfg.max_completion_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                   turn_tokens=cfg.verifier_turn_tokens, max_turns=cfg.verifier_max_turns,
+                   step_end=cfg.verifier_step_end, train_on=cfg.verifier_train_on, nudge=cfg.verifier_nudge)
+        r.stats = summary(r.info)  # verifier/turns, stop_rate, latency_s, failed_calls, ...
+        return r
+    return sample_verifier
+
+
+if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:
         verifier_backends.serve_main(sys.argv[2:])
         sys.exit()
     import config
     import data
     import llms
-    import train
+    import sft
 
     examples, _ = data.arithmetic_task(2000, 10, seed=0)
     m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] + "\n" + data.target_text(ex) for ex in examples])
     print("a short warm start, so that the tiny model writes equations ...")
-    train.warm_start(m, tok, examples, config.Config(system_prompt="", sft_steps=60, sft_batch_size=32,
-                                                     sft_learning_rate=3e-3, max_completion_tokens=64), "cpu")
+    cfg = config.Config(system_prompt="", sft_steps=60, sft_batch_size=32, sft_learning_rate=3e-3,
+                        max_completion_tokens=64, max_prompt_tokens=128, num_chains=2, verifier_turn_tokens=24,
+                        verifier_max_turns=6)
+    sft.warm_start(m, tok, examples, cfg)
     torch.manual_seed(0)
     batch = examples[:2]
-    r = guided(m, tok, [llms.chat_prompt(tok, "", ex["question"]) for ex in batch], [ex["question"] for ex in batch],
-               [ex["answer"] for ex in batch], num_chains=2, backend=verifier_backends.RulesVerifier(),
-               max_prompt_tokens=128, max_completion_tokens=64, temperature=1.0, top_p=1.0, turn_tokens=24,
-               max_turns=6)
+    r = make_sampler(cfg, device="cpu", train_set=examples)(m, tok, batch, 1)
     for i, d in enumerate(r.info):
         print(f"--- chain {i} (answer {batch[r.group[i]]['answer']}): {d['turns']} turns, stopped {d['stopped']}, "
               f"hallucination score {d['verifier_hallucination_score']:.2f}\n{d['conversation']}")
-    print(summary(r.info))
+    print(r.stats)

@@ -2,7 +2,7 @@
 
 A backend is called once per turn with the jobs of every live conversation:
 
-    backend(jobs: list[verifier.Job], policy, policy_tokenizer) -> list[str | None]
+    backend(jobs: list[Job], policy, policy_tokenizer) -> list[str | None]
 
 one reply per job, None where the call failed (counted in verifier/failed_calls; the policy then goes
 on without feedback). Three kinds (`verifier_backend`):
@@ -29,11 +29,35 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple
 
 import llms
 import rewards
 import rollout
-import verifier
+
+STOP = "###STOP###"
+DEFAULT_PROMPT = """You are a careful math teacher. A student solves the problem below one step at a time, \
+and you check each step as it is written.
+
+Problem:
+{question}
+
+Reference final answer (never reveal it): {answer}
+
+Judge only the student's latest step.
+- If it contains a mistake, reply with one or two short sentences that name the mistake and give the \
+correct value or a hint. Do not solve the rest of the problem.
+- If every step is correct and the student has stated the final answer, reply with exactly {stop}
+- If the latest step is correct but the solution is not finished, reply with nothing but the score line.
+End every reply with one line: [SCORE] hallucination_detect=1 if the latest step has a mistake or an \
+unsupported claim, else [SCORE] hallucination_detect=0."""
+
+
+class Job(NamedTuple):
+    """What a verifier judges: one conversation's problem, reference answer and policy turns so far."""
+    question: str
+    answer: str
+    steps: list[str]
 
 # ----------------------------------------------------------------------------------------------
 # rules: a programmatic verifier for the built-in arithmetic task (and any work written "a op b = c")
@@ -65,9 +89,9 @@ def rules_reply(answer: str, steps: list[str]) -> str:
             wrong.append(f"{_show(x)} {op} {_show(y)} = {_show(value)}, not {_show(z)}")
     if wrong:  # short replies: every inserted token lengthens every later turn and the trained sequence
         return "; ".join(wrong) + ".\n[SCORE] hallucination_detect=1"
-    if verifier.has_final_answer(work):
+    if rewards.has_final_answer(work):
         if rewards.is_correct(work, answer):
-            return f"{verifier.STOP}\n[SCORE] hallucination_detect=0"
+            return f"{STOP}\n[SCORE] hallucination_detect=0"
         return "Your final answer is wrong.\n[SCORE] hallucination_detect=1"
     return "[SCORE] hallucination_detect=0" if checked else ""
 
@@ -82,11 +106,11 @@ class RulesVerifier:
 
 
 def load_prompt(prompt: str) -> str:
-    """The template: verifier.DEFAULT_PROMPT for "", a file's text for an existing path, else `prompt`."""
+    """The template: DEFAULT_PROMPT for "", a file's text for an existing path, else `prompt`."""
     if os.path.isfile(prompt):
         with open(prompt) as f:
             prompt = f.read()
-    prompt = prompt or verifier.DEFAULT_PROMPT
+    prompt = prompt or DEFAULT_PROMPT
     try:
         prompt.format(question="", answer="", stop="")
     except (KeyError, IndexError, ValueError) as e:
@@ -98,7 +122,7 @@ def load_prompt(prompt: str) -> str:
 def messages(template: str, job) -> list[dict]:
     steps = "\n".join(f"Step {k}: {s.strip()}" for k, s in enumerate(job.steps, 1))
     return [{"role": "system", "content": template.format(question=job.question, answer=job.answer,
-                                                          stop=verifier.STOP)},
+                                                          stop=STOP)},
             {"role": "user", "content": f"The student's steps so far:\n{steps}\n\nJudge step {len(job.steps)}."}]
 
 
@@ -107,7 +131,7 @@ def hf_chat(model, tokenizer, chats: list[list[dict]], max_tokens: int, temperat
     prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
     room = getattr(model.config, "max_position_embeddings", 32768) - max_tokens  # long prompts keep their end
     ids, mask = rollout.tokenize_prompts(tokenizer, prompts, room, next(model.parameters()).device)
-    out = rollout.generate(model, ids, mask, max_tokens, temperature)
+    out = rollout.generate(model, ids, mask, max_new_tokens=max_tokens, temperature=temperature)
     return tokenizer.batch_decode(out, skip_special_tokens=True)  # padding after EOS is a special token
 
 
@@ -180,23 +204,24 @@ class HTTPVerifier:
             return list(pool.map(self.ask, chats))
 
 
-def make(kind: str, model: str, base_url: str, api_key_env: str, timeout_s: float, retries: int,
-         concurrency: int, max_tokens: int, temperature: float, prompt: str, load_8bit: bool, device: str,
-         dtype: str, trust_remote_code: bool = False):
-    """The backend named `kind` (rules, hf, http); http checks at once that its server answers."""
-    if kind == "rules":
+def make(cfg, device: str):
+    """The backend cfg.verifier_backend names (rules, hf, http) with its verifier_* settings; http checks
+    at once that its server answers."""
+    if cfg.verifier_backend == "rules":
         return RulesVerifier()
-    template = load_prompt(prompt)
-    if kind == "hf":
-        if model == "policy":
-            return HFVerifier(None, None, template, max_tokens, temperature)
-        vm, vt = llms.load(model, device, dtype, trust_remote_code=trust_remote_code, load_8bit=load_8bit)
+    template = load_prompt(cfg.verifier_prompt)
+    if cfg.verifier_backend == "hf":
+        if cfg.verifier_model == "policy":
+            return HFVerifier(None, None, template, cfg.verifier_max_tokens, cfg.verifier_temperature)
+        vm, vt = llms.load(cfg.verifier_model, device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                           load_8bit=cfg.verifier_8bit)
         vm.eval().requires_grad_(False)
-        return HFVerifier(vm, vt, template, max_tokens, temperature)
-    if kind == "http":
-        return HTTPVerifier(base_url, model, api_key_env, timeout_s, retries, concurrency, template, max_tokens,
-                            temperature)
-    raise ValueError(f"verifier_backend must be rules, hf or http, got {kind!r}")
+        return HFVerifier(vm, vt, template, cfg.verifier_max_tokens, cfg.verifier_temperature)
+    if cfg.verifier_backend == "http":
+        return HTTPVerifier(cfg.verifier_base_url, cfg.verifier_model, cfg.verifier_api_key_env, cfg.verifier_timeout_s,
+                            cfg.verifier_retries, cfg.verifier_concurrency, template, cfg.verifier_max_tokens,
+                            cfg.verifier_temperature)
+    raise ValueError(f"verifier_backend must be rules, hf or http, got {cfg.verifier_backend!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,14 +277,12 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--load_8bit", action="store_true")
     args = parser.parse_args(argv)
-    import torch
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = llms.pick_device(args.device)
     corpus = None
     if args.model == llms.TINY:  # its tokenizer trains on the built-in task's text
         import data
         corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in data.arithmetic_task(1000, 10, seed=0)[0]]
-    model, tokenizer = llms.load(args.model, device, args.dtype, tiny_corpus=corpus, load_8bit=args.load_8bit)
+    model, tokenizer = llms.load(args.model, device, dtype=args.dtype, tiny_corpus=corpus, load_8bit=args.load_8bit)
     model.eval().requires_grad_(False)
     server = serve(model, tokenizer, args.model, args.port)
     print(f"serving {args.model} at http://127.0.0.1:{server.server_address[1]}/v1 (Ctrl-C stops)", flush=True)

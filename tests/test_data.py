@@ -5,9 +5,15 @@ import re
 
 import pytest
 
+import config
 import data
 import llms
 import rewards
+
+
+def load_data(dataset: str, **settings):
+    """data.load of a config with these settings."""
+    return data.load(config.Config(dataset=dataset, **settings))
 
 
 def write_gsm8k(path, n):
@@ -65,24 +71,24 @@ def test_local_jsonl_and_parquet(tmp_path):
     kw = dict(dataset_config="main", train_split="train", test_split="test", question_field="question",
               answer_field="answer", seed=0, arithmetic_train_size=0, arithmetic_test_size=0,
               arithmetic_min_steps=2, arithmetic_max_steps=4)
-    train, test = data.load(str(tmp_path / "train.jsonl"), test_dataset=str(tmp_path / "test.jsonl"), **kw)
+    train, test = load_data(str(tmp_path / "train.jsonl"), test_dataset=str(tmp_path / "test.jsonl"), **kw)
     assert len(train) == 5 and len(test) == 3
     assert train[1] == {"question": "Ann has 1 pens and buys 2 more. How many?", "answer": "3", "solution": "1 + 2 = 3"}
     import pandas as pd
     pd.read_json(tmp_path / "train.jsonl", lines=True).to_parquet(tmp_path / "train.parquet")
-    assert data.load(str(tmp_path / "train.parquet"), test_dataset=str(tmp_path / "test.jsonl"), **kw)[0] == train
+    assert load_data(str(tmp_path / "train.parquet"), test_dataset=str(tmp_path / "test.jsonl"), **kw)[0] == train
     folder = tmp_path / "gsm8k"  # a folder with train/test files is split by file name
     folder.mkdir()
     write_gsm8k(folder / "train.jsonl", 4)
     write_gsm8k(folder / "test.jsonl", 2)
-    assert [len(s) for s in data.load(str(folder), test_dataset="", **kw)] == [4, 2]
+    assert [len(s) for s in load_data(str(folder), test_dataset="", **kw)] == [4, 2]
     with pytest.raises(ValueError, match="--test_dataset"):
-        data.load(str(tmp_path / "train.jsonl"), test_dataset="", **kw)
+        load_data(str(tmp_path / "train.jsonl"), test_dataset="", **kw)
     with pytest.raises(KeyError, match="no field 'problem'.*--question_field"):
-        data.load(str(tmp_path / "train.jsonl"), test_dataset=str(tmp_path / "test.jsonl"),
+        load_data(str(tmp_path / "train.jsonl"), test_dataset=str(tmp_path / "test.jsonl"),
                   **{**kw, "question_field": "problem"})
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        data.load(str(tmp_path / "nope.jsonl"), test_dataset="", **kw)
+        load_data(str(tmp_path / "nope.jsonl"), test_dataset="", **kw)
 
 
 def test_unreachable_names_say_how_to_go_offline(monkeypatch):
@@ -91,7 +97,7 @@ def test_unreachable_names_say_how_to_go_offline(monkeypatch):
     with pytest.raises(RuntimeError, match="(?s)could not load 'no-such-org/no-such-model'.*--model_name /path/to/model"):
         llms.load("no-such-org/no-such-model", "cpu")
     with pytest.raises(RuntimeError, match="(?s)--dataset path/to/train.jsonl"):
-        data.load("no-such-org/no-such-data", "main", "train", "test", "", "question", "answer", 0, 0, 0, 2, 4)
+        load_data("no-such-org/no-such-data", dataset_config="main")
 
 
 def test_local_model_folder_round_trip(tmp_path, tiny):

@@ -17,20 +17,20 @@ import torch
 import checkpoint
 import rollout
 import losses
-import train
-from test_train import FAST, read
+from helpers import FAST, read, run_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = FAST + ["--max_steps", "4", "--save_every", "2", "--eval_every", "2"]
 COMPARED = ("reward", "loss", "grad_norm", "completion_len", "kl", "accuracy", "pass@2")
 
-# Runs train.main in a child process that SIGKILLs itself on the nth call of module.function.
+# Runs train.py in a child process that SIGKILLs itself on the nth call of module.function.
 KILLER = textwrap.dedent("""
     import importlib, os, signal, sys
     sys.path.insert(0, {repo!r})
+    sys.path.insert(0, os.path.join({repo!r}, "tests"))
     import torch
     torch.set_num_threads(2)
-    import train
+    from helpers import run_train
     module, name = sys.argv[1].split(":")
     module, nth, calls = importlib.import_module(module), int(sys.argv[2]), [0]
     original = getattr(module, name)
@@ -40,7 +40,7 @@ KILLER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
     setattr(module, name, killer)
-    train.main(sys.argv[3:])
+    run_train(sys.argv[3:])
 """)
 
 
@@ -63,7 +63,7 @@ def no_partial_checkpoints(out):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("straight") / "run")
-    train.main(RUN + ["--out_dir", out])
+    run_train(RUN + ["--out_dir", out])
     return out
 
 
@@ -80,7 +80,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, straight, wher
     child = subprocess.run([sys.executable, str(script), where, str(nth), *RUN, "--out_dir", out],
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
-    train.main(["--resume", out])
+    run_train(["--resume", out])
     same_logs(straight, out)
     no_partial_checkpoints(out)
     assert checkpoint.latest(out).endswith("step_000004")
@@ -97,12 +97,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_goes_on(tmp_path, straight, monkey
             signal.raise_signal(signal.SIGINT)
         return original(*args, **kwargs)
     monkeypatch.setattr(losses, "group_advantages", interrupted)
-    train.main(RUN + ["--out_dir", out])  # returns cleanly after finishing step 3
+    run_train(RUN + ["--out_dir", out])  # returns cleanly after finishing step 3
     assert checkpoint.latest(out).endswith("step_000003")
     assert max(r["step"] for r in read(f"{out}/metrics.jsonl")) == 3
     assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is given back
     monkeypatch.setattr(losses, "group_advantages", original)
-    train.main(["--resume", out])
+    run_train(["--resume", out])
     same_logs(straight, out)
 
 
@@ -121,7 +121,7 @@ def nan_loss_at(monkeypatch, bad_steps, micro_batches_per_step=2):
 def test_a_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     nan_loss_at(monkeypatch, {2})
-    train.main(FAST + ["--out_dir", out, "--max_steps", "3", "--save_every", "1", "--keep_last", "3",
+    run_train(FAST + ["--out_dir", out, "--max_steps", "3", "--save_every", "1", "--keep_last", "3",
                        "--eval_every", "10"])
     rows = {r["step"]: r for r in read(f"{out}/metrics.jsonl") if r["split"] == "train"}
     assert [rows[s]["skipped"] for s in (1, 2, 3)] == [0, 1, 0]
@@ -137,8 +137,8 @@ def _weights(path):
 def test_max_bad_steps_in_a_row_stop_with_a_checkpoint_of_the_last_good_weights(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     nan_loss_at(monkeypatch, {2, 3, 4})
-    with pytest.raises(train.RunStopped, match="2 steps in a row .* step 3 .*last good weights"):
-        train.main(FAST + ["--out_dir", out, "--max_steps", "6", "--save_every", "1", "--keep_last", "5",
+    with pytest.raises(checkpoint.RunStopped, match="2 steps in a row .* step 3 .*last good weights"):
+        run_train(FAST + ["--out_dir", out, "--max_steps", "6", "--save_every", "1", "--keep_last", "5",
                            "--eval_every", "10", "--max_bad_steps", "2"])
     assert checkpoint.latest(out).endswith("step_000003")
     w1, w3 = _weights(f"{out}/checkpoints/step_000001"), _weights(f"{out}/checkpoints/step_000003")
@@ -155,7 +155,7 @@ def test_out_of_memory_in_the_loss_retries_with_smaller_micro_batches(tmp_path, 
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(model, input_ids, *args)
     monkeypatch.setattr(losses, "token_logps", tight)
-    train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "10", "--save_every", "10"])
+    run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "10", "--save_every", "10"])
     rows = [r for r in read(f"{out}/metrics.jsonl") if r["split"] == "train"]
     assert failed == [4] and [r["micro_batch_size"] for r in rows] == [2, 4]  # halved for that step only
     assert all(r["skipped"] == 0 for r in rows)
@@ -171,8 +171,8 @@ def test_out_of_memory_at_one_chain_stops_with_a_checkpoint_and_the_settings_to_
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(model, input_ids, *args)
     monkeypatch.setattr(losses, "token_logps", never_fits)
-    with pytest.raises(train.RunStopped, match="out of memory at step 1.*max_completion_tokens.*--resume"):
-        train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "10"])
+    with pytest.raises(checkpoint.RunStopped, match="out of memory at step 1.*max_completion_tokens.*--resume"):
+        run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "10"])
     assert checkpoint.latest(out).endswith("step_000000")  # the warm-started weights, resumable
     assert [r["step"] for r in read(f"{out}/metrics.jsonl")] == [0]
 
@@ -181,7 +181,7 @@ def test_out_of_memory_while_sampling_samples_in_halves(tiny, monkeypatch):
     model, tok = tiny
     prompts = [f"question {i}" for i in range(4)]
     ids, mask = rollout.tokenize_prompts(tok, prompts, 32, "cpu")
-    whole = rollout.generate(model, ids, mask, 8, temperature=0.0)
+    whole = rollout.generate(model, ids, mask, max_new_tokens=8, temperature=0.0)
     original, sizes = model.generate, []
 
     def small_only(*args, **kwargs):
@@ -190,7 +190,7 @@ def test_out_of_memory_while_sampling_samples_in_halves(tiny, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(*args, **kwargs)
     monkeypatch.setattr(model, "generate", small_only)
-    split = rollout.generate(model, ids, mask, 8, temperature=0.0)
+    split = rollout.generate(model, ids, mask, max_new_tokens=8, temperature=0.0)
     assert sizes == [4, 2, 1, 1, 2, 1, 1]  # halves, recursively, down to single rows
     assert torch.equal(whole[:, :split.shape[1]], split[:, :whole.shape[1]])  # greedy: the same tokens
     assert model.training
@@ -207,23 +207,23 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
         return original(*args, **kwargs)
     monkeypatch.setattr(torch, "save", disk_full_second_time)
     with pytest.raises(OSError, match="could not write checkpoint .*step_000002.*step_000001.*intact"):
-        train.main(FAST + ["--out_dir", out, "--max_steps", "3", "--save_every", "1", "--eval_every", "10"])
+        run_train(FAST + ["--out_dir", out, "--max_steps", "3", "--save_every", "1", "--eval_every", "10"])
     assert checkpoint.latest(out).endswith("step_000001")
     assert sorted(os.listdir(f"{out}/checkpoints")) == ["latest", "step_000001"]  # no partial folder
     monkeypatch.setattr(torch, "save", original)
-    train.main(["--resume", out])  # the run goes on once there is space
+    run_train(["--resume", out])  # the run goes on once there is space
     assert checkpoint.latest(out).endswith("step_000003")
 
 
 def test_a_full_disk_while_logging_is_a_clear_error():
-    with pytest.raises(train.RunStopped, match="could not append to /dev/full.*--resume"):
-        train.append_jsonl("/dev/full", {"step": 1})
+    with pytest.raises(checkpoint.RunStopped, match="could not append to /dev/full.*--resume"):
+        checkpoint.append_jsonl("/dev/full", {"step": 1})
 
 
 def test_ctrl_c_handler_is_not_installed_off_the_main_thread():
     import threading
     seen = []
-    t = threading.Thread(target=lambda: seen.append(train.StopOnCtrlC().previous))
+    t = threading.Thread(target=lambda: seen.append(checkpoint.StopOnCtrlC().previous))
     t.start()
     t.join()
     assert seen == [None]
@@ -231,11 +231,11 @@ def test_ctrl_c_handler_is_not_installed_off_the_main_thread():
 
 def test_prompt_plus_completion_longer_than_the_context_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="exceeds tiny's context of 1024 tokens"):
-        train.main(FAST + ["--out_dir", str(tmp_path / "run"), "--max_completion_tokens", "1000"])
+        run_train(FAST + ["--out_dir", str(tmp_path / "run"), "--max_completion_tokens", "1000"])
 
 
 def test_resuming_full_weights_as_lora_is_refused(tmp_path, straight):
     config_before = open(f"{straight}/config.json").read()
     with pytest.raises(ValueError, match="holds full weights, but lora_r is 4"):
-        train.main(["--resume", straight, "--lora_r", "4", "--train_only", ""])
+        run_train(["--resume", straight, "--lora_r", "4", "--train_only", ""])
     assert open(f"{straight}/config.json").read() == config_before  # a refused resume writes nothing

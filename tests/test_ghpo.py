@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import config
-import guidance
+import ghpo
 import llms
 import rewards
 import rollout
 import losses
-import train
-from test_train import FAST
+import samplers
+from helpers import FAST, run_train
 
 G = 3
 
@@ -31,7 +31,7 @@ G = 3
     ([0.0, 0.0, 0.0], "???", False),
 ])
 def test_needs_hint(accuracy, answer, hinted):
-    assert guidance.needs_hint(torch.tensor(accuracy), answer) is hinted
+    assert ghpo.needs_hint(torch.tensor(accuracy), answer) is hinted
 
 
 FOUR = "a = 1.\nb = 2.\nc = 3.\nd = 4."  # 4 steps, 27 characters
@@ -54,23 +54,23 @@ FOUR = "a = 1.\nb = 2.\nc = 3.\nd = 4."  # 4 steps, 27 characters
     ("", 0.5, "chars", ""),
 ])
 def test_make_hint(solution, ratio, unit, hint):
-    assert guidance.make_hint(solution, ratio, unit) == hint
+    assert ghpo.make_hint(solution, ratio, unit) == hint
 
 
 def test_make_hint_unknown_unit():
     with pytest.raises(ValueError, match="hint unit"):
-        guidance.make_hint(FOUR, 0.5, "tokens")
+        ghpo.make_hint(FOUR, 0.5, "tokens")
 
 
 def test_hints_of_the_builtin_task_and_gsm8k(task):
     ex = next(e for e in task[0] if e["solution"].count("\n") == 3)  # a 4-step problem
     steps = [line + "\n" for line in ex["solution"].split("\n")]
-    assert [guidance.make_hint(ex["solution"], r, "steps") for r in (0.25, 0.5, 0.75)] == [
+    assert [ghpo.make_hint(ex["solution"], r, "steps") for r in (0.25, 0.5, 0.75)] == [
         steps[0], "".join(steps[:2]), "".join(steps[:3])]
     import data
     solution, _ = data.split_gsm8k_answer("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
                                           "Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72")
-    assert guidance.make_hint(solution, 0.5, "steps") == "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    assert ghpo.make_hint(solution, 0.5, "steps") == "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +109,9 @@ def record(monkeypatch):
 def run_ghpo(tiny, examples, ratios=(0.25, 0.5, 0.75), unit="steps", hint_in="user"):
     model, tok = tiny
     torch.manual_seed(0)
-    return guidance.ghpo(model, tok, examples, "", G, 96, 16, 1.0, 1.0, {"fake": 1.0}, None, "fake", list(ratios),
-                         unit, hint_in)
+    return ghpo.ghpo(model, tok, examples, G, system_prompt="", max_prompt_tokens=96, max_completion_tokens=16,
+                     temperature=1.0, top_p=1.0, weights={"fake": 1.0}, reward_settings=None, accuracy_reward="fake",
+                     hint_ratios=list(ratios), hint_unit=unit, hint_in=hint_in)
 
 
 def test_schedule_stops_at_the_first_stage_that_helps(tiny, examples, monkeypatch):
@@ -121,9 +122,9 @@ def test_schedule_stops_at_the_first_stage_that_helps(tiny, examples, monkeypatc
     # stage 0: all three; 0.25: both all-wrong groups; 0.5: both, one rescued; 0.75: only the other one
     assert [len(prompts) for prompts, _ in calls] == [3, 2, 2, 1]
     assert [len(c) for _, c in calls] == [3 * G, 2 * G, 2 * G, G]  # one batched generate call per stage
-    hints = [guidance.make_hint(examples[1]["solution"], q, "steps") for q in (0.25, 0.5)]
-    assert hints[0] in calls[1][0][0] and hints[1] in calls[2][0][0] and guidance.HINT_INSTRUCTION in calls[1][0][0]
-    assert guidance.HINT_INSTRUCTION not in calls[0][0][0]
+    hints = [ghpo.make_hint(examples[1]["solution"], q, "steps") for q in (0.25, 0.5)]
+    assert hints[0] in calls[1][0][0] and hints[1] in calls[2][0][0] and ghpo.HINT_INSTRUCTION in calls[1][0][0]
+    assert ghpo.HINT_INSTRUCTION not in calls[0][0][0]
     assert r.group.tolist() == [0] * G + [1] * G + [2] * G
     by_group = [r.info[b * G] for b in range(3)]
     assert [d["hint_ratio"] for d in by_group] == [0.0, 0.5, 0.0]
@@ -131,7 +132,7 @@ def test_schedule_stops_at_the_first_stage_that_helps(tiny, examples, monkeypatc
     assert by_group[1]["hint"] == hints[1] and by_group[2]["hint"] == ""
     assert [d["accuracy"] for d in r.info] == [1.0] * G + [1.0] * G + [0.0] * G
     assert [d["accuracy_unhinted"] for d in r.info] == [1.0] * G + [0.0] * 2 * G
-    summary = guidance.ghpo_summary(r.info, [0.25, 0.5, 0.75])
+    summary = ghpo.ghpo_summary(r.info, [0.25, 0.5, 0.75])
     assert summary == pytest.approx({
         "ghpo/hinted@0.25": 2 / 3, "ghpo/hinted@0.5": 2 / 3, "ghpo/hinted@0.75": 1 / 3, "ghpo/rescued_frac": 1 / 3,
         "ghpo/hint_ratio": 0.5 / 3, "ghpo/accuracy_before": 1 / 3, "ghpo/accuracy_after": 2 / 3,
@@ -156,22 +157,22 @@ def test_rescued_groups_take_hinted_chains_and_others_keep_their_own(tiny, examp
             assert r.texts[b * G + j] == source.texts[first + j]
 
 
-@pytest.mark.parametrize("hint_in", guidance.HINT_IN)
+@pytest.mark.parametrize("hint_in", config.options("ghpo_hint_in"))
 def test_hint_tokens_are_prompt_and_never_trained(tiny, examples, monkeypatch, hint_in):
     model, tok = tiny
     ok, rescued_at_half, never = (ex["answer"] for ex in examples)
     use_reward(monkeypatch, lambda answer, ratio: answer == ok or (answer == rescued_at_half and ratio >= 0.5))
     calls = record(monkeypatch)
     r = run_ghpo(tiny, examples, unit="chars", hint_in=hint_in)
-    hint = guidance.make_hint(examples[1]["solution"], 0.5, "chars")
+    hint = ghpo.make_hint(examples[1]["solution"], 0.5, "chars")
     for i in range(G, 2 * G):  # the rescued group
         real = r.attention_mask[i].bool()
         prompt_ids = r.input_ids[i][real & ~r.loss_mask[i].bool()].tolist()
         prompt = tok.decode(prompt_ids)
         if hint_in == "user":  # after the question, inside the user turn
-            assert prompt.index(examples[1]["question"] + guidance.HINT_INSTRUCTION + hint) < prompt.index("assistant")
+            assert prompt.index(examples[1]["question"] + ghpo.HINT_INSTRUCTION + hint) < prompt.index("assistant")
         else:  # the response starts with it
-            assert prompt.endswith("assistant\n" + hint) and guidance.HINT_INSTRUCTION not in prompt
+            assert prompt.endswith("assistant\n" + hint) and ghpo.HINT_INSTRUCTION not in prompt
         assert tok.decode(rows_of(r, i)[1], skip_special_tokens=True) == r.texts[i]
         assert r.loss_mask[i].sum() == r.info[i]["completion_len"]
         first = int(r.loss_mask[i].nonzero()[0])  # every trained token follows the whole prompt
@@ -190,7 +191,7 @@ def test_no_hinting_is_exactly_plain_sampling(tiny, examples, monkeypatch):
     model, tok = tiny
     prompts = [llms.chat_prompt(tok, "", ex["question"]) for ex in examples]
     torch.manual_seed(0)
-    plain = rollout.sample(model, tok, prompts, G, 96, 16, 1.0, 1.0)
+    plain = rollout.sample(model, tok, prompts, G, max_prompt_tokens=96, max_new_tokens=16, temperature=1.0)
     for ratios, rule in (([], lambda a, q: 0.0), ([0.25, 0.5], lambda a, q: 1.0)):  # off; nothing all wrong
         use_reward(monkeypatch, rule)
         calls = record(monkeypatch)
@@ -219,11 +220,11 @@ def test_groups_without_a_solution_or_answer_are_never_hinted(tiny, examples, mo
 
 def test_dataset_without_solutions_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="needs reference solutions"):
-        guidance.check_solutions([{"question": "1 + 1?", "answer": "2", "solution": ""}], "mine.jsonl")
+        ghpo.check_solutions([{"question": "1 + 1?", "answer": "2", "solution": ""}], "mine.jsonl")
     path = tmp_path / "bare.jsonl"
     path.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
     with pytest.raises(ValueError, match="needs reference solutions.*bare.jsonl"):
-        train.main(FAST + ["--out_dir", str(tmp_path / "run"), "--dataset", str(path), "--test_dataset", str(path),
+        run_train(FAST + ["--out_dir", str(tmp_path / "run"), "--dataset", str(path), "--test_dataset", str(path),
                            "--rollout", "ghpo", "--sft_slip_rate", "0"])
 
 
@@ -237,8 +238,9 @@ def test_dataset_without_solutions_is_a_clear_error(tmp_path):
     (["--ghpo_hint_in", "system"], "ghpo_hint_in must be one of"),
 ])
 def test_ghpo_config_errors(argv, message):
-    with pytest.raises(ValueError, match=message):
-        config.load(["--rollout", "ghpo", "--rewards", "correctness=1"] + argv)
+    with pytest.raises(ValueError, match=message):  # the config, or the GHPO sampler's start-up check
+        cfg = config.load(["--rollout", "ghpo", "--rewards", "correctness=1"] + argv)
+        samplers.make(cfg, device="cpu", train_set=[{"question": "1 + 1?", "answer": "2", "solution": "1 + 1 = 2."}])
 
 
 def test_ghpo_config_reads_ratios_as_numbers():
@@ -248,7 +250,7 @@ def test_ghpo_config_reads_ratios_as_numbers():
 
 def test_ghpo_run_logs_hint_metrics(tmp_path):
     out = str(tmp_path / "ghpo")
-    train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "5", "--eval_every", "5",
+    run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "5", "--eval_every", "5",
                        "--rollout", "ghpo", "--ghpo_hint_unit", "chars", "--ghpo_start_step", "2",
                        "--ghpo_hint_in", "assistant"])
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]

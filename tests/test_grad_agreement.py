@@ -2,8 +2,7 @@
 import torch
 
 import grad_agreement
-import train
-from test_train import FAST
+from helpers import FAST, run_train
 
 
 def test_agreement_is_the_mean_pairwise_cosine():
@@ -17,7 +16,7 @@ def test_agreement_is_the_mean_pairwise_cosine():
 
 def test_runs_on_a_tiny_model(tmp_path):
     out = str(tmp_path / "run")
-    train.main(FAST + ["--out_dir", out, "--max_steps", "1"])
+    run_train(FAST + ["--out_dir", out, "--max_steps", "1"])
     result = grad_agreement.main(["--model", f"{out}/base_model", "--batches", "3", *FAST,
                                   "--rewards", "integer_answer=1"])  # varies between the untrained chains
     assert "model.norm.weight" in result and "all weights" in result

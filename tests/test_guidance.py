@@ -7,11 +7,12 @@ import torch
 
 import config
 import guidance
+import samplers
+from sft import warm_start
 import llms
 import rollout
 import losses
-import train
-from test_train import FAST
+from helpers import FAST, run_train
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def sft(tiny, task):
     cfg = config.Config(system_prompt="", sft_steps=80, sft_batch_size=32, sft_learning_rate=5e-3,
                         sft_warmup_steps=5, max_prompt_tokens=96, max_completion_tokens=48, logp_chunk=64)
     torch.manual_seed(0)
-    train.warm_start(model, tok, task[0], cfg, "cpu")
+    warm_start(model, tok, task[0], cfg)
     return model, tok
 
 
@@ -36,7 +37,8 @@ def sample(model, tok, prompts, seed=0, **kw):
                 min_prefix_tokens=1, max_prefix_tokens=20, prefix_retries=2, min_guide_tokens=2,
                 max_guide_tokens=5, loss_on="guidance")
     torch.manual_seed(seed)
-    return guidance.three_phase(model, tok, prompts, **{**args, **kw})
+    args = {**args, **kw}
+    return guidance.three_phase(model, tok, prompts, args.pop("num_chains"), **args)
 
 
 def completion_of(r, i):
@@ -107,7 +109,7 @@ def test_pick_prefix_skips_finished_and_boundaryless_candidates(candidates, budg
 
 
 def test_left_pad():
-    ids, mask = guidance.left_pad([[1, 2, 3], [4]], pad_id=9, device="cpu")
+    ids, mask = rollout.left_pad([[1, 2, 3], [4]], pad_id=9, device="cpu")
     assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
@@ -148,7 +150,7 @@ def test_budgets_shared_prefix_and_info(sft, task, seed):
         assert len(unfinished) <= 1
 
 
-@pytest.mark.parametrize("loss_on", guidance.LOSS_ON)
+@pytest.mark.parametrize("loss_on", config.options("guide_loss_on"))
 def test_loss_on_trains_exactly_the_intended_tokens(sft, task, loss_on):
     model, tok = sft
     r = sample(model, tok, prompts_of(tok, task, 2), seed=3, loss_on=loss_on, num_chains=3)
@@ -179,8 +181,7 @@ def test_greedy_three_phases_equal_one_greedy_generate(sft, task):
     prompts = prompts_of(tok, task, 3)
     r = sample(model, tok, prompts, temperature=0.0, num_chains=2, max_completion_tokens=30,
                min_prefix_tokens=6, max_prefix_tokens=18, prefix_retries=0, min_guide_tokens=2, max_guide_tokens=4)
-    plain = rollout.sample(model, tok, prompts, num_chains=1, max_prompt_tokens=96, max_new_tokens=30,
-                           temperature=0.0)
+    plain = rollout.sample(model, tok, prompts, 1, max_prompt_tokens=96, max_new_tokens=30, temperature=0.0)
     assert any(d["prefix_len"] > 0 for d in r.info)  # some chains really were cut and re-padded
     for i in range(len(r)):
         g = r.group[i]
@@ -192,9 +193,10 @@ def test_one_generate_call_per_phase(sft, task, monkeypatch):
     calls = []
     real = rollout.generate
 
-    def counting(model, input_ids, attention_mask, max_new_tokens, temperature, top_p=1.0):
+    def counting(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p=1.0):
         calls.append((input_ids.shape[0], max_new_tokens))
-        return real(model, input_ids, attention_mask, max_new_tokens, temperature, top_p)
+        return real(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p)
 
     monkeypatch.setattr(rollout, "generate", counting)
     sample(model, tok, prompts_of(tok, task, 2), num_chains=3, prefix_retries=1, max_guide_tokens=4)
@@ -211,7 +213,7 @@ def test_position_weight_and_summary():
     assert guidance.position_weight(2, 10) < guidance.position_weight(6, 10)
     info = [{"prefix_len": 0, "guide_len": 2, "postfix_len": 8, "prefix_fallback": True},
             {"prefix_len": 6, "guide_len": 2, "postfix_len": 2, "prefix_fallback": False}]
-    assert guidance.weight_rewards(torch.tensor([2.0, -1.0]), info).tolist() == pytest.approx([1.0, -0.8])
+    assert (torch.tensor([2.0, -1.0]) * guidance.position_weights(info)).tolist() == pytest.approx([1.0, -0.8])
     assert guidance.summary(info) == {"guide/prefix_len": 3.0, "guide/guidance_len": 2.0,
                                       "guide/postfix_len": 5.0, "guide/prefix_fallback_frac": 0.5}
 
@@ -225,15 +227,15 @@ def test_position_weight_and_summary():
     (["--guide_loss_on", "prefix"], "guide_loss_on must be one of"),
 ])
 def test_guided_config_errors(argv, message):
-    with pytest.raises(ValueError, match=message):
-        config.load(["--rollout", "guided"] + argv)
+    with pytest.raises(ValueError, match=message):  # the config, or the guided sampler's start-up check
+        samplers.make(config.load(["--rollout", "guided"] + argv), device="cpu", train_set=[])
     if "--guide_loss_on" not in argv:  # plain sampling ignores the guided keys
-        config.load(argv)
+        samplers.make(config.load(argv), device="cpu", train_set=[])
 
 
 def test_guided_run_logs_guide_metrics(tmp_path):
     out = str(tmp_path / "guided")
-    train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "2", "--eval_every", "5",
+    run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "2", "--eval_every", "5",
                        "--rollout", "guided", "--guide_min_prefix_tokens", "2", "--guide_max_prefix_tokens", "12",
                        "--guide_loss_on", "guidance+postfix", "--guide_position_weight"])
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]

@@ -6,16 +6,16 @@ import torch
 
 import config
 import kahan
-import train
+import losses
 
 
 def run(dtype, optimizer, kahan, grads, w0, weight_decay=0.0):
-    """AdamW through train.make_optimizer on one (4096,) weight; returns (weight, residual) as fp32."""
+    """AdamW through losses.make_optimizer on one (4096,) weight; returns (weight, residual) as fp32."""
     model = torch.nn.Linear(4096, 1, bias=False)  # 4096 elements: bitsandbytes' 8-bit state threshold
     model.weight.data = w0.to(dtype).reshape(1, -1).clone()
     cfg = config.Config(optimizer=optimizer, kahan_updates=kahan, learning_rate=5e-6, warmup_steps=0,
                         weight_decay=weight_decay)
-    opt, _ = train.make_optimizer(model, cfg)
+    opt, _ = losses.make_optimizer(model, cfg)
     for g in grads:
         model.weight.grad = g.to(dtype).reshape(1, -1)
         opt.step()
@@ -52,10 +52,10 @@ def test_weight_decay_and_state_round_trip():
     assert (ours + residual - ref).abs().max() < 0.02 * (ref - w0).abs().mean()
 
     model = torch.nn.Linear(8, 8, bias=False).bfloat16()
-    opt, _ = train.make_optimizer(model, config.Config(optimizer="adamw", warmup_steps=0))
+    opt, _ = losses.make_optimizer(model, config.Config(optimizer="adamw", warmup_steps=0))
     model.weight.grad = torch.ones_like(model.weight)
     opt.step()
-    fresh, _ = train.make_optimizer(model, config.Config(optimizer="adamw", warmup_steps=0))
+    fresh, _ = losses.make_optimizer(model, config.Config(optimizer="adamw", warmup_steps=0))
     fresh.load_state_dict(opt.state_dict())  # checkpoints carry the residual
     assert torch.equal(fresh.state[model.weight]["residual"], opt.state[model.weight]["residual"])
 

@@ -1,5 +1,5 @@
-"""The GRPO loss family in train.py: policy_loss against hand-written formulas, micro-batching,
-group advantages, loss masks, Liger's fused loss against our path, and train_on_rollout.
+"""The GRPO loss family in losses.py: policy_loss against hand-written formulas, micro-batching,
+group advantages, loss masks, Liger's fused loss against our path, and losses.update.
 
 Everything runs on CPU in fp32 with a 2-layer, 32-wide random Qwen2 built in about a second.
 """
@@ -18,7 +18,6 @@ import config  # noqa: E402
 import llms  # noqa: E402
 import rollout  # noqa: E402
 import losses
-import train  # noqa: E402
 from losses import group_advantages, liger_loss, policy_loss, token_logps  # noqa: E402
 
 ALL_LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"]
@@ -37,7 +36,7 @@ def one_thread():
 
 
 def make_cfg(loss_type, beta=0.0, **kw):
-    return SimpleNamespace(loss_type=loss_type, beta=beta, eps_low=EPS_LOW, eps_high=EPS_HIGH,
+    return config.Config(loss_type=loss_type, beta=beta, eps_low=EPS_LOW, eps_high=EPS_HIGH,
                            max_completion_tokens=MAX_LEN, temperature=0.7, logp_chunk=3, **kw)
 
 
@@ -408,7 +407,7 @@ def test_liger_loss_matches_hand_written_path(lm, roll, fixed, loss_type, beta, 
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. train_on_rollout
+# 6. losses.update
 
 
 def train_cfg(**kw):
@@ -417,14 +416,14 @@ def train_cfg(**kw):
                                    max_grad_norm=1.0, liger=False), **kw})
 
 
-def test_train_on_rollout_updates_and_reports_finite_stats(lm, roll):
+def test_update_updates_and_reports_finite_stats(lm, roll):
     base, _ = lm
     torch.manual_seed(0)
     model, ref_model = copy.deepcopy(base), copy.deepcopy(base).requires_grad_(False)
     before = [p.detach().clone() for p in model.parameters()]
     adv, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), roll.group, "group")
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    stats = losses.train_on_rollout(model, ref_model, roll, adv, optimizer, train_cfg())
+    stats = losses.update(model, ref_model, roll, adv, optimizer, train_cfg())
 
     assert set(stats) == {"loss", "grad_norm", "kl", "clip_frac", "skipped", "micro_batch_size"}
     assert stats["skipped"] == 0 and stats["micro_batch_size"] == 2
@@ -435,18 +434,18 @@ def test_train_on_rollout_updates_and_reports_finite_stats(lm, roll):
     assert all(p.grad is None for p in model.parameters())  # grads are cleared after each step
 
 
-def test_train_on_rollout_single_iteration_never_clips(lm, roll):
+def test_update_single_iteration_never_clips(lm, roll):
     base, _ = lm
     model = copy.deepcopy(base)
     adv, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), roll.group, "group")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = losses.train_on_rollout(model, model, roll, adv, optimizer, train_cfg(num_iterations=1))
+    stats = losses.update(model, model, roll, adv, optimizer, train_cfg(num_iterations=1))
     assert stats["clip_frac"] == 0
     assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the model itself
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "gspo"])
-def test_train_on_rollout_liger_matches_plain(lm, roll, loss_type):
+def test_update_liger_matches_plain(lm, roll, loss_type):
     # two iterations in two micro-batches, SGD so that the parameters follow the gradients linearly
     base, _ = lm
     ref_model = copy.deepcopy(base).requires_grad_(False)
@@ -455,7 +454,7 @@ def test_train_on_rollout_liger_matches_plain(lm, roll, loss_type):
     for liger in (False, True):
         model = copy.deepcopy(base)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        stats = losses.train_on_rollout(model, ref_model, roll, adv, optimizer,
+        stats = losses.update(model, ref_model, roll, adv, optimizer,
                                        train_cfg(loss_type=loss_type, liger=liger))
         results.append((stats, [p.detach() for p in model.parameters()]))
     (s0, p0), (s1, p1) = results
@@ -491,7 +490,7 @@ def test_sorted_cropped_micro_batches_give_the_same_update(lm, roll, loss_type, 
         widths.clear()
         model = copy.deepcopy(base)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        stats = losses.train_on_rollout(model, ref_model, r, adv, optimizer,
+        stats = losses.update(model, ref_model, r, adv, optimizer,
                                        train_cfg(loss_type=loss_type, sort_micro_batches=sort))
         results.append((stats, [p.detach() for p in model.parameters()], list(widths)))
     (s0, p0, w0), (s1, p1, w1) = results

@@ -165,9 +165,8 @@ def test_score_empty_batch():
 def call(name, text, answer="5"):
     """Any registered reward the way rewards.score calls it: default settings and a rollout's info."""
     import config
-    import train
     answer = {"judge_pointwise": "3", "judge_pairwise": "A"}.get(name, answer)
-    return R.REWARDS[name](text, answer, **train.reward_settings(config.Config()), completion_len=5,
+    return R.REWARDS[name](text, answer, **R.settings(config.Config()), completion_len=5,
                            anything=1)
 
 

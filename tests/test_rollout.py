@@ -5,7 +5,6 @@ import torch
 import llms
 import rollout
 import losses
-import train
 
 
 def test_completion_mask_stops_after_first_eos():
@@ -27,7 +26,7 @@ def test_sample_masks_and_groups(tiny, task):
     questions = [ex["question"] for ex in task[0][:3]]
     prompts = [llms.chat_prompt(tok, "Solve it." * (i + 1), q) for i, q in enumerate(questions)]  # ragged
     torch.manual_seed(0)
-    r = rollout.sample(model, tok, prompts, num_chains=4, max_prompt_tokens=96, max_new_tokens=10, temperature=1.0)
+    r = rollout.sample(model, tok, prompts, 4, max_prompt_tokens=96, max_new_tokens=10, temperature=1.0)
     n, length = r.input_ids.shape
     prompt_len = rollout.tokenize_prompts(tok, prompts, 96, "cpu")[0].shape[1]
     assert n == 12 and r.group.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and len(r.texts) == 12
@@ -82,7 +81,8 @@ def test_static_sampler_samples_like_the_dynamic_one(tiny, task):
         out = {}
         for sampler in ("dynamic", "static"):
             torch.manual_seed(1)
-            out[sampler] = rollout.generate(model, ids, mask, 16, temperature, sampler=sampler, min_new_tokens=16)
+            out[sampler] = rollout.generate(model, ids, mask, max_new_tokens=16, temperature=temperature, sampler=sampler,
+                                            min_new_tokens=16)
         assert out["dynamic"].shape == (12, 16)
         assert torch.equal(out["dynamic"], out["static"]), temperature
     assert not torch.equal(out["static"][0], out["static"][1])  # seeded samples do differ between chains
@@ -111,7 +111,8 @@ def test_static_sampler_compiles_its_decode_step_a_bounded_number_of_times(tiny,
     for i, (questions, chains) in enumerate([(4, 2), (4, 2), (4, 2), (3, 4), (4, 2), (2, 2)]):
         prompts = [llms.chat_prompt(tok, "Solve it. " * (3 * i), ex["question"]) for ex in task[0][i:i + questions]]
         before = len(graphs)
-        rollout.sample(model, tok, prompts, chains, 96, 8, 1.0, sampler="static")
+        rollout.sample(model, tok, prompts, chains, max_prompt_tokens=96, max_new_tokens=8, temperature=1.0,
+                       sampler="static")
         new_graphs.append(len(graphs) - before)
     torch._dynamo.reset()
     assert new_graphs[0] >= 1  # the forced path really compiles

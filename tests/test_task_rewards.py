@@ -6,9 +6,8 @@ import pytest
 import config
 import judge_rewards as J
 import rewards as R
-import train
 
-S = train.reward_settings(config.Config())  # think_fault_penalty 0.5, think_min_chars 200, ...
+S = R.settings(config.Config())  # think_fault_penalty 0.5, think_min_chars 200, ...
 GOOD = "<think>\nfirst 48 / 2 = 24, then 48 + 24 = 72\n</think>\n<answer>\n72\n</answer>"
 
 

@@ -4,8 +4,15 @@ import json
 
 import pytest
 
+import config
 import data
 import evaluator
+from helpers import run_train
+
+
+def load_data(dataset: str, **settings):
+    """data.load of a config with these settings."""
+    return data.load(config.Config(dataset=dataset, **settings))
 
 KW = dict(dataset_config="", train_split="train", test_split="test", question_field="question",
           answer_field="answer", seed=0, arithmetic_train_size=0, arithmetic_test_size=0,
@@ -47,7 +54,7 @@ def test_pointwise_jsonl_and_parquet(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     pq.write_table(pa.Table.from_pylist(rows[:1] + [pointwise("Hi", ("Hello!", 3.0))]), tmp_path / "p.parquet")
     for test in (path, str(tmp_path / "p.parquet")):
-        train, held = data.load(path, test_dataset=test, task="judge_pointwise", **KW)
+        train, held = load_data(path, test_dataset=test, task="judge_pointwise", **KW)
         assert [ex["answer"] for ex in train] == ["4", "0", "3"] and held == train  # one example per response
     q = train[0]["question"]
     assert "# Principles" in q and "What is 2+2?" in q and "\n4\n" in q and "<score>" in q  # our template
@@ -60,7 +67,7 @@ def test_pairwise_jsonl_and_parquet(tmp_path):
     rows = [pairwise("Capital of France?", "Paris", "Lyon", "A"), pairwise("2+2?", "5", "4", "b")]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
-    train, test = data.load(str(tmp_path / "p.parquet"), test_dataset=path, task="judge_pairwise", **KW)
+    train, test = load_data(str(tmp_path / "p.parquet"), test_dataset=path, task="judge_pairwise", **KW)
     assert [ex["answer"] for ex in train] == ["A", "B"] and test == train
     q = train[0]["question"]
     assert q.index("# Response A\nParis") < q.index("# Response B\nLyon") and "<better>" in q
@@ -70,7 +77,7 @@ def test_multi_turn_input_and_braces_in_values(tmp_path):
     row = {"input": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say {response}"}],
            "output": [answer("ok {query}", {"helpfulness": 2})]}
     path = write_jsonl(tmp_path / "p.jsonl", [row])
-    (ex,), _ = data.load(path, test_dataset=path, task="judge_pointwise", **KW)
+    (ex,), _ = load_data(path, test_dataset=path, task="judge_pointwise", **KW)
     assert "system: Be brief.\n\nuser: Say {response}" in ex["question"]  # filled once, never re-filled
     assert "ok {query}" in ex["question"]
 
@@ -90,7 +97,7 @@ def test_multi_turn_input_and_braces_in_values(tmp_path):
 def test_malformed_pointwise_rows_are_named(tmp_path, row, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [pointwise("fine", ("ok", 4)), row])
     with pytest.raises(data.BadRow, match=message) as err:
-        data.load(path, test_dataset=path, task="judge_pointwise", **KW)
+        load_data(path, test_dataset=path, task="judge_pointwise", **KW)
     assert "bad.jsonl" in str(err.value) and "--skip_bad_rows" in str(err.value)
 
 
@@ -105,40 +112,40 @@ def test_malformed_pointwise_rows_are_named(tmp_path, row, message):
 def test_malformed_pairwise_rows_are_named(tmp_path, row, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [row])
     with pytest.raises(data.BadRow, match=f"bad.jsonl line 1: .*{message}"):
-        data.load(path, test_dataset=path, task="judge_pairwise", **KW)
+        load_data(path, test_dataset=path, task="judge_pairwise", **KW)
 
 
 def test_skip_bad_rows_skips_and_counts(tmp_path, capsys):
     rows = [pointwise("a", ("r", 4)), pointwise("b", ("r", 9)), "not json", pointwise("c", ("r", 1))]
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    train, _ = data.load(path, test_dataset=path, task="judge_pointwise", skip_bad_rows=True, **KW)
+    train, _ = load_data(path, test_dataset=path, task="judge_pointwise", skip_bad_rows=True, **KW)
     assert [ex["answer"] for ex in train] == ["4", "1"]
     assert "skipped 2 of 4 rows" in capsys.readouterr().out
     empty = write_jsonl(tmp_path / "all_bad.jsonl", [pointwise("b", ("r", 9))])
     with pytest.raises(ValueError, match="none of its 1 rows is usable"):
-        data.load(empty, test_dataset=empty, task="judge_pointwise", skip_bad_rows=True, **KW)
+        load_data(empty, test_dataset=empty, task="judge_pointwise", skip_bad_rows=True, **KW)
 
 
 def test_a_missing_column_is_a_config_error_even_when_skipping(tmp_path):
     path = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "q", "answer": "#### 1"}])
     with pytest.raises(KeyError, match="OpenJudge layout"):
-        data.load(path, test_dataset=path, task="judge_pairwise", skip_bad_rows=True, **KW)
+        load_data(path, test_dataset=path, task="judge_pairwise", skip_bad_rows=True, **KW)
 
 
 # --- problem/answer data and R1 prompts ---------------------------------------
 
 def test_problem_answer_columns_with_the_r1_template(tmp_path, demo):
     kw = {**KW, "question_field": "problem"}
-    train, test = data.load(str(demo / "problems_train.jsonl"), test_dataset=str(demo / "problems_test.jsonl"),
+    train, test = load_data(str(demo / "problems_train.jsonl"), test_dataset=str(demo / "problems_test.jsonl"),
                             prompt_template="configs/prompts/r1.txt", **kw)
     assert len(train) == 40 and len(test) == 8
     assert "<think>" in train[0]["question"] and train[0]["question"].endswith("now?")
     assert train[0]["answer"].isdigit() and train[0]["solution"] == ""
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": None}])
     with pytest.raises(data.BadRow, match="bad.jsonl line 2: missing field 'answer'"):
-        data.load(bad, test_dataset=bad, **kw)
-    assert len(data.load(bad, test_dataset=bad, skip_bad_rows=True, **kw)[0]) == 1
-    train, _ = data.load("arithmetic", test_dataset="", **{**KW, "arithmetic_train_size": 5, "arithmetic_test_size": 2},
+        load_data(bad, test_dataset=bad, **kw)
+    assert len(load_data(bad, test_dataset=bad, skip_bad_rows=True, **kw)[0]) == 1
+    train, _ = load_data("arithmetic", test_dataset="", **{**KW, "arithmetic_train_size": 5, "arithmetic_test_size": 2},
                          prompt_template="configs/prompts/r1.txt")
     assert train[0]["question"].startswith("Solve the problem below.")
 
@@ -153,7 +160,7 @@ def test_templates_need_their_placeholders(tmp_path):
     assert data.load_template("", "math") == "{question}"
     assert "{response_b}" in data.load_template("", "judge_pairwise")  # configs/prompts/judge_pairwise.txt
     with pytest.raises(ValueError, match="make-demo"):
-        data.load("arithmetic", test_dataset="", task="judge_pointwise", **KW)
+        load_data("arithmetic", test_dataset="", task="judge_pointwise", **KW)
 
 
 # --- the task's own metric ----------------------------------------------------
@@ -194,9 +201,8 @@ TINY = ["--model_name", "tiny", "--device", "cpu", "--optimizer", "adamw", "--gr
      []),
 ])
 def test_each_recipe_runs_two_steps_on_the_tiny_model(tmp_path, demo, recipe, files, extra, eval_keys):
-    import train
     out = tmp_path / recipe
-    train.main(["--config", f"configs/{recipe}.yaml", *TINY, "--dataset", str(demo / f"{files}_train.jsonl"),
+    run_train(["--config", f"configs/{recipe}.yaml", *TINY, "--dataset", str(demo / f"{files}_train.jsonl"),
                 "--test_dataset", str(demo / f"{files}_test.jsonl"), "--out_dir", str(out), *extra])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trains = [r for r in rows if r["split"] == "train"]

@@ -5,22 +5,12 @@ import os
 import pytest
 
 import checkpoint
-import train
-
-FAST = ["--config", "configs/tiny.yaml", "--tiny_hidden", "32", "--tiny_layers", "2", "--sft_steps", "3",
-        "--prompts_per_step", "2", "--num_chains", "4", "--micro_batch_size", "4", "--max_completion_tokens",
-        "24", "--eval_n", "6", "--eval_samples", "2", "--eval_every", "2", "--arithmetic_train_size", "200",
-        "--arithmetic_test_size", "20"]
-
-
-def read(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+from helpers import FAST, read, run_train
 
 
 def test_short_run_writes_all_logs(tmp_path):
     out = str(tmp_path / "run")
-    train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "2", "--optimizer", "adamw8bit"])
+    run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "2", "--optimizer", "adamw8bit"])
     rows = read(f"{out}/metrics.jsonl")
     evals = [r for r in rows if r["split"] == "eval"]
     trains = [r for r in rows if r["split"] == "train"]
@@ -36,7 +26,7 @@ def test_short_run_writes_all_logs(tmp_path):
     assert json.load(open(f"{out}/config.json"))["max_steps"] == 2
     assert checkpoint.latest(out).endswith("step_000002")
     with pytest.raises(FileExistsError, match="--resume"):  # a second fresh run never overwrites this one
-        train.main(FAST + ["--out_dir", out, "--max_steps", "2"])
+        run_train(FAST + ["--out_dir", out, "--max_steps", "2"])
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora_r", "4", "--beta", "0.05", "--train_only", ""]],
@@ -44,11 +34,11 @@ def test_short_run_writes_all_logs(tmp_path):
 def test_resume_reproduces_the_next_step(tmp_path, extra):
     """Stop after step 2, resume, and step 3 equals step 3 of an uninterrupted run."""
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.main(FAST + extra + ["--out_dir", straight, "--max_steps", "3", "--save_every", "2"])
-    train.main(FAST + extra + ["--out_dir", resumed, "--max_steps", "2", "--save_every", "2"])
+    run_train(FAST + extra + ["--out_dir", straight, "--max_steps", "3", "--save_every", "2"])
+    run_train(FAST + extra + ["--out_dir", resumed, "--max_steps", "2", "--save_every", "2"])
     with open(f"{resumed}/metrics.jsonl", "a") as f:
         f.write('{"step": 3, "split": "train", "reward": 99}\n{"step": 4, "spl')  # as if killed mid-write
-    train.main(["--resume", resumed, "--max_steps", "3"])
+    run_train(["--resume", resumed, "--max_steps", "3"])
     a, b = read(f"{straight}/metrics.jsonl"), read(f"{resumed}/metrics.jsonl")
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     step3 = [(r for r in rows if r["step"] == 3 and r["split"] == "train") for rows in (a, b)]
@@ -64,7 +54,7 @@ def test_a_raising_reward_never_stops_the_run(tmp_path, monkeypatch):
         raise ZeroDivisionError("user bug")
     monkeypatch.setitem(rewards.REWARDS, "correctness", broken)
     out = str(tmp_path / "run")
-    train.main(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--save_every", "5"])
+    run_train(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--save_every", "5"])
     row = [r for r in read(f"{out}/metrics.jsonl") if r["split"] == "train"][0]
     assert row["reward_errors/correctness"] == 2 * 4 and row["reward"] == 0.0  # every chain, scored 0
 
@@ -73,7 +63,7 @@ def test_train_only_changes_the_named_weights_alone(tmp_path):
     from safetensors.torch import load_file
 
     out = str(tmp_path / "run")
-    train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "2", "--train_only", "norm",
+    run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "2", "--train_only", "norm",
                        "--learning_rate", "0.01", "--sft_slip_rate", "0.2",
                        "--rewards", "integer_answer=1"])  # varies between chains of the untrained model
     before = load_file(f"{out}/base_model/model.safetensors")
@@ -82,4 +72,4 @@ def test_train_only_changes_the_named_weights_alone(tmp_path):
     assert norms and any(not before[k].equal(after[k]) for k in norms)
     assert all(before[k].equal(after[k]) for k in before if "norm" not in k)
     with pytest.raises(ValueError, match="matches no parameter"):
-        train.main(FAST + ["--out_dir", str(tmp_path / "bad"), "--max_steps", "1", "--train_only", "nothing_named"])
+        run_train(FAST + ["--out_dir", str(tmp_path / "bad"), "--max_steps", "1", "--train_only", "nothing_named"])

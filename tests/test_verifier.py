@@ -14,14 +14,15 @@ import torch
 
 import config
 import llms
+import rewards
 import rollout
-import train
+import samplers
 import verifier
 import verifier_backends as vb
-from test_train import FAST
+from helpers import FAST, run_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STOP = verifier.STOP
+STOP = vb.STOP
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,11 +48,11 @@ def test_parse_reply(reply, expected):
 
 
 def test_has_final_answer():
-    assert verifier.has_final_answer("3 + 4 = 7.\n#### 7")
-    assert verifier.has_final_answer("<answer>\n7\n</answer>") and verifier.has_final_answer("so \\boxed{7}")
-    assert verifier.has_final_answer("So the answer is 7.")
-    assert not verifier.has_final_answer("3 + 4 = 7.")  # a last number alone is no stated answer
-    assert not verifier.has_final_answer("####")
+    assert rewards.has_final_answer("3 + 4 = 7.\n#### 7")
+    assert rewards.has_final_answer("<answer>\n7\n</answer>") and rewards.has_final_answer("so \\boxed{7}")
+    assert rewards.has_final_answer("So the answer is 7.")
+    assert not rewards.has_final_answer("3 + 4 = 7.")  # a last number alone is no stated answer
+    assert not rewards.has_final_answer("####")
 
 
 @pytest.mark.parametrize("steps, answer, expected", [
@@ -67,7 +68,7 @@ def test_has_final_answer():
 ])
 def test_rules_reply(steps, answer, expected):
     assert vb.rules_reply(answer, steps) == expected
-    assert vb.RulesVerifier()([verifier.Job("q", answer, steps)]) == [expected]
+    assert vb.RulesVerifier()([vb.Job("q", answer, steps)]) == [expected]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,10 +92,10 @@ def test_step_end_stops_generate_where_cut_turn_cuts(tiny):
     ids, mask = rollout.tokenize_prompts(tok, ["Tom has 3 pens.", "Ann has", "He gives away 2. How many"], 64, "cpu")
     active = torch.tensor([True, True, False])  # the last row runs on, as a final turn after a nudge does
     torch.manual_seed(0)
-    stopped = rollout.generate(model, ids, mask, 20, 1.0, stopping_criteria=[
+    stopped = rollout.generate(model, ids, mask, max_new_tokens=20, temperature=1.0, stopping_criteria=[
         verifier.StepEnd(ends, blank, ids.shape[1], active)]).tolist()
     torch.manual_seed(0)  # the same draws: rows differ only where StepEnd ended them
-    full = rollout.generate(model, ids, mask, 20, 1.0).tolist()
+    full = rollout.generate(model, ids, mask, max_new_tokens=20, temperature=1.0).tolist()
     for row_stopped, row_full, on in zip(stopped, full, active.tolist()):
         cut, _ = verifier.cut_turn(row_full, 20, eos, ends if on else frozenset(), blank)
         assert verifier.cut_turn(row_stopped, 20, eos, ends if on else frozenset(), blank)[0] == cut
@@ -127,7 +128,7 @@ def scripted_policy(monkeypatch, tok, turns):
     """rollout.generate writes turns[k] (text; "<eos>" is the EOS token) on its k-th call, in every row."""
     calls = []
 
-    def fake(model, ids, mask, max_new_tokens, temperature, top_p=1.0, stopping_criteria=None, **settings):
+    def fake(model, ids, mask, *, max_new_tokens, temperature, top_p=1.0, stopping_criteria=None, **settings):
         calls.append(stopping_criteria)
         row = tok(turns[len(calls) - 1].replace("<eos>", "<|im_end|>"), add_special_tokens=False)["input_ids"]
         return torch.tensor([row[:max_new_tokens]] * ids.shape[0])
@@ -136,10 +137,10 @@ def scripted_policy(monkeypatch, tok, turns):
 
 
 def run(model, tok, backend, max_turns=4, **kw):
-    args = dict(num_chains=2, max_prompt_tokens=96, max_completion_tokens=48, temperature=1.0, top_p=1.0,
-                turn_tokens=16, max_turns=max_turns)
+    args = dict(max_prompt_tokens=96, max_completion_tokens=48, temperature=1.0, top_p=1.0, turn_tokens=16,
+                max_turns=max_turns, step_end="newline", train_on="all", nudge="Please give the final answer.")
     prompt = llms.chat_prompt(tok, "", "Tom has 3 pens. He gets 4 more. How many pens does Tom have now?")
-    return verifier.guided(model, tok, [prompt], ["Tom has 3 pens. ..."], ["7"], backend=backend, **{**args, **kw})
+    return verifier.guided(model, tok, [prompt], ["Tom has 3 pens. ..."], ["7"], 2, backend=backend, **{**args, **kw})
 
 
 def trained_text(tok, r, i, trained=True):
@@ -218,8 +219,9 @@ def test_turn_loop_masks_on_the_tiny_model(tiny):
     torch.manual_seed(0)
     backend = Scripted("Fix it.\n[SCORE] hallucination_detect=1", "", "Fix it.")
     prompts = [llms.chat_prompt(tok, "", q) for q in ("Tom has 3 pens. He gets 4 more.", "Ann has 5 cards.")]
-    r = verifier.guided(model, tok, prompts, ["q1", "q2"], ["7", "5"], 3, backend, 96, 40, 1.0, 1.0,
-                        turn_tokens=10, max_turns=4, step_end="sentence")
+    r = verifier.guided(model, tok, prompts, ["q1", "q2"], ["7", "5"], 3, backend=backend, max_prompt_tokens=96,
+                        max_completion_tokens=40, temperature=1.0, top_p=1.0, turn_tokens=10, max_turns=4,
+                        step_end="sentence", train_on="all", nudge="Please give the final answer.")
     assert r.group.tolist() == [0, 0, 0, 1, 1, 1] and r.input_ids.shape == r.loss_mask.shape
     glue = re.compile(r"(<\|im_end\|>)?\n<\|im_start\|>user\nFix it\.<\|im_end\|>\n<\|im_start\|>assistant\n")
     for i, d in enumerate(r.info):
@@ -235,22 +237,22 @@ def test_turn_loop_masks_on_the_tiny_model(tiny):
 
 def test_hf_backend_with_the_policy_and_a_local_folder(tiny, tiny_dir):
     model, tok = tiny
-    jobs = [verifier.Job("Tom has 3 pens.", "7", ["3 + 4 = 7.\n"])] * 2
-    policy = vb.make("hf", "policy", "", "", 1, 0, 1, max_tokens=6, temperature=0.0, prompt="", load_8bit=False,
-                     device="cpu", dtype="auto")
+    jobs = [vb.Job("Tom has 3 pens.", "7", ["3 + 4 = 7.\n"])] * 2
+    hf = dict(verifier_backend="hf", verifier_max_tokens=6, verifier_temperature=0.0)
+    policy = vb.make(config.Config(**hf, verifier_model="policy"), "cpu")
     replies = policy(jobs, model, tok)
     assert len(replies) == 2 and all(isinstance(x, str) for x in replies) and replies[0] == replies[1]
-    folder = vb.make("hf", tiny_dir, "", "", 1, 0, 1, 6, 0.0, "", False, "cpu", "auto")
+    folder = vb.make(config.Config(**hf, verifier_model=tiny_dir), "cpu")
     assert folder(jobs, None, None) == replies  # the same weights, loaded from disk
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
-        vb.make("hf", tiny_dir, "", "", 1, 0, 1, 6, 0.0, "", True, "cpu", "auto")
+        vb.make(config.Config(**hf, verifier_model=tiny_dir, verifier_8bit=True), "cpu")
 
 
 def test_prompt_template_from_text_or_file(tmp_path):
     path = tmp_path / "prompt.txt"
     path.write_text("Check {question} against {answer}; say {stop} when done.")
-    assert vb.load_prompt(str(path)) == path.read_text() and vb.load_prompt("") == verifier.DEFAULT_PROMPT
-    chat = vb.messages(vb.load_prompt(str(path)), verifier.Job("Q?", "7", ["a.\n", "b."]))
+    assert vb.load_prompt(str(path)) == path.read_text() and vb.load_prompt("") == vb.DEFAULT_PROMPT
+    chat = vb.messages(vb.load_prompt(str(path)), vb.Job("Q?", "7", ["a.\n", "b."]))
     assert chat[0]["content"] == f"Check Q? against 7; say {STOP} when done."
     assert chat[1]["content"] == "The student's steps so far:\nStep 1: a.\nStep 2: b.\n\nJudge step 2."
     with pytest.raises(ValueError, match=r"\{question\}, \{answer\} and \{stop\} only"):
@@ -272,7 +274,7 @@ def tiny_dir(tiny, tmp_path_factory):
 
 def http(base_url, **kw):
     args = dict(model="verifier", api_key_env="VERIFIER_TEST_KEY", timeout_s=20.0, retries=0, concurrency=4,
-                template=verifier.DEFAULT_PROMPT, max_tokens=6, temperature=0.0)
+                template=vb.DEFAULT_PROMPT, max_tokens=6, temperature=0.0)
     return vb.HTTPVerifier(base_url, **{**args, **kw})
 
 
@@ -284,11 +286,11 @@ def test_http_backend_against_verifier_serve(tiny, tiny_dir, capsys):
         base_url = re.search(r"http://127\.0\.0\.1:\d+/v1", line).group(0)
         backend = http(base_url)  # asks for model "verifier": the server lists only its folder's name
         assert f"lists the models ['{tiny_dir}'], not 'verifier'" in capsys.readouterr().err
-        jobs = [verifier.Job("Tom has 3 pens.", "7", ["3 + 4 = 7.\n"])] * 3
+        jobs = [vb.Job("Tom has 3 pens.", "7", ["3 + 4 = 7.\n"])] * 3
         replies = backend(jobs)
         assert len(replies) == 3 and all(isinstance(x, str) for x in replies)
         model, tok = tiny
-        assert replies[0] == vb.hf_chat(model, tok, [vb.messages(verifier.DEFAULT_PROMPT, jobs[0])], 6, 0.0)[0]
+        assert replies[0] == vb.hf_chat(model, tok, [vb.messages(vb.DEFAULT_PROMPT, jobs[0])], 6, 0.0)[0]
         r = run(model, tok, backend, max_turns=2)
         assert all(d["verifier_failed"] == 0 and d["verifier_calls"] >= 1 for d in r.info)
         assert verifier.summary(r.info)["verifier/latency_s"] > 0
@@ -347,7 +349,7 @@ def test_http_faults_are_counted_and_the_rollout_goes_on(tiny, monkeypatch, caps
     server = Faulty(mode)
     try:
         backend = http(server.base_url, timeout_s=0.5, retries=1)
-        assert backend([verifier.Job("q", "7", ["a"])] * 2) == [None, None]
+        assert backend([vb.Job("q", "7", ["a"])] * 2) == [None, None]
         assert server.requests == 2 * tries  # the client retried timeouts and 500s, not a junk 200
         model, tok = tiny
         r = run(model, tok, backend, max_turns=2)
@@ -368,7 +370,7 @@ def test_unreachable_server_is_an_error_before_training(tmp_path):
         http(f"http://127.0.0.1:{port}/v1", timeout_s=2.0)
     out = str(tmp_path / "run")
     with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}/v1 is unreachable.*verifier.py serve"):
-        train.main(FAST + ["--out_dir", out, "--rollout", "verifier", "--verifier_backend", "http",
+        run_train(FAST + ["--out_dir", out, "--rollout", "verifier", "--verifier_backend", "http",
                            "--verifier_base_url", f"http://127.0.0.1:{port}/v1", "--verifier_timeout_s", "2"])
     assert not os.path.exists(f"{out}/metrics.jsonl")
 
@@ -384,13 +386,13 @@ def test_unreachable_server_is_an_error_before_training(tmp_path):
     (["--rewards", "correctness=1,verifier_score=0.1"], "use it with --rollout verifier"),
 ])
 def test_verifier_config_errors(argv, message):
-    with pytest.raises(ValueError, match=message):
-        config.load(argv)
+    with pytest.raises(ValueError, match=message):  # the config, or the verifier sampler's start-up check
+        samplers.make(config.load(argv), device="cpu", train_set=[])
 
 
 def test_verifier_run_logs_verifier_metrics(tmp_path):
     out = str(tmp_path / "run")
-    train.main(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "5", "--save_every", "5",
+    run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "5", "--save_every", "5",
                        "--eval_n", "2", "--rollout", "verifier", "--verifier_turn_tokens", "8", "--verifier_max_turns", "3",
                        "--verifier_step_end", "sentence", "--verifier_train_on", "last_turn",
                        "--rewards", "correctness=0.8,verifier_score=0.1,integer_answer=0.1"])
@@ -410,7 +412,7 @@ def test_training_goes_on_when_the_verifier_server_fails(tmp_path):
     server = Faulty("500")
     try:
         out = str(tmp_path / "run")
-        train.main(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--save_every", "5",
+        run_train(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--save_every", "5",
                            "--eval_n", "2", "--rollout", "verifier", "--verifier_backend", "http", "--verifier_base_url",
                            server.base_url, "--verifier_retries", "0", "--verifier_max_turns", "2",
                            "--verifier_turn_tokens", "8"])

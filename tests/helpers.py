@@ -1,0 +1,25 @@
+"""What several test files share: the fast tiny recipe, reading logs, and running train.py.
+
+train.py is a script that nothing imports; tests run it as `python train.py` would, in this process
+(runpy), so monkeypatched modules (rewards.REWARDS, rollout.generate, ...) reach the run.
+"""
+import json
+import os
+import runpy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_PY = os.path.join(ROOT, "train.py")
+FAST = ["--config", "configs/tiny.yaml", "--tiny_hidden", "32", "--tiny_layers", "2", "--sft_steps", "3",
+        "--prompts_per_step", "2", "--num_chains", "4", "--micro_batch_size", "4", "--max_completion_tokens",
+        "24", "--eval_n", "6", "--eval_samples", "2", "--eval_every", "2",
+        "--arithmetic_train_size", "200", "--arithmetic_test_size", "20"]
+
+
+def run_train(argv: list[str]) -> None:
+    """train.py's main(argv): its errors reach the caller as they are (checkpoint.RunStopped, ...)."""
+    runpy.run_path(TRAIN_PY, run_name="train")["main"](argv)
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
