@@ -195,6 +195,10 @@ def options(key: str) -> tuple:
 def _convert(key: str, value, kind):
     """A flag's string (or a YAML value) as the field's type, or an error naming the key."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -208,10 +212,6 @@ def _convert(key: str, value, kind):
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return kind(value)
-        if origin is Literal:
-            if value not in args:
-                raise ValueError(f"{key} must be one of {list(args)}, got {value!r}")
-            return value
         if origin is list:  # --lora_target_modules q_proj,v_proj
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
             return [args[0](v) for v in items]
@@ -219,15 +219,10 @@ def _convert(key: str, value, kind):
             if isinstance(value, str):
                 value = dict(item.split("=", 1) for item in value.split(",") if item.strip())
             return {str(k).strip(): float(v) for k, v in value.items()}
-    except ValueError as e:
-        if origin is Literal:
-            raise
-        if origin is list and args[0] is float:
-            raise ValueError(f"config key {key!r} wants a list of numbers: its items must be numbers, "
-                             f"got {value!r}") from None
-    except (TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError):
         pass
-    raise ValueError(f"config key {key!r} wants a {_type_name(kind)}, got {value!r}")
+    items = " (its items must be numbers)" if origin is list and args[0] is float else ""
+    raise ValueError(f"config key {key!r} wants a {_type_name(kind)}{items}, got {value!r}")
 
 
 def _unknown(key: str, valid) -> ValueError:

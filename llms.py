@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
+import data
+
 TINY = "tiny"
 TINY_CONTEXT = 1024  # positions of the built-in tiny model
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -138,8 +140,6 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
 def from_config(cfg, name: str, device: str, train_set: list[dict], *, gradient_checkpointing: bool | None = None):
     """`load` with the run's settings: the policy (name = model_name, a checkpoint or the warm-started
     base) or its frozen reference. The tiny model's tokenizer trains on the train set's chats."""
-    import data
-
     corpus = None
     if cfg.model_name == TINY:  # only the tiny tokenizer trains on it
         corpus = [f"system\n{cfg.system_prompt}\nuser\n{ex['question']}\nassistant\n{data.target_text(ex)}"
@@ -228,7 +228,7 @@ def train_only(model, names: list[str]) -> int:
 
     ["norm"] trains the RMSNorm scales alone (LayerNorm tuning): on the tiny demo model the policy
     gradients of two batches of questions agree only along the final norm (grad_agreement.py, figures
-    in README.md), so GRPO can take large steps there without the noise of the other weights.
+    in FINDINGS.md), so GRPO can take large steps there without the noise of the other weights.
     """
     trained = 0
     for name, p in model.named_parameters():
@@ -263,8 +263,6 @@ def decoder_and_head(model):
 
 
 if __name__ == "__main__":
-    import data
-
     train, _ = data.arithmetic_task(2000, 100, seed=0)
     tok_corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in train]
     m, tok = load(TINY, "cpu", tiny_corpus=tok_corpus)
