@@ -5,6 +5,7 @@
     python bench.py --cap_gb 24 --lora_r 16  # LoRA; any train.py key applies (--beta, --num_chains, --sampler ...)
     python bench.py --tiny                   # CPU: the built-in tiny model, same workload shape
     python bench.py --ragged                 # chains of unequal length, as real ones are
+    python bench.py --rollout guided --systems ours   # any sampling idea (samplers.py); TRL samples plainly
 
 The workload: a model of the exact Qwen2.5-1.5B architecture (vocab 151,936, tied embeddings) with
 random weights, built from its config on the device (nothing is downloaded), bf16 on GPU; one
@@ -28,7 +29,7 @@ bench_head.py measures one piece alone: the log-prob head's memory for one chunk
 
 Bench-only flags: --tiny, --cap_gb (GB, 0 = no cap), --steps, --warmup, --prompt_tokens, --ragged,
 --systems (ours,trl), --benchmarks_file. Our timings come from light wrappers around
-losses.token_logps / losses.liger_loss and the optimizer's step hooks: the loop itself is train.py's.
+losses.token_logps / losses.liger_loss and the optimizer's step hooks: each step is grpo.step, as in train.py.
 """
 import contextlib
 import copy

@@ -26,15 +26,15 @@ SAMPLERS = {
 }
 
 
-def check_name(name: str) -> None:
-    """Fail fast, at start-up, on a misspelled --rollout."""
-    if name not in SAMPLERS:
-        close = difflib.get_close_matches(name, SAMPLERS, n=1)
+def check(cfg) -> None:
+    """Fail fast, before anything loads, on a misspelled --rollout."""
+    if cfg.rollout not in SAMPLERS:
+        close = difflib.get_close_matches(cfg.rollout, SAMPLERS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown rollout {name!r}.{hint} Valid names: {', '.join(SAMPLERS)} (samplers.py)")
+        raise ValueError(f"unknown rollout {cfg.rollout!r}.{hint} Valid names: {', '.join(SAMPLERS)} (samplers.py)")
 
 
 def make(cfg, *, device: str, train_set: list[dict]):
     """The sample function of cfg.rollout, its start-up checks done."""
-    check_name(cfg.rollout)
+    check(cfg)
     return SAMPLERS[cfg.rollout](cfg, device=device, train_set=train_set)

@@ -4,7 +4,7 @@
     python train.py --model_name Qwen/Qwen2.5-1.5B-Instruct          # the reference GSM8K setup
     python train.py --resume out/run                                 # continue from the last checkpoint
 
-For each step: take B questions, sample G chains for each with the sampling idea cfg.rollout names
+For each step: take B questions, sample G chains for each with the sampling idea `--rollout` names
 (samplers.py), score every chain with the reward functions (rewards.py), normalise rewards within
 each question's group into advantages, and take an optimizer step on the policy loss over the tokens
 the policy sampled (Rollout.loss_mask): grpo.step, with the loss family and the update in losses.py.
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     hf_logging.disable_progress_bar()  # keep the terminal to our own bar
     cfg = config.load(argv)
     rewards.check_names(cfg.rewards)
-    samplers.check_name(cfg.rollout)
+    samplers.check(cfg)
     device = llms.pick_device(cfg.device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -72,3 +72,13 @@ def test_peak_memory_is_split_by_phase_and_counts_from_each_systems_start():
     again = bench.Clock("cpu")  # a new system's clock starts from what is resident now
     again.mark()
     assert again.peaks["rest"][0] < clock.peaks["sample"][0] - 0.2
+
+
+def test_any_sampling_idea_reaches_our_side_and_trl_refuses_it(tmp_path):
+    path = str(tmp_path / "b.md")
+    rows = bench.main(SMALL + ["--rollout", "guided", "--systems", "ours", "--guide_min_prefix_tokens", "2",
+                               "--guide_max_prefix_tokens", "4", "--min_guide_tokens", "2", "--max_guide_tokens", "3",
+                               "--benchmarks_file", path])
+    assert [r["system"] for r in rows] == ["ours (dynamic)"] and rows[0]["sample_s"] > 0
+    with pytest.raises(ValueError, match="TRL samples plain chains only"):
+        bench.main(SMALL + ["--rollout", "guided", "--benchmarks_file", path])
