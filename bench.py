@@ -101,10 +101,10 @@ def build(cfg, device: str, gradient_checkpointing: bool, lengths: list[int] | N
 def build_model(cfg, device: str, gradient_checkpointing: bool):
     if cfg.model_name == llms.TINY:
         train_set, _ = data.arithmetic_task(500, 10, seed=cfg.seed)
+        corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in train_set]
         return llms.load(llms.TINY, device, dtype=cfg.dtype, gradient_checkpointing=gradient_checkpointing,
-                         liger=cfg.liger, tiny_corpus=[ex["question"] + "\n" + data.target_text(ex) for ex in train_set],
-                         tiny_vocab_size=cfg.tiny_vocab_size, tiny_hidden=cfg.tiny_hidden,
-                         tiny_layers=cfg.tiny_layers, seed=cfg.seed)
+                         liger=cfg.liger, tiny_corpus=corpus, tiny_vocab_size=cfg.tiny_vocab_size,
+                         tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(cfg.seed)

@@ -4,7 +4,6 @@ Every fault runs the tiny model end to end. A resumed run must log exactly what 
 run logs (same steps, same figures), and no checkpoint is ever left half-written.
 """
 import errno
-import json
 import os
 import signal
 import subprocess

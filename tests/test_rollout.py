@@ -81,8 +81,8 @@ def test_static_sampler_samples_like_the_dynamic_one(tiny, task):
         out = {}
         for sampler in ("dynamic", "static"):
             torch.manual_seed(1)
-            out[sampler] = rollout.generate(model, ids, mask, max_new_tokens=16, temperature=temperature, sampler=sampler,
-                                            min_new_tokens=16)
+            out[sampler] = rollout.generate(model, ids, mask, max_new_tokens=16, temperature=temperature,
+                                            sampler=sampler, min_new_tokens=16)
         assert out["dynamic"].shape == (12, 16)
         assert torch.equal(out["dynamic"], out["static"]), temperature
     assert not torch.equal(out["static"][0], out["static"][1])  # seeded samples do differ between chains
