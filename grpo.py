@@ -6,6 +6,8 @@ all take their steps through `step`, so what they run and measure is the same al
     total      = weighted sum (N,), times r.reward_weight if the idea sets one
     advantages = total normalised within each question's group     (N,)
     stats      = losses.update(...)                                 micro-batches, guards, optimizer step
+
+    python grpo.py     # two steps of plain GRPO on the untrained tiny model, with their figures
 """
 from dataclasses import dataclass
 
@@ -44,3 +46,21 @@ def step(policy, sample, batch: list[dict], step: int, optimizer, cfg) -> Step:
                "completion_len": completion_lens.mean().item(),
                "truncated_frac": sum(d["truncated"] for d in r.info) / len(r), **stats, **r.stats}
     return Step(r, answers, per_fn, names, advantages, figures)
+
+
+if __name__ == "__main__":
+    import config
+    import data
+    import llms
+    import samplers
+
+    cfg = config.Config(model_name=llms.TINY, device="cpu", optimizer="adamw", system_prompt="", num_chains=4,
+                        max_completion_tokens=16, max_prompt_tokens=96, rewards={"integer_answer": 1.0})
+    train, _ = data.arithmetic_task(200, 10, seed=0)
+    model, tok = llms.from_config(cfg, llms.TINY, "cpu", train)
+    policy = llms.for_training(model, tok, cfg, load_reference=lambda: None)
+    optimizer, _ = losses.make_optimizer(model, cfg)
+    sample = samplers.make(cfg, device="cpu", train_set=train)
+    for s in (1, 2):
+        out = step(policy, sample, data.step_batch(train, s, 2, cfg.seed), s, optimizer, cfg)
+        print(f"step {s}:", {k: round(v, 4) if isinstance(v, float) else v for k, v in out.figures.items()})
