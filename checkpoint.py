@@ -18,6 +18,7 @@ checkpoint intact and never a partial one under a final name.
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import threading
@@ -220,7 +221,6 @@ def peak_mem_gb() -> float:
     """Peak GPU memory allocated by torch; on CPU the process's peak resident memory."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 

@@ -50,19 +50,42 @@ STEP_ENDS = {"newline": ("\n",), "sentence": ("\n", ".", "!", "?"), "eos": ()}
 # Replies: STOP, corrections, [SCORE] lines; final answers
 
 
-_SCORE_RE = re.compile(r"\[SCORE\][^\n]*", re.IGNORECASE)  # a score line runs to the end of its line
-_SCORE_VALUE_RE = re.compile(r"\[SCORE\]\s*hallucination_detect\s*=\s*([01])\s*", re.IGNORECASE)
+# Instruct models answer in markdown: emphasis, code spans, bullets, "Score:" lines, a colon or
+# spaces around "=", trailing (also full-width) punctuation. Each line is read without its markdown;
+# a single "*" is emphasis only when it touches text on its inner side and none on its outer side
+# (`*so*`), so that "3 * 4" and "3*4" keep their multiplication.
+_BULLET_RE = re.compile(r"^\s*(?:[-+*\u2022>]|\d+[.)]|#{1,6}(?![#\s]*STOP))\s+")  # "### STOP ###" is no heading
+_EMPHASIS_RE = re.compile(r"\*\*|__(?=\S)|(?<=\S)__|(?<![\w*])\*(?=[^\s*])|(?<=[^\s*])\*(?![\w*])|`")
+_DETECT = r"hallucination[_ ]detect\s*[=:\uff1a\uff1d]"  # the key and its "=" (or a colon), full-width too
+_SCORE_MARK_RE = re.compile(r"\[\s*score\s*\]|^\s*score\s*[:\uff1a]|^(?=\s*" + _DETECT + ")", re.IGNORECASE)
+_SCORE_VALUE_RE = re.compile(r"[\s:\uff1a-]*" + _DETECT + r"\s*([01])[\s.,;!\u3002\uff0c\uff1b\uff01]*", re.IGNORECASE)
+_STOP_RE = re.compile(r"#{3}\s*" + STOP.strip("#") + r"\s*#{3}", re.IGNORECASE)  # ###STOP###, ### STOP ###
+_WORD_RE = re.compile(r"[^\W\d_]")  # a letter of any script: what makes a line a correction
+
+
+def plain(line: str) -> str:
+    """A line without its markdown: list and heading markers, bold, italics, code-span backticks."""
+    return _EMPHASIS_RE.sub("", _BULLET_RE.sub("", line))
 
 
 def parse_reply(reply: str) -> tuple[str, bool, int | None]:
-    """(feedback for the policy, stop, score). Score lines are cut out of the feedback whether they
-    parse or not; the last well-formed one gives the score (0 or 1), malformed ones give none."""
-    score = None
-    for line in _SCORE_RE.findall(reply):
-        if m := _SCORE_VALUE_RE.fullmatch(line):
-            score = int(m.group(1))
-    body = _SCORE_RE.sub("", reply)
-    return body.replace(STOP, "").strip(), STOP in body, score
+    """(feedback for the policy, stop, score). A score line (`[SCORE] hallucination_detect=0`, also
+    `Score: ...` or the bare `hallucination_detect = 1.`, in any markdown) runs from its marker to the
+    end of its line and is cut out of the feedback whether it parses or not; the last well-formed one
+    gives the score (0 or 1). STOP counts outside score lines only. What is left is feedback only on
+    lines that hold a word: a reply of markers and punctuation corrects nothing."""
+    score, stop, kept = None, False, []
+    for line in reply.splitlines():
+        text = plain(line)
+        if m := _SCORE_MARK_RE.search(text):
+            if value := _SCORE_VALUE_RE.fullmatch(text[m.end():]):
+                score = int(value.group(1))
+            text = text[:m.start()]
+        stop = stop or bool(_STOP_RE.search(text))
+        text = _STOP_RE.sub("", text).strip()
+        if _WORD_RE.search(text):
+            kept.append(text)
+    return "\n".join(kept), stop, score
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,49 @@ def test_parse_reply(reply, expected):
     assert verifier.parse_reply(reply) == expected
 
 
+# What instruct models write (issue: markdown replies became fake corrections and lost their scores)
+@pytest.mark.parametrize("reply, expected", [
+    ("**[SCORE] hallucination_detect=0**", ("", False, 0)),
+    ("`[SCORE] hallucination_detect=1`", ("", False, 1)),
+    ("[SCORE]: hallucination_detect = 1", ("", False, 1)),
+    ("[SCORE] hallucination_detect=1.", ("", False, 1)),
+    ("Score: hallucination_detect=0", ("", False, 0)),
+    ("**Score:** hallucination_detect = 1", ("", False, 1)),
+    ("- [SCORE] hallucination_detect=0", ("", False, 0)),
+    ("hallucination_detect = 1.", ("", False, 1)),
+    ("[SCORE]\uff1ahallucination_detect\uff1d1\u3002", ("", False, 1)),  # full-width colon, equals, stop
+    (f"**{STOP}**", ("", True, None)),
+    (f"`{STOP}`\n**[SCORE] hallucination_detect=0**", ("", True, 0)),
+    ("### STOP ###", ("", True, None)),
+    ("**Mistake:** 3 + 4 = 7, not 8.\n\n**[SCORE] hallucination_detect=1**",
+     ("Mistake: 3 + 4 = 7, not 8.", False, 1)),
+    ("- The step multiplies wrongly: 3 * 4 = 12, not 14.\n- [SCORE] hallucination_detect=1",
+     ("The step multiplies wrongly: 3 * 4 = 12, not 14.", False, 1)),  # a spaced * stays multiplication
+    ("1. Check `12 / 4`: it is 3, not 4.\n2. Score: hallucination_detect=1",
+     ("Check 12 / 4: it is 3, not 4.", False, 1)),
+    ("**\n[SCORE] hallucination_detect=0\n**", ("", False, 0)),  # markers alone correct nothing
+    ("---\n`7`\n...", ("", False, None)),  # no word: no correction
+    ("\u6b65\u9aa4\u6709\u8bef\uff1a3 + 4 = 7\u3002\n[SCORE] hallucination_detect=1",
+     ("\u6b65\u9aa4\u6709\u8bef\uff1a3 + 4 = 7\u3002", False, 1)),  # Chinese words are words
+    ("*Correct so far.* [SCORE] hallucination_detect=0", ("Correct so far.", False, 0)),
+    ("The answer is *right*. ###STOP### \n[SCORE] hallucination_detect=0", ("The answer is right.", True, 0)),
+    ("Score: high", ("", False, None)),  # a malformed score line is cut, never shown to the policy
+    ("The score of 3 + 4 is 7.", ("The score of 3 + 4 is 7.", False, None)),  # prose that mentions a score
+])
+def test_parse_reply_reads_markdown(reply, expected):
+    assert verifier.parse_reply(reply) == expected
+
+
+def test_a_markdown_score_only_verifier_corrects_nothing(tiny, monkeypatch):
+    """A verifier that only ever answers a score line in markdown: no corrections, every score read."""
+    model, tok = tiny
+    scripted_policy(monkeypatch, tok, ["3 + 4 = 7.\n", "So 7 pens.\n", "#### 7<eos>"])
+    r = run(model, tok, Scripted("**[SCORE] hallucination_detect=0**"))
+    for d in r.info:
+        assert d["verifier_corrections"] == 0 and d["verifier_calls"] == 3
+        assert d["verifier_hallucination_score"] == 0.0  # scored, not the neutral 0.5
+
+
 def test_has_final_answer():
     assert rewards.has_final_answer("3 + 4 = 7.\n#### 7")
     assert rewards.has_final_answer("<answer>\n7\n</answer>") and rewards.has_final_answer("so \\boxed{7}")
