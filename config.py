@@ -28,6 +28,15 @@ GSM8K_SYSTEM_PROMPT = ("Respond in the following format:\n<reasoning>\n...\n</re
                        "</answer>")
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"]
 LIGER_LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"]
+# Each loss type's own values from its paper, taken by load() for the keys a run does not set itself
+# (in its recipe, its flags, or its resumed config.json):
+LOSS_DEFAULTS = {
+    "dapo": {"eps_high": 0.28},  # DAPO (arXiv 2503.14476) sec. 3.1, clip-higher
+    # GSPO (arXiv 2507.18071) sec. 5.1: a sequence ratio is a geometric mean of token ratios and moves by
+    # about 1e-3 per update, so the token range 0.2 would never clip it
+    "gspo": {"eps_low": 3e-4, "eps_high": 4e-4},
+    "dr_grpo": {"adv_scale": "none"},  # Dr. GRPO (arXiv 2503.20783) sec. 3.2: no division by the group std
+}
 
 
 @dataclass
@@ -104,6 +113,8 @@ class Config:
     verifier_base_url: str = "http://127.0.0.1:8000/v1"  # http: the server; `python verifier.py serve` runs one
     verifier_api_key_env: str = "VERIFIER_API_KEY"  # http: NAME of the environment variable holding the key
     verifier_timeout_s: float = 60.0   # http: per request
+    verifier_turn_timeout_s: float = 180.0  # http: a turn waits at most this long for all its replies; a
+    #                                    later reply counts as a failed call (the turn goes on without it)
     verifier_retries: int = 2          # http: retries per request, with exponential backoff
     verifier_concurrency: int = 16     # http: requests in flight at once
     verifier_max_tokens: int = 128     # hf, http: reply budget
@@ -129,10 +140,12 @@ class Config:
     # --- loss (losses.py)
     loss_type: LossType = "grpo"       # grpo, bnpo, dr_grpo, dapo, gspo, cispo, reinforce
     adv_scale: Literal["group", "batch", "none"] = "group"  # divide advantages by: group std, batch std, or
-    #                                    nothing (Dr. GRPO)
+    #                                    nothing (dr_grpo's default, LOSS_DEFAULTS)
     beta: float = 0.0                  # k3 KL weight; 0 loads no reference model
-    eps_low: float = 0.2               # clip ratio to [1 - eps_low, 1 + eps_high]
-    eps_high: float = 0.2              # DAPO's clip-higher: 0.28; CISPO caps its weight at 1 + eps_high
+    eps_low: float = 0.2               # clip ratio to [1 - eps_low, 1 + eps_high] (gspo: 3e-4, LOSS_DEFAULTS)
+    eps_high: float = 0.2              # (dapo: 0.28, DAPO's clip-higher; gspo: 4e-4, LOSS_DEFAULTS)
+    cispo_max_weight: float = 5.0      # cispo: its stop-gradient ratio weight is capped here, with no lower bound
+    #                                    (MiniMax-M1, arXiv 2506.13585); 5.0 is ScaleRL's eps_max (arXiv 2510.13786)
     num_iterations: int = 1            # optimizer steps per rollout (>1 uses stored old log-probs)
     micro_batch_size: int = 8          # chains per forward/backward; gradients accumulate over the step
     sort_micro_batches: bool = True    # chains of similar length share a micro-batch, cropped after its longest
@@ -302,21 +315,32 @@ def validate(cfg: Config) -> None:
 
 
 def load(argv: list[str]) -> Config:
-    """Defaults, then the YAML recipe (--config), then flags; --resume starts from the run's config."""
-    flags = parse_flags(argv)
+    """Defaults, then the YAML recipe (--config), then flags; --resume starts from the run's config.
+    Then the loss type's LOSS_DEFAULTS, for the keys none of those set."""
+    flags, recipe, resumed = parse_flags(argv), {}, {}
     cfg = Config()
     if "resume" in flags:
         if not os.path.isfile(f"{flags['resume']}/config.json"):
             raise FileNotFoundError(f"--resume {flags['resume']}: no run there ({flags['resume']}/config.json "
                                     f"is missing); pass the out_dir of an earlier run")
         with open(f"{flags['resume']}/config.json") as f:
-            update(cfg, json.load(f))
+            resumed = json.load(f)
+        update(cfg, resumed)
     if "config" in flags:
         if not os.path.isfile(flags["config"]):
             raise FileNotFoundError(f"--config {flags['config']}: no such file (the recipes are in configs/)")
         with open(flags.pop("config")) as f:
-            update(cfg, yaml.safe_load(f) or {})
+            recipe = yaml.safe_load(f) or {}
+        update(cfg, recipe)
     update(cfg, flags)
+    given = set(flags) | set(recipe) | set(resumed)
+    for key, value in LOSS_DEFAULTS.get(cfg.loss_type, {}).items():
+        if key not in given:
+            setattr(cfg, key, value)
+    if cfg.loss_type == "dr_grpo" and cfg.adv_scale != "none":
+        print(f"warning: loss_type dr_grpo with adv_scale {cfg.adv_scale!r} divides advantages by a std, which "
+              f"Dr. GRPO removes (its default is adv_scale none): this is dr_grpo's length normaliser alone",
+              file=sys.stderr)
     validate(cfg)
     return cfg
 

@@ -95,15 +95,15 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, cfg, num_seqs, nu
     ratio = torch.exp(log_ratio)
     lo, hi = 1 - cfg.eps_low, 1 + cfg.eps_high
     if cfg.loss_type == "cispo":  # REINFORCE weighted by a capped, stop-gradient ratio
-        per_token = -torch.clamp(ratio, max=hi).detach() * A * logps
+        per_token = -torch.clamp(ratio, max=cfg.cispo_max_weight).detach() * A * logps
     elif cfg.loss_type == "reinforce":  # plain policy gradient: no ratio, no clipping
         per_token = -A * logps
     else:  # PPO's clipped surrogate
         per_token = -torch.min(ratio * A, torch.clamp(ratio, lo, hi) * A)
     if cfg.loss_type == "reinforce":
         clipped = torch.zeros_like(mask)
-    elif cfg.loss_type == "cispo":  # only the cap acts, and only where it changes the update
-        clipped = ((ratio > hi) & (A > 0)).float() * torch.ones_like(mask)
+    elif cfg.loss_type == "cispo":  # the cap scales a token's weight whatever the sign of its advantage
+        clipped = (ratio > cfg.cispo_max_weight).float() * torch.ones_like(mask)
     else:
         clipped = (((ratio < lo) & (A < 0)) | ((ratio > hi) & (A > 0))).float() * torch.ones_like(mask)
     kl = torch.zeros_like(logps)
@@ -135,7 +135,7 @@ def liger_loss(model, ids, attn, mask, start, advantages, old_logps, ref_logps, 
         beta=cfg.beta, use_ref_model=cfg.beta > 0, compiled=ids.is_cuda,
         loss_type="grpo" if cfg.loss_type == "gspo" else cfg.loss_type,
         importance_sampling_level="sequence" if cfg.loss_type == "gspo" else "token",
-        epsilon_low=cfg.eps_low, epsilon_high=1 + cfg.eps_high if cfg.loss_type == "cispo" else cfg.eps_high,
+        epsilon_low=cfg.eps_low, epsilon_high=cfg.cispo_max_weight if cfg.loss_type == "cispo" else cfg.eps_high,
         max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature)
     loss, metrics = loss_fn(hidden[:, start - 1:-1], head.weight, ids[:, start:], mask, advantages,
                             bias=head.bias, ref_per_token_logps=ref_logps, old_per_token_logps=old_logps,

@@ -78,3 +78,21 @@ def test_untrusted_by_default():
     for path in glob.glob("reward*.py"):
         source = open(path).read()
         assert "eval(" not in source and "exec(" not in source, path
+
+
+def test_loss_defaults_apply_only_to_keys_the_run_did_not_set(tmp_path, capsys):
+    cfg = config.load(["--loss_type", "gspo", "--eps_low", "0.1"])
+    assert (cfg.eps_low, cfg.eps_high) == (0.1, 4e-4)  # the flag wins; the other bound is GSPO's
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("loss_type: gspo\neps_high: 0.3\n")
+    cfg = config.load(["--config", str(recipe)])
+    assert (cfg.eps_low, cfg.eps_high) == (3e-4, 0.3)  # the recipe's key wins
+    # a resumed run keeps what its config.json says, whatever the loss type's defaults
+    run = tmp_path / "run"
+    run.mkdir()
+    config.save(config.Config(loss_type="gspo", eps_low=0.2, eps_high=0.2), str(run / "config.json"))
+    cfg = config.load(["--resume", str(run)])
+    assert (cfg.eps_low, cfg.eps_high) == (0.2, 0.2)
+    # dr_grpo with the std scaling it removes: allowed, for ablations, with a warning that says so
+    cfg = config.load(["--loss_type", "dr_grpo", "--adv_scale", "group"])
+    assert cfg.adv_scale == "group" and "Dr. GRPO removes" in capsys.readouterr().err

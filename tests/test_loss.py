@@ -23,6 +23,7 @@ from losses import group_advantages, liger_loss, policy_loss, token_logps  # noq
 ALL_LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"]
 LIGER_LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"]
 EPS_LOW, EPS_HIGH = 0.2, 0.28  # asymmetric on purpose: a swapped bound would show
+CISPO_CAP = 1.3                 # cispo_max_weight: low enough that the test batches' ratios reach it
 MAX_LEN = 16                    # max_completion_tokens (dr_grpo's normaliser)
 
 
@@ -37,7 +38,8 @@ def one_thread():
 
 def make_cfg(loss_type, beta=0.0, **kw):
     return config.Config(loss_type=loss_type, beta=beta, eps_low=EPS_LOW, eps_high=EPS_HIGH,
-                           max_completion_tokens=MAX_LEN, temperature=0.7, logp_chunk=3, **kw)
+                         cispo_max_weight=CISPO_CAP, max_completion_tokens=MAX_LEN, temperature=0.7, logp_chunk=3,
+                         **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ def reference_loss(logps, old, ref, adv, mask, loss_type, beta, num_seqs, num_to
             lp = logps[i, t]
             r = seq_ratio if loss_type == "gspo" else torch.exp(lp - old[i, t])
             if loss_type == "cispo":  # capped, stop-gradient weight on plain REINFORCE
-                term = -torch.clamp(r, max=hi).detach() * A * lp
+                term = -torch.clamp(r, max=CISPO_CAP).detach() * A * lp
             elif loss_type == "reinforce":
                 term = -A * lp
             else:  # PPO clipped surrogate
@@ -122,7 +124,7 @@ def test_policy_loss_matches_reference_formula(loss_type, beta):
     assert torch.allclose(grad, expected_grad, rtol=1e-5, atol=1e-7)
     assert (grad[mask == 0] == 0).all()  # padding gets exactly no gradient
     assert stats["kl"] == pytest.approx(kl_sum, rel=1e-5, abs=1e-7)
-    if loss_type not in ("cispo", "reinforce"):  # cispo's count: test_cispo_clip_stat_counts_only_the_cap
+    if loss_type not in ("cispo", "reinforce"):  # cispo's count: test_cispo_clip_stat_counts_the_cap_on_both_signs
         assert stats["clip"] == clipped
     if loss_type in ("grpo", "dapo", "gspo"):  # the batch really exercises clipping on both sides
         assert 0 < clipped < num_tokens
@@ -134,17 +136,18 @@ def test_cispo_gradient_weight_is_capped_and_detached():
     logps = logps.clone().requires_grad_(True)
     loss, _ = policy_loss(logps, old, None, adv, mask, make_cfg("cispo"), 4, mask.sum(), 1)
     (grad,) = torch.autograd.grad(loss, logps)
-    weight = torch.exp(logps - old).detach().clamp(max=1 + EPS_HIGH)
+    weight = torch.exp(logps - old).detach().clamp(max=CISPO_CAP)
     assert torch.allclose(grad, -weight * adv[:, None] / mask.sum(), rtol=1e-6)
-    assert (weight == 1 + EPS_HIGH).any() and (weight < 1).any()
+    assert (weight == CISPO_CAP).any() and (weight < 1).any()
 
 
-def test_cispo_clip_stat_counts_only_the_cap():
+def test_cispo_clip_stat_counts_the_cap_on_both_signs():
+    # the cap scales a token's weight whatever the sign of its advantage: both count as clipped
     logps, old, _, adv, mask = random_batch([6, 4, 2, 5])
     _, stats = policy_loss(logps, old, None, adv, mask, make_cfg("cispo"), 4, mask.sum(), 1)
-    r = torch.exp(logps - old)
-    capped = ((r > 1 + EPS_HIGH) & (adv[:, None] > 0)).float()
-    assert stats["clip"] == (capped * mask).sum().item()
+    capped = (torch.exp(logps - old) > CISPO_CAP).float() * mask
+    assert stats["clip"] == capped.sum().item()
+    assert capped[adv < 0].sum() > 0 and capped[adv > 0].sum() > 0  # the batch has both
 
 
 def test_kl_is_k3_and_nonnegative():
@@ -503,3 +506,66 @@ def test_sorted_cropped_micro_batches_give_the_same_update(lm, roll, loss_type, 
     by_length = ends.sort(descending=True).values
     assert w1[:2] == [int(by_length[0]), int(by_length[2])]  # longest first; the extra padding never seen
     assert sum(w1[:2]) < sum(w0[:2])  # sorting saves columns here
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. each loss type's paper defaults (config.LOSS_DEFAULTS) make its clip act on a second iteration
+
+
+def second_iteration(log_ratio: float, n=4, T=6):
+    """logps and old log-probs of a second iteration (num_iterations 2) whose log-ratio is +log_ratio
+    where the advantage is > 0 and -log_ratio where it is < 0: the direction an update moves them."""
+    logps = -torch.rand(n, T, generator=torch.Generator().manual_seed(0)) - 0.5
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])[:n]
+    old = logps - log_ratio * adv.sign()[:, None]
+    return logps, old, adv, torch.ones(n, T)
+
+
+def loaded_cfg(loss_type, *flags):
+    return config.load(["--loss_type", loss_type, "--max_completion_tokens", str(MAX_LEN), *flags])
+
+
+def test_gspo_default_range_clips_a_realistic_sequence_ratio():
+    # GSPO's sequence ratio moves by about 1e-3 per update: its paper's 3e-4 / 4e-4 clips that,
+    # the token range 0.2 / 0.2 never does
+    logps, old, adv, mask = second_iteration(1e-3)
+    cfg = loaded_cfg("gspo")
+    assert (cfg.eps_low, cfg.eps_high) == (3e-4, 4e-4)
+    _, stats = policy_loss(logps, old, None, adv, mask, cfg, 4, mask.sum(), 1)
+    assert stats["clip"] == mask.sum().item()  # every chain moved past its bound
+    _, stats = policy_loss(logps, old, None, adv, mask, loaded_cfg("gspo", "--eps_low", "0.2", "--eps_high", "0.2"),
+                           4, mask.sum(), 1)
+    assert stats["clip"] == 0
+
+
+def test_dapo_default_clip_higher_lets_a_rising_token_through():
+    # DAPO's clip-higher (eps_high 0.28): a token of a good chain whose probability rose 25% still learns
+    logps, old, adv, mask = second_iteration(0.22)  # ratios 1.246 and 0.803
+    cfg = loaded_cfg("dapo")
+    assert (cfg.eps_low, cfg.eps_high) == (0.2, 0.28)
+    _, stats = policy_loss(logps, old, None, adv, mask, cfg, 4, mask.sum(), 1)
+    assert stats["clip"] == 0  # both inside [0.8, 1.28]
+    _, stats = policy_loss(logps, old, None, adv, mask, loaded_cfg("dapo", "--eps_high", "0.2"), 4, mask.sum(), 1)
+    assert stats["clip"] == mask[adv > 0].sum().item()  # the symmetric range clips the rising side
+
+
+def test_cispo_default_cap_acts_on_a_fork_token_only():
+    # CISPO's cap (cispo_max_weight 5, ScaleRL's eps_max) bounds the weight of a rare token whose
+    # probability jumped e^2 = 7.4x, and leaves a token that moved 25% at its ratio
+    logps, old, adv, mask = second_iteration(0.22)
+    old[0, 2] = logps[0, 2] - 2.0  # the fork token, in a chain with A > 0
+    old[1, 3] = logps[1, 3] - 2.0  # and one in a chain with A < 0: the cap scales it all the same
+    cfg = loaded_cfg("cispo")
+    assert cfg.cispo_max_weight == 5.0
+    logps = logps.clone().requires_grad_(True)
+    loss, stats = policy_loss(logps, old, None, adv, mask, cfg, 4, mask.sum(), 1)
+    assert stats["clip"] == 2
+    (grad,) = torch.autograd.grad(loss, logps)
+    weight = -grad * mask.sum() / adv[:, None]  # the stop-gradient weight of each token
+    assert weight[0, 2].item() == pytest.approx(5.0) and weight[1, 3].item() == pytest.approx(5.0)
+    assert weight[0, 0].item() == pytest.approx(math.exp(0.22), rel=1e-5)
+
+
+def test_dr_grpo_defaults_to_unscaled_advantages():
+    assert loaded_cfg("dr_grpo").adv_scale == "none"
+    assert loaded_cfg("grpo").adv_scale == "group"
