@@ -156,10 +156,12 @@ def first_trained_column(loss_mask) -> int:
     return max(1, int(loss_mask.sum(0).nonzero()[0]))
 
 
-def last_real_column(attention_mask) -> torch.Tensor:
-    """(N,) the index of each row's last real (attended) column."""
-    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.bool() * cols).max(1).values
+def last_trained_column(loss_mask) -> torch.Tensor:
+    """(N,) the index of each row's last trained column (0 for a row with none). By causality the
+    columns after it cannot change the row's loss: a guided chain that trains its 2 to 8 guidance
+    tokens needs no forward pass over its postfix."""
+    cols = torch.arange(loss_mask.shape[1], device=loss_mask.device)
+    return (loss_mask.bool() * cols).max(1).values
 
 
 def free_memory() -> None:
@@ -170,9 +172,10 @@ def free_memory() -> None:
 def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> dict:
     """num_iterations optimizer steps on one rollout, in micro-batches; returns the logged figures.
 
-    Each micro-batch is cropped after its longest chain: the padding after the chains that ended
-    early costs nothing. With cfg.sort_micro_batches, chains are first sorted longest first, so
-    that chains of similar length share a micro-batch (and the first one is the largest: if it fits
+    Each micro-batch is cropped after the last trained column of its chains: the padding after the
+    chains that ended early, and the untrained tail of a guided chain, cost nothing. With
+    cfg.sort_micro_batches, chains are first sorted by that width, longest first, so that chains of
+    similar length share a micro-batch (and the first one is the largest: if it fits
     in memory, all do). Every loss but bnpo sums per-chain or per-token terms with normalisers of
     the whole step, so sorting changes nothing but the speed; bnpo's normaliser is the micro-batch's
     token count, so sorting changes which chains share it.
@@ -186,7 +189,7 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
     n, num_tokens = len(r), mask.sum()
     adv = advantages.to(device)
     size = min(cfg.micro_batch_size, n)  # shrinks on out-of-memory, for the rest of this step
-    ends = last_real_column(r.attention_mask).clamp(min=start) + 1  # (N,) a chain's columns end before it
+    ends = last_trained_column(r.loss_mask).clamp(min=start) + 1  # (N,) a chain's columns end before it
     order = (torch.argsort(ends, descending=True, stable=True) if cfg.sort_micro_batches
              else torch.arange(n, device=device))
 

@@ -501,7 +501,7 @@ def test_sorted_cropped_micro_batches_give_the_same_update(lm, roll, loss_type, 
         assert s1[key] == pytest.approx(s0[key], rel=1e-4, abs=1e-6), key
     for a, b in zip(p0, p1):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
-    ends = losses.last_real_column(roll.attention_mask) + 1
+    ends = losses.last_trained_column(roll.loss_mask) + 1
     assert w0[:2] == [int(ends[:2].max()), int(ends[2:].max())]  # rollout order, each cropped
     by_length = ends.sort(descending=True).values
     assert w1[:2] == [int(by_length[0]), int(by_length[2])]  # longest first; the extra padding never seen
@@ -569,3 +569,37 @@ def test_cispo_default_cap_acts_on_a_fork_token_only():
 def test_dr_grpo_defaults_to_unscaled_advantages():
     assert loaded_cfg("dr_grpo").adv_scale == "none"
     assert loaded_cfg("grpo").adv_scale == "group"
+
+
+def test_micro_batches_end_at_the_last_trained_column(lm, roll, monkeypatch):
+    # a guided-like rollout: each chain trains a few tokens in the middle and its tail is untrained;
+    # the update computes no column after the last trained one, and equals the update of the whole width
+    base, _ = lm
+    r = copy.deepcopy(roll)
+    start = losses.first_trained_column(r.loss_mask)
+    for i in range(len(r)):
+        trained = r.loss_mask[i].nonzero().flatten()
+        r.loss_mask[i, trained[max(1, len(trained) // 2):]] = 0  # the second half of each chain is a postfix
+    ends = losses.last_trained_column(r.loss_mask) + 1
+    assert (ends < losses.last_trained_column(roll.loss_mask) + 1).any()
+    adv, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), r.group, "group")
+    cfg = train_cfg(beta=0.0, num_iterations=1, micro_batch_size=4)
+    widths, original = [], losses.token_logps
+
+    def recorded(model, input_ids, *args):
+        widths.append(input_ids.shape[1])
+        return original(model, input_ids, *args)
+    monkeypatch.setattr(losses, "token_logps", recorded)
+    cropped = copy.deepcopy(base)
+    losses.update(cropped, None, r, adv, torch.optim.SGD(cropped.parameters(), lr=0.5), cfg)
+    assert widths == [int(ends.max())] and widths[0] < r.input_ids.shape[1]
+
+    whole = copy.deepcopy(base)  # by hand: every column, then the same clipping and SGD step
+    logps = original(whole, r.input_ids, r.attention_mask, start, cfg.temperature, cfg.logp_chunk)
+    mask = r.loss_mask[:, start:]
+    loss, _ = policy_loss(logps, logps.detach(), None, adv, mask, cfg, len(r), mask.sum(), 1)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(whole.parameters(), cfg.max_grad_norm)
+    torch.optim.SGD(whole.parameters(), lr=0.5).step()
+    for a, b in zip(cropped.parameters(), whole.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
