@@ -197,12 +197,12 @@ class Run:
     def log(self, row: dict) -> None:
         append_jsonl(self.metrics_path, row)
 
-    def log_samples(self, step: int, batch: list[dict], out, n: int) -> None:
+    def log_samples(self, step: int, out, n: int) -> None:
         """The first n chains of a step (grpo.Step) with their rewards and advantage, to samples.jsonl."""
         r = out.rollout
         for i in range(min(n, len(r))):
             append_jsonl(os.path.join(self.dir, "samples.jsonl"), {
-                "step": step, "question": batch[r.group[i]]["question"], "answer": out.answers[i],
+                "step": step, "question": out.batch[r.group[i]]["question"], "answer": out.answers[i],
                 "completion": r.texts[i], "rewards": dict(zip(out.names, out.rewards[i].tolist())),
                 "advantage": out.advantages[i].item(), "info": r.info[i]})
 

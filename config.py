@@ -86,6 +86,9 @@ class Config:
     top_p: float = 1.0                 # nucleus sampling (1 = off)
     sampler: Literal["dynamic", "static"] = "dynamic"  # KV cache: dynamic (HF's default) or static (allocated
     #                                    once, decode step compiled, CUDA graphs on GPU)
+    dynamic_sampling: bool = False     # DAPO's dynamic sampling (grpo.py): groups whose rewards are all equal are
+    #                                    dropped and more questions sampled until prompts_per_step are informative
+    max_sampling_rounds: int = 3       # dynamic sampling: sample calls per step at most, then train on what it kept
     # --- guided sampling (guidance.py), used when rollout is "guided"
     guide_min_prefix_tokens: int = 16  # prefix budget per prompt, drawn in [min, max] new tokens, then cut
     guide_max_prefix_tokens: int = 256  # back to its last sentence boundary (capped so guidance fits)
@@ -283,7 +286,7 @@ def validate(cfg: Config) -> None:
         raise ValueError("group-normalised advantages need num_chains >= 2")
     for key in ("prompts_per_step", "num_chains", "micro_batch_size", "max_steps", "eval_every",
                 "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations", "keep_last",
-                "max_bad_steps", "sft_warmup_steps"):
+                "max_bad_steps", "sft_warmup_steps", "max_sampling_rounds"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:

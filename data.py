@@ -308,6 +308,15 @@ def step_batch(examples: list[dict], step: int, size: int, seed: int) -> list[di
     return [examples[i] for i in order[pos * size:(pos + 1) * size]]
 
 
+def refill(examples: list[dict], step: int, round_: int, size: int, seed: int, taken: list[dict]) -> list[dict]:
+    """`size` more questions for round `round_` of a step's dynamic sampling (grpo.py): a seeded draw of
+    (seed, step, round), so a resumed run draws the same, without the questions in `taken` (the step's)."""
+    taken_ids = {id(ex) for ex in taken}
+    order = list(range(len(examples)))
+    random.Random((seed * 1_000_003 + step) * 1_009 + round_).shuffle(order)
+    return [examples[i] for i in order if id(examples[i]) not in taken_ids][:size]
+
+
 def target_text(example: dict, answer_only: bool = False, slip_rate: float = 0.0, rng: random.Random | None = None
                 ) -> str:
     """What the SFT warm start teaches: a judge example's verdict in its output format (its "target",

@@ -7,8 +7,18 @@ all take their steps through `step`, so what they run and measure is the same al
     advantages = total normalised within each question's group     (N,)
     stats      = losses.update(...)                                 micro-batches, guards, optimizer step
 
+With `dynamic_sampling` (DAPO, arXiv 2503.14476, sec. 3.2) the groups whose rewards are all equal, which
+give no gradient, are dropped after scoring, and more questions (from `refill`) are sampled and scored,
+one batched sample call per round, until the step holds prompts_per_step informative groups or
+max_sampling_rounds rounds are done; it then trains on the informative groups it has (on the first
+round's groups, all zero-advantage, if it found none). Any sampler works: a round is one sample call.
+The reward figures of the train line are over every chain sampled in the step, all rounds (the update
+figures over the trained chains); `sampling_rounds` and `filtered_frac` (the share of sampled groups
+dropped) say what the filter did.
+
     python grpo.py     # two steps of plain GRPO on the untrained tiny model, with their figures
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +31,7 @@ import rollout
 @dataclass
 class Step:
     rollout: rollout.Rollout
+    batch: list[dict]         # the questions trained on; rollout.group indexes it
     answers: list[str]        # N: each chain's reference answer
     rewards: torch.Tensor     # (N, K) raw values of the rewards `names`
     names: list[str]
@@ -28,24 +39,95 @@ class Step:
     figures: dict             # the train line: rewards, GRPO health signals, update stats, the idea's stats
 
 
-def step(policy, sample, batch: list[dict], step: int, optimizer, cfg) -> Step:
-    """One step on `batch` with the sample function of samplers.make and an llms.Policy."""
+@dataclass
+class Scored:  # one sample call's chains and their rewards
+    rollout: rollout.Rollout
+    batch: list[dict]
+    answers: list[str]
+    rewards: torch.Tensor  # (N, K) raw values of the rewards `names`
+    names: list[str]
+    total: torch.Tensor    # (N,) weighted, times the rollout's reward_weight
+    errors: dict
+
+
+def sample_and_score(policy, sample, batch: list[dict], step: int, cfg) -> Scored:
     r = sample(policy.model, policy.tokenizer, batch, step)
     answers = [batch[g]["answer"] for g in r.group.tolist()]
     per_fn, names, errors = rewards.score(r.texts, answers, r.info, cfg.rewards, rewards.settings(cfg))
     total = rewards.total(per_fn, names, cfg.rewards)  # (N,)
     if r.reward_weight is not None:
         total = total * r.reward_weight.to(total.device)
-    advantages, zero_adv_frac = losses.group_advantages(total, r.group.cpu(), cfg.adv_scale)
+    return Scored(r, batch, answers, per_fn, names, total, errors)
+
+
+def informative_groups(s: Scored) -> list[int]:
+    """The groups whose rewards are not all equal (the others get zero advantages: group_advantages)."""
+    group, total = s.rollout.group.cpu(), s.total.cpu()
+    return [g for g in range(len(s.batch)) if total[group == g].std(unbiased=False) >= 1e-6]
+
+
+def keep_groups(parts: list[tuple[Scored, list[int]]], pad_id: int) -> Scored:
+    """The chosen groups of several rounds' Scored as one; groups renumbered in order."""
+    rows, group, batch = [], [], []
+    for s, keep in parts:
+        rows.append([i for i, g in enumerate(s.rollout.group.tolist()) if g in keep])
+        group += [len(batch) + keep.index(s.rollout.group[i].item()) for i in rows[-1]]
+        batch += [s.batch[g] for g in keep]
+    r = rollout.concat([(s.rollout, rs) for (s, _), rs in zip(parts, rows)],
+                       torch.tensor(group, device=parts[0][0].rollout.group.device), pad_id)
+    n = len(group)  # the idea's own figures: averaged over the rounds, weighted by their chains
+    r.stats = {key: sum(s.rollout.stats[key] * len(rs) for (s, _), rs in zip(parts, rows)) / n
+               for key in parts[0][0].rollout.stats}
+    return Scored(r, batch, [s.answers[i] for (s, _), rs in zip(parts, rows) for i in rs],
+                  torch.cat([s.rewards[rs] for (s, _), rs in zip(parts, rows)]), parts[0][0].names,
+                  torch.cat([s.total[rs] for (s, _), rs in zip(parts, rows)]), {})
+
+
+def dynamic_sampling(policy, sample, batch: list[dict], step: int, cfg, refill) -> tuple[Scored, list[Scored], dict]:
+    """(the informative groups, every round's Scored, the filter's figures): DAPO's dynamic sampling."""
+    want, parts, sampled, kept = len(batch), [], 0, 0
+    while True:
+        s = sample_and_score(policy, sample, batch, step, cfg)
+        keep = informative_groups(s)[:want - kept]
+        parts.append((s, keep))
+        sampled, kept = sampled + len(batch), kept + len(keep)
+        if kept == want or len(parts) == cfg.max_sampling_rounds:
+            break
+        # the next round: as many questions as the informative share so far says are missing, at most B
+        batch = refill(want if kept == 0 else min(want, math.ceil((want - kept) * sampled / kept)), len(parts))
+    rounds = [s for s, _ in parts]
+    if kept == 0:  # nothing informative: the first round's groups, which give no policy gradient
+        parts = [(rounds[0], list(range(len(rounds[0].batch))))]
+    trained = keep_groups([(s, keep) for s, keep in parts if keep], policy.tokenizer.pad_token_id)
+    return trained, rounds, {"sampling_rounds": len(rounds), "filtered_frac": 1 - kept / sampled}
+
+
+def step(policy, sample, batch: list[dict], step: int, optimizer, cfg, refill=None) -> Step:
+    """One step on `batch` with the sample function of samplers.make and an llms.Policy. With
+    cfg.dynamic_sampling, refill(n, round) gives n more questions for a later round (train.py: data.refill)."""
+    if cfg.dynamic_sampling:
+        if refill is None:
+            raise ValueError("dynamic_sampling needs more questions than the step's batch, and this caller gives "
+                             "none (refill): train with train.py, or set dynamic_sampling false")
+        s, rounds, filtered = dynamic_sampling(policy, sample, batch, step, cfg, refill)
+    else:
+        s = sample_and_score(policy, sample, batch, step, cfg)
+        rounds, filtered = [s], {}
+    r = s.rollout
+    advantages, zero_adv_frac = losses.group_advantages(s.total, r.group.cpu(), cfg.adv_scale)
     stats = losses.update(policy.model, policy.ref_model, r, advantages, optimizer, cfg)
-    completion_lens = torch.tensor([d["completion_len"] for d in r.info], dtype=torch.float)  # (N,)
+    # the sampling figures are over every chain sampled in the step (all rounds of dynamic sampling)
+    total, per_fn = torch.cat([x.total for x in rounds]), torch.cat([x.rewards for x in rounds])
+    info = [d for x in rounds for d in x.rollout.info]
+    errors = {k: sum(x.errors[k] for x in rounds) for k in s.names}
+    completion_lens = torch.tensor([d["completion_len"] for d in info], dtype=torch.float)  # (N,)
     figures = {"reward": total.mean().item(),
-               **{f"reward/{k}": per_fn[:, i].mean().item() for i, k in enumerate(names)},
+               **{f"reward/{k}": per_fn[:, i].mean().item() for i, k in enumerate(s.names)},
                **{f"reward_errors/{k}": n for k, n in errors.items() if n},
-               "reward_std": total.std().item(), "zero_adv_frac": zero_adv_frac,
+               "reward_std": total.std().item(), "zero_adv_frac": zero_adv_frac, **filtered,
                "completion_len": completion_lens.mean().item(),
-               "truncated_frac": sum(d["truncated"] for d in r.info) / len(r), **stats, **r.stats}
-    return Step(r, answers, per_fn, names, advantages, figures)
+               "truncated_frac": sum(d["truncated"] for d in info) / len(info), **stats, **r.stats}
+    return Step(r, s.batch, s.answers, s.rewards, s.names, advantages, figures)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
 
 
 def concat(parts: list[tuple[Rollout, list[int]]], group: torch.Tensor, pad_id: int) -> Rollout:
-    """The chosen rows of several Rollouts as one, in order (GHPO mixes hinted and unhinted chains).
+    """The chosen rows of several Rollouts as one, in order (GHPO mixes hinted and unhinted chains,
+    dynamic sampling keeps the informative groups of several rounds); stats are the caller's to merge.
 
     The parts differ in width (a longer prompt, a longer completion), so each row is left padded as a
     whole to the widest (L,): its prompt and completion stay together and loss_mask still marks exactly
@@ -176,10 +177,14 @@ def concat(parts: list[tuple[Rollout, list[int]]], group: torch.Tensor, pad_id: 
     def stack(name, value):  # (sum of rows, width)
         return torch.cat([F.pad(getattr(r, name)[list(rows)], (width - r.input_ids.shape[1], 0), value=value)
                           for r, rows in parts])
+    weights = None  # a part without reward weights weighs 1
+    if any(r.reward_weight is not None for r, _ in parts):
+        weights = torch.cat([(r.reward_weight if r.reward_weight is not None else torch.ones(len(r)))[list(rows)]
+                             for r, rows in parts])
     return Rollout(input_ids=stack("input_ids", pad_id), attention_mask=stack("attention_mask", 0),
                    loss_mask=stack("loss_mask", 0.0), group=group,
                    texts=[r.texts[i] for r, rows in parts for i in rows],
-                   info=[r.info[i] for r, rows in parts for i in rows])
+                   info=[r.info[i] for r, rows in parts for i in rows], reward_weight=weights)
 
 
 def teacher_forced(tokenizer, prompts: list[str], completions: list[str], max_prompt_tokens: int,

@@ -81,7 +81,8 @@ def main(argv: list[str]) -> None:
         for step in bar:
             t0 = time.time()
             batch = data.step_batch(train_set, step, cfg.prompts_per_step, cfg.seed)  # B questions
-            out = grpo.step(policy, sample, batch, step, optimizer, cfg)  # sample, score, advantages, update
+            out = grpo.step(policy, sample, batch, step, optimizer, cfg,  # sample, score, advantages, update
+                            refill=lambda n, k: data.refill(train_set, step, k, n, cfg.seed, taken=batch))
             scheduler.step()
             guard.applied(step, out.figures["skipped"])
 
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> None:
             tokens = sum(d["completion_len"] for d in out.rollout.info)
             run.log({"step": step, "split": "train", **out.figures, "lr": scheduler.get_last_lr()[0],
                      "step_time_s": dt, "tokens_per_s": tokens / dt, "peak_mem_gb": checkpoint.peak_mem_gb()})
-            run.log_samples(step, batch, out, cfg.log_samples)
+            run.log_samples(step, out, cfg.log_samples)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 accuracy = evaluate(step)
             if guard.end_of_step(step):  # Ctrl-C: checkpoint saved, stop here

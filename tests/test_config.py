@@ -1,9 +1,12 @@
 """Config: defaults, then YAML, then flags; unknown keys and bad values are clear errors."""
+import glob
 import json
+import os
 
 import pytest
 
 import config
+from helpers import ROOT
 
 
 def test_defaults_are_the_reference_setup():
@@ -96,3 +99,10 @@ def test_loss_defaults_apply_only_to_keys_the_run_did_not_set(tmp_path, capsys):
     # dr_grpo with the std scaling it removes: allowed, for ablations, with a warning that says so
     cfg = config.load(["--loss_type", "dr_grpo", "--adv_scale", "group"])
     assert cfg.adv_scale == "group" and "Dr. GRPO removes" in capsys.readouterr().err
+
+
+def test_every_recipe_loads():
+    recipes = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    assert len(recipes) > 10
+    for path in recipes:
+        config.load(["--config", path])  # unknown keys or bad values would raise, naming the key
