@@ -3,11 +3,18 @@ solution as a hint in the prompt, with more of it at each stage, until some chai
 
 Stage 0 is plain sampling of all B groups. A group is all wrong when the accuracy reward of each of
 its G chains is <= 0 and its reference answer is checkable (rewards.checkable); it is then eligible.
-Stage k (ratio r_k of hint_ratios) regenerates all G chains of every eligible group that stage k-1
-left all wrong, in one batched generate call, from the question + HINT_INSTRUCTION + make_hint(r_k)
-(hint_in "user", as in GHPO), or from the plain prompt whose response starts with the hint
-(hint_in "assistant": suits a model warm-started on question -> solution only, as the tiny demo's;
-FINDINGS.md has the rescue rates of both placements).
+Stage k (ratio r_k of hint_ratios) regenerates all G chains of every eligible group that the earlier
+stages left all wrong and whose hint make_hint(r_k) is new to it, in one batched generate call, from
+the question + HINT_INSTRUCTION + hint (hint_in "user", as in GHPO), or from the plain prompt whose
+response starts with the hint (hint_in "assistant": suits a model warm-started on question -> solution
+only, as the tiny demo's; FINDINGS.md has the rescue rates of both placements).
+New means different from the hint the group last got ("" at stage 0, so no part to give is no
+stage). make_hint rounds up, so nearby ratios can cut the same part (a 2-step solution gives its first
+step at 0.25, 0.5 and 0.75; a 3-step one its first two at 0.5 and 0.75): such stages merge into the
+first one, so a group never resamples an identical prompt, and its hint_ratio is the ratio it was
+given, the smallest that gives its hint.
+Hints drop GSM8K's calculator notes ("48/2=<<48/2=24>>24" gives "48/2=24"): they are markup for the
+dataset's checker, not part of a worked solution the model reads or writes.
 A group is rescued at the first stage where some chain scores > 0: those hinted chains replace its
 unhinted ones in the batch and it leaves the schedule. A group never rescued keeps its ORIGINAL
 unhinted chains: their prompt is the one the model is evaluated on, other rewards (format) still
@@ -17,6 +24,7 @@ is prompt tokens either way, so it is never trained on (loss_mask 0), whatever t
     python ghpo.py     # GHPO's hint stages on the untrained tiny model
 """
 import math
+import re
 
 import torch
 
@@ -27,13 +35,23 @@ import rollout
 HINT_INSTRUCTION = "\n\nHere is the beginning of a solution. Build on it and finish solving the problem:\n"
 
 
+# a GSM8K calculator note, "<<48/2=24>>": no nested or overlapping quantifiers, so linear-time
+_CALCULATOR_NOTE_RE = re.compile(r"<<[^<>]*>>")
+
+
+def drop_calculator_notes(solution: str) -> str:
+    """GSM8K's solutions carry calculator notes for its checker: "48/2=<<48/2=24>>24" -> "48/2=24"."""
+    return _CALCULATOR_NOTE_RE.sub("", solution)
+
+
 def make_hint(solution: str, ratio: float, unit: str) -> str:
-    """The first `ratio` of a solution, counted in steps (its non-empty lines, one per step in GSM8K and
-    the built-in task, each kept with its newline) or in characters; rounded up so a small ratio still
-    gives something, but never the whole solution (it ends with the answer). "" when there is no part
-    to give: no solution, or a single step."""
+    """The first `ratio` of a solution without its calculator notes, counted in steps (its non-empty
+    lines, one per step in GSM8K and the built-in task, each kept with its newline) or in characters of
+    the cleaned solution; rounded up so a small ratio still gives something, but never the whole solution
+    (it ends with the answer). "" when there is no part to give: no solution, or a single step."""
     if unit not in ("steps", "chars"):
         raise ValueError(f"hint unit must be steps or chars, got {unit!r}")
+    solution = drop_calculator_notes(solution)
     parts = [line + "\n" for line in solution.split("\n") if line.strip()] if unit == "steps" else list(solution)
     k = min(len(parts) - 1, math.ceil(ratio * len(parts) - 1e-9))  # 1e-9: 0.1 * 30 is 3.0000000000000004
     return "".join(parts[:max(0, k)])
@@ -64,9 +82,10 @@ def ghpo(model, tokenizer, examples: list[dict], num_chains: int, *, system_prom
     places the hint: "user" appends HINT_INSTRUCTION + hint to the question (GHPO); "assistant" starts
     the response with it, to be continued (texts, and so rewards, hold only what was sampled). With no
     hint_ratios (before ghpo_start_step) this is exactly rollout.sample. Each chain's info gets:
-    hint_ratio (0 if unhinted) and hint (its text), hint_stages (hinted regenerations its group went
-    through), accuracy (its accuracy reward), accuracy_unhinted and zero_adv_unhinted (the unhinted
-    chain in its place, and whether that group's total rewards were all equal: what plain GRPO had).
+    hint_ratio (0 if unhinted) and hint (its text), hinted_at (the ratios of the stages its group was
+    regenerated at, merged stages left out) and hint_stages (how many: hinted generate calls), accuracy
+    (its accuracy reward), accuracy_unhinted and zero_adv_unhinted (the unhinted chain in its place, and
+    whether that group's total rewards were all equal: what plain GRPO had).
     """
     if hint_in not in ("user", "assistant"):
         raise ValueError(f"hint_in must be user or assistant, got {hint_in!r}")
@@ -98,37 +117,48 @@ def ghpo(model, tokenizer, examples: list[dict], num_chains: int, *, system_prom
     plain, total0, acc0 = sample_and_score(list(range(B)), [""] * B, 0.0)
     source = [(plain, list(range(b * G, (b + 1) * G))) for b in range(B)]  # group b -> (Rollout, its rows)
     accuracy = acc0.view(B, G).clone()  # (B, G), of the chains the batch keeps
-    stages = [0] * B
+    hinted_at = [[] for _ in range(B)]  # group b -> the ratios of the stages it was regenerated at
+    last = [""] * B  # group b -> the hint it last got ("" at stage 0)
     todo = [b for b in range(B) if needs_hint(accuracy[b], examples[b]["answer"])]
     for ratio in hint_ratios:
-        hints = {b: make_hint(examples[b].get("solution", ""), ratio, hint_unit) for b in todo}
-        todo = [b for b in todo if hints[b]]  # no part of a solution to give: never hinted
         if not todo:
             break
-        hinted, _, acc = sample_and_score(todo, [hints[b] for b in todo], ratio)
-        acc = acc.view(len(todo), G)
-        for j, b in enumerate(todo):
-            stages[b] += 1
+        hints = {b: make_hint(examples[b].get("solution", ""), ratio, hint_unit) for b in todo}
+        # the hint it last got (rounded up to the same part, or "" with no part to give) would resample an
+        # identical prompt: such a group skips this stage and waits, all wrong, for a longer hint
+        new = [b for b in todo if hints[b] != last[b]]
+        if not new:
+            continue
+        hinted, _, acc = sample_and_score(new, [hints[b] for b in new], ratio)
+        acc = acc.view(len(new), G)
+        rescued = set()
+        for j, b in enumerate(new):
+            last[b] = hints[b]
+            hinted_at[b].append(ratio)
             if (acc[j] > 0).any():  # rescued: the hinted chains replace the unhinted ones
                 source[b], accuracy[b] = (hinted, list(range(j * G, (j + 1) * G))), acc[j]
-        todo = [b for j, b in enumerate(todo) if not (acc[j] > 0).any()]
+                rescued.add(b)
+        todo = [b for b in todo if b not in rescued]
 
     r = rollout.concat(source, plain.group, tokenizer.pad_token_id)
     std0 = total0.view(B, G).std(1, unbiased=False)  # (B,), as losses.group_advantages computes it
     for i, d in enumerate(r.info):
-        d.update(hint_stages=stages[i // G], accuracy=accuracy.view(-1)[i].item(),
-                 accuracy_unhinted=acc0[i].item(), zero_adv_unhinted=bool(std0[i // G] < 1e-6))
+        b = i // G
+        d.update(hint_stages=len(hinted_at[b]), hinted_at=list(hinted_at[b]), accuracy=accuracy.view(-1)[i].item(),
+                 accuracy_unhinted=acc0[i].item(), zero_adv_unhinted=bool(std0[b] < 1e-6))
     return r
 
 
 def ghpo_summary(info: list[dict], hint_ratios: list[float]) -> dict:
     """Shares and means over the step's chains (groups have G chains each, so chain shares are group
-    shares), for metrics.jsonl; zero_adv_frac in the same row is the share with GHPO."""
+    shares), for metrics.jsonl; zero_adv_frac in the same row is the share with GHPO. hinted@r is the
+    share regenerated at stage r: a group still all wrong whose hint at r is the one it already had
+    merged that stage into an earlier one and is not counted there, so the shares count generate calls."""
     n = max(1, len(info))
 
     def mean(key):
         return sum(d[key] for d in info) / n
-    row = {f"ghpo/hinted@{r:g}": sum(d["hint_stages"] > k for d in info) / n for k, r in enumerate(hint_ratios)}
+    row = {f"ghpo/hinted@{r:g}": sum(r in d["hinted_at"] for d in info) / n for r in hint_ratios}
     return {**row, "ghpo/rescued_frac": sum(d["hint_ratio"] > 0 for d in info) / n,
             "ghpo/hint_ratio": mean("hint_ratio"), "ghpo/accuracy_before": mean("accuracy_unhinted"),
             "ghpo/accuracy_after": mean("accuracy"), "ghpo/zero_adv_frac_unhinted": mean("zero_adv_unhinted")}
@@ -165,7 +195,7 @@ if __name__ == "__main__":
     train, _ = data.arithmetic_task(500, 10, seed=0)
     m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] + "\n" + data.target_text(ex) for ex in train])
     torch.manual_seed(0)
-    # the untrained model fails every question, so each group goes through every hint stage
+    # the untrained model fails every question, so each group goes through every stage that gives it a new hint
     r = ghpo(m, tok, train[:2], 3, system_prompt="", max_prompt_tokens=128, max_completion_tokens=24,
              temperature=1.0, top_p=1.0, weights={"correctness": 1.0}, reward_settings=None,
              accuracy_reward="correctness", hint_ratios=[0.25, 0.5, 0.75], hint_unit="steps")

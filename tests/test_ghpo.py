@@ -70,7 +70,22 @@ def test_hints_of_the_builtin_task_and_gsm8k(task):
     import data
     solution, _ = data.split_gsm8k_answer("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
                                           "Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72")
-    assert ghpo.make_hint(solution, 0.5, "steps") == "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    assert ghpo.make_hint(solution, 0.5, "steps") == "Natalia sold 48/2 = 24 clips in May.\n"  # no calculator note
+
+
+NOTES = "48/2=<<48/2=24>>24\n48+24=<<48+24=72>>72\nSo 72."  # cleaned: "48/2=24\n48+24=72\nSo 72.", 23 characters
+
+
+@pytest.mark.parametrize("ratio, unit, hint", [
+    (0.25, "steps", "48/2=24\n"),
+    (0.5, "steps", "48/2=24\n48+24=72\n"),
+    (0.25, "chars", "48/2=2"),                # ceil(5.75) = 6 characters of the cleaned solution
+    (0.5, "chars", "48/2=24\n48+2"),          # ceil(11.5) = 12, not 12 characters of the raw one
+    (0.9, "chars", "48/2=24\n48+24=72\nSo 7"),  # ceil(20.7) = 21
+])
+def test_make_hint_drops_calculator_notes(ratio, unit, hint):
+    assert ghpo.make_hint(NOTES, ratio, unit) == hint
+    assert ghpo.drop_calculator_notes("48/2=<<48/2=24>>24 and <<a>>") == "48/2=24 and "
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,6 +152,42 @@ def test_schedule_stops_at_the_first_stage_that_helps(tiny, examples, monkeypatc
         "ghpo/hinted@0.25": 2 / 3, "ghpo/hinted@0.5": 2 / 3, "ghpo/hinted@0.75": 1 / 3, "ghpo/rescued_frac": 1 / 3,
         "ghpo/hint_ratio": 0.5 / 3, "ghpo/accuracy_before": 1 / 3, "ghpo/accuracy_after": 2 / 3,
         "ghpo/zero_adv_frac_unhinted": 1.0})
+
+
+def test_stages_that_would_repeat_a_hint_merge(tiny, examples, monkeypatch):
+    # make_hint rounds up: at 0.25, 0.5, 0.75 two steps give 1, 1, 1 of them, three 1, 2, 2, four 1, 2, 3
+    two = {**examples[0], "solution": "a = 1.\nb = 2."}
+    three = {**examples[1], "solution": "a = 1.\nb = 2.\nc = 3."}
+    four = examples[2]
+    monkeypatch.setitem(rewards.REWARDS, "fake", lambda completion, answer, hint="", **info: float(
+        answer == three["answer"] and hint.count("\n") == 2))  # three is rescued by its first two steps
+    calls = record(monkeypatch)
+    r = run_ghpo(tiny, [two, three, four])
+    # 0.25: all three groups; 0.5: three and four (two's hint would be the same); 0.75: four only
+    assert [len(prompts) for prompts, _ in calls] == [3, 3, 2, 1]
+    assert [len(c) for _, c in calls] == [3 * G, 3 * G, 2 * G, G]  # still one batched generate call per stage
+    for b, ex in enumerate((two, three, four)):  # no group is ever sampled twice from the same prompt
+        prompts = [p for ps, _ in calls for p in ps if ex["question"] in p]
+        assert len(prompts) == len(set(prompts)) == 1 + r.info[b * G]["hint_stages"]
+    by_group = [r.info[b * G] for b in range(3)]
+    assert [d["hinted_at"] for d in by_group] == [[0.25], [0.25, 0.5], [0.25, 0.5, 0.75]]
+    assert [d["hint_stages"] for d in by_group] == [1, 2, 3]
+    assert [d["hint_ratio"] for d in by_group] == [0.0, 0.5, 0.0]  # 0.5, the smallest ratio giving three's hint
+    assert by_group[1]["hint"] == "a = 1.\nb = 2.\n"
+    summary = ghpo.ghpo_summary(r.info, [0.25, 0.5, 0.75])  # shares of groups regenerated at each stage
+    assert [summary[f"ghpo/hinted@{q}"] for q in (0.25, 0.5, 0.75)] == pytest.approx([1, 2 / 3, 1 / 3])
+
+
+def test_a_merged_stage_is_skipped_not_the_end(tiny, examples, monkeypatch):
+    # 5 steps at 0.1, 0.2, 0.5: 1, 1, 3 steps; the group skips 0.2 and is regenerated again at 0.5
+    five = {**examples[0], "solution": "a = 1.\nb = 2.\nc = 3.\nd = 4.\ne = 5."}
+    use_reward(monkeypatch, lambda answer, ratio: 0.0)
+    calls = record(monkeypatch)
+    r = run_ghpo(tiny, [five], ratios=(0.1, 0.2, 0.5))
+    assert [len(prompts) for prompts, _ in calls] == [1, 1, 1]
+    assert r.info[0]["hinted_at"] == [0.1, 0.5] and r.info[0]["hint_stages"] == 2
+    summary = ghpo.ghpo_summary(r.info, [0.1, 0.2, 0.5])
+    assert [summary[f"ghpo/hinted@{q}"] for q in (0.1, 0.2, 0.5)] == [1.0, 0.0, 1.0]
 
 
 def rows_of(r, i):
