@@ -3,11 +3,11 @@ Rewards for GRPO: plain functions, chosen by name in the config and mixed with w
 
 Every reward has the signature fn(completion, answer, **info) -> float, where `answer` is the
 dataset's reference string and `info` carries per-chain facts from the rollout ("completion_len",
-"verifier_hallucination_score", ...) plus the reward settings from the config (think_fault_penalty,
-overlong_buffer_tokens, ...: see train.reward_settings). A reward names what it reads as keyword
-arguments and ignores the rest. `score` runs the named rewards over a batch and returns the raw (N, K)
-values; `total` applies the weights. `is_correct` is THE answer checker: the correctness reward and
-evaluation both call it, so train and eval can never disagree.
+"verifier_hallucination_score", "verifier_scored", ...) plus the reward settings from the config
+(think_fault_penalty, overlong_buffer_tokens, ...: see `settings`). A reward names what it reads as
+keyword arguments and ignores the rest. `score` runs the named rewards over a batch and returns the
+raw (N, K) values; `total` applies the weights. `is_correct` is THE answer checker: the correctness
+reward and evaluation both call it, so train and eval can never disagree.
 
 The judge rewards live in judge_rewards.py; REWARDS below is the one place where names are chosen.
 
@@ -18,6 +18,8 @@ import difflib
 import re
 import sys
 import threading
+from decimal import Decimal
+from fractions import Fraction
 
 import torch
 from math_verify import parse, verify
@@ -38,6 +40,7 @@ _ANSWER_IS_RE = re.compile(r"the answer is:?([^\n]*)", re.IGNORECASE)
 _SOFT_RE = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
 _INTEGER_RE = re.compile(r"[+-]?\d+(?:,\d{3})*")
 _MV_MAX_CHARS = 200  # math-verify's parser is superlinear: "(" * 300 already takes ~1 s
+_MAX_ROUNDED_PLACES = 100  # no answer rounds to more decimals; beyond, only exact values, linear-time
 
 
 def _last_boxed(text: str) -> str | None:
@@ -79,8 +82,8 @@ def reference_answer(answer: str) -> str:
     return answer.rsplit("####", 1)[-1].strip()
 
 
-def parse_number(text: str) -> float | None:
-    """A plain number such as "$1,234.50", "-7", "72 dollars", "18%", ".5", "3/4"; None otherwise."""
+def _number_parts(text: str) -> tuple[str, str, str | None] | None:
+    """(sign, digits, denominator or None) of a plain number as parse_number reads it; None otherwise."""
     s = text.replace("\\$", "").replace("$", "").strip()
     m = _NUMBER_START_RE.match(s)
     if m is None:
@@ -89,13 +92,59 @@ def parse_number(text: str) -> float | None:
     # trailing words/units are fine; more digits or an operator mean an expression, not a number
     if any(c.isdigit() for c in rest) or rest[:1] in ("+", "-", "*", "/", "^", "="):
         return None
-    sign, number, denominator = m.groups()
+    return m.groups()
+
+
+def parse_number(text: str) -> float | None:
+    """A plain number such as "$1,234.50", "-7", "72 dollars", "18%", ".5", "3/4"; None otherwise."""
+    parts = _number_parts(text)
+    if parts is None:
+        return None
+    sign, number, denominator = parts
     value = float(number.replace(",", ""))
     if denominator is not None:
         if int(denominator) == 0:
             return None
         value /= int(denominator)
     return -value if sign == "-" else value
+
+
+def _exact_number(text: str) -> Decimal | Fraction | None:
+    """A plain number's exact value: a Decimal as written for a decimal ("$1,234.50" -> Decimal("1234.50"),
+    which keeps its 2 decimals), a Fraction for "a/b"; None where parse_number gives None."""
+    parts = _number_parts(text)
+    if parts is None:
+        return None
+    sign, number, denominator = parts
+    # built from the string, so exact at any length (Decimal arithmetic would round to 28 digits)
+    value = Decimal(("-" if sign == "-" else "") + number.replace(",", ""))
+    if denominator is None:
+        return value
+    d = int(denominator)
+    return Fraction(value) / d if d != 0 else None
+
+
+def _terminates(fraction: Fraction) -> bool:
+    """Whether a fraction can be written out in full as a decimal: its denominator is 2^i 5^j."""
+    d = fraction.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
+
+
+def _same_number(pred: Decimal | Fraction, ref: Decimal | Fraction) -> bool:
+    """is_correct's rule for two plain numbers (in its docstring)."""
+    if pred == ref:  # exact for Decimal and Fraction alike, in any mix
+        return True
+    if isinstance(pred, Decimal) == isinstance(ref, Decimal):  # two decimals, or two fractions: exact only
+        return False
+    decimal, fraction = (pred, ref) if isinstance(pred, Decimal) else (ref, pred)
+    places = -decimal.as_tuple().exponent  # decimals written: "0.3330" has 4, "72" and "7." none
+    if not 1 <= places <= _MAX_ROUNDED_PLACES or _terminates(fraction):
+        return False
+    # non-terminating, so never halfway between two n-decimal values: the rounding direction cannot matter
+    return Fraction(decimal) == round(fraction, places)
 
 
 def _mv_timeout() -> int | None:
@@ -119,14 +168,24 @@ def _math_verify(ref: str, pred: str) -> bool:
 
 
 def is_correct(completion: str, answer: str) -> bool:
-    """THE answer checker, shared by the correctness reward and evaluation."""
+    """THE answer checker, shared by the correctness reward and evaluation.
+
+    When the extracted answer and the reference are both plain numbers (parse_number: "$1,234.50",
+    "18%", "72 dollars", "3/4"), they compare by exact value, never by float tolerance:
+    - two decimals must be equal exactly: "1,234.50" = "1234.5", "72.0" = "72", "2880000.5" != "2880000";
+    - a fraction a/b equals a decimal or a fraction of the same exact value: "3/4" = "0.75", "2/6" = "1/3";
+    - the one tolerance is for a fraction whose decimal expansion never ends (1/3, 2/7): a decimal with
+      n decimals (1 to 100) matches it when it is the fraction rounded to n decimals ("1/3" = "0.33",
+      "1/3" = "0.3333", "1/3" != "0.34", "2/3" = "0.67", "1/3" != "0"). A fraction that can be written
+      out in full must be ("3/4" != "0.8").
+    Anything else (\\frac, \\sqrt, expressions, words) goes to math-verify."""
     pred = extract_answer(completion)
     if pred is None:
         return False
     ref = reference_answer(answer)
-    p, r = parse_number(pred), parse_number(ref)
+    p, r = _exact_number(pred), _exact_number(ref)
     if p is not None and r is not None:
-        return abs(p - r) <= 1e-6 * max(1.0, abs(r))
+        return _same_number(p, r)
     return _math_verify(ref, pred)
 
 
@@ -281,10 +340,15 @@ def overlong(completion: str, answer: str, *, completion_len: int, overlong_max_
     return (overlong_max_tokens - overlong_buffer_tokens - completion_len) / overlong_buffer_tokens
 
 
-def verifier_score(completion: str, answer: str, *, verifier_hallucination_score: float = 0.5, **info) -> float:
+def verifier_score(completion: str, answer: str, *, verifier_scored: int = 0,
+                   verifier_hallucination_score: float = 1.0, **info) -> float:
     """1 - info["verifier_hallucination_score"], the mean of the conversation's [SCORE]
     hallucination_detect values (1 = the verifier found a mistake in that step, verifier.py): the share
-    of scored steps without one, higher is better; 0.5, neutral, for chains no verifier scored."""
+    of scored steps without one, higher is better. 0 when info["verifier_scored"], the number of [SCORE]
+    lines the conversation got, is 0 or missing (failed calls, steps with nothing checkable): a neutral
+    0.5 there would pay more for writing nothing the verifier can check than for a checked mistake."""
+    if not verifier_scored:
+        return 0.0
     return 1.0 - float(verifier_hallucination_score)
 
 

@@ -87,6 +87,25 @@ def test_is_correct_false(completion, answer):
     assert not is_correct(completion, answer)
 
 
+@pytest.mark.parametrize("pred, ref, correct", [
+    # decimals compare exactly, however large: no relative tolerance
+    ("2880000.5", "2880000", False), ("2,880,000.5", "2,880,000", False), ("1000000.000001", "1000000", False),
+    ("12345678901234567890", "12345678901234567891", False),  # one float apart: floats would call them equal
+    ("$1,234.50", "1234.5", True), ("72.0", "72", True), ("7.", "7", True), ("-0.0", "0", True), ("18%", "18", True),
+    # a fraction equals a decimal or fraction of the same value
+    ("3/4", "0.75", True), ("0.75", "3/4", True), ("2/6", "1/3", True), (".5", "1/2", True), ("2/3", "0.6", False),
+    # a fraction that can be written out in full must be: no rounding accepted
+    ("0.8", "3/4", False), ("1", "3/4", False), ("0.13", "1/8", False), ("0.12", "1/8", False),
+    # a fraction whose decimals never end: the decimal is that fraction rounded to the decimals written
+    ("0.33", "1/3", True), ("0.3333", "1/3", True), ("1/3", "0.333", True), ("0.3", "1/3", True),
+    ("0.34", "1/3", False), ("0.3330", "1/3", False), ("0", "1/3", False), ("0.67", "2/3", True),
+    ("0.66", "2/3", False), ("0." + "3" * 100, "1/3", True), ("0." + "3" * 101, "1/3", False),  # 100 decimals at most
+    ("-0.33", "-1/3", True), ("0.33", "-1/3", False), ("$3.33", "10/3", True), ("3.34", "10/3", False),
+])
+def test_is_correct_compares_numbers_exactly(pred, ref, correct):
+    assert is_correct(f"<answer>{pred}</answer>", f"#### {ref}") is correct
+
+
 def test_is_correct_off_main_thread():
     # math-verify's signal-based timeout raises outside the main thread unless it is disabled
     results = []
@@ -200,12 +219,13 @@ ADVERSARIAL = [
     "####" * 12500,
     "<answer>" + " " * 50000 + "1",
     "-" * 50000,
+    "0." + "3" * 50000,  # rounded against a reference 1/3 below
 ]
 
 
 @pytest.mark.parametrize("text", ADVERSARIAL, ids=lambda t: repr(t[:16]))
 def test_adversarial_inputs_are_fast(text):
-    for fn in [extract_answer, lambda t: is_correct(t, "5"), *[
+    for fn in [extract_answer, lambda t: is_correct(t, "5"), lambda t: is_correct(t, "1/3"), *[
             lambda t, name=name: call(name, t) for name in R.REWARDS]]:
         start = time.perf_counter()
         fn(text)

@@ -88,10 +88,22 @@ def test_overlong_reads_completion_len_through_score():
     assert values[:, 0].tolist() == [0.0, -1.0] and errors == {"overlong": 0}
 
 
-def test_verifier_score_reads_info_with_a_neutral_default():
-    assert R.verifier_score("x", "1", verifier_hallucination_score=1.0) == 0.0  # every step had a mistake
-    assert R.verifier_score("x", "1", verifier_hallucination_score=0.25, completion_len=3) == 0.75
-    assert R.verifier_score("x", "1") == 0.5
+def test_verifier_score_reads_info():
+    assert R.verifier_score("x", "1", verifier_scored=2, verifier_hallucination_score=1.0) == 0.0  # all mistakes
+    assert R.verifier_score("x", "1", verifier_scored=4, verifier_hallucination_score=0.25, completion_len=3) == 0.75
+    assert R.verifier_score("x", "1", verifier_scored=1, verifier_hallucination_score=0.0) == 1.0
+
+
+def test_verifier_score_pays_nothing_for_an_unscored_conversation():
+    # verifier.py sets hallucination score 0.5 when it got no [SCORE] line: that must not beat a checked mistake
+    assert R.verifier_score("x", "1", verifier_scored=0, verifier_hallucination_score=0.5) == 0.0
+    assert R.verifier_score("x", "1", verifier_hallucination_score=0.5) == 0.0  # verifier_scored missing
+    assert R.verifier_score("x", "1") == 0.0
+    infos = [{"verifier_scored": 0, "verifier_hallucination_score": 0.5},
+             {"verifier_scored": 3, "verifier_hallucination_score": 1.0},
+             {"verifier_scored": 3, "verifier_hallucination_score": 1 / 3}]
+    values, _, errors = R.score(["a", "b", "c"], ["1"] * 3, infos, {"verifier_score": 1.0}, S)
+    assert values[:, 0].tolist() == pytest.approx([0.0, 0.0, 2 / 3]) and errors == {"verifier_score": 0}
 
 
 # --- judges -------------------------------------------------------------------
