@@ -281,7 +281,7 @@ class Guard:
                 f"{self.bad_steps} steps in a row (to step {step}) had a non-finite loss or gradient, so their "
                 f"updates were skipped; checkpoint of step {step} saved with the last good weights. "
                 f"Look at reward/* and grad_norm in {self.run.metrics_path}; lower learning_rate "
-                f"({cfg.learning_rate}) or max_grad_norm, or use dtype fp32 or bf16 instead of fp16; "
+                f"({cfg.learning_rate}) or max_grad_norm, or use dtype fp32 instead of bf16; "
                 f"then continue with --resume {self.run.dir} (or raise max_bad_steps)")
         return self.ctrl_c.requested
 

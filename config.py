@@ -43,7 +43,8 @@ LOSS_DEFAULTS = {
 class Config:
     # --- model (llms.py)
     model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, local folder, or "tiny" (built in)
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (fp16 is refused:
+    #                                    no loss scaler here)
     gradient_checkpointing: bool = True  # recompute activations in backward: less memory, more time
     lora_r: int = 0                    # LoRA rank; 0 = full fine-tuning
     lora_alpha: int = 32               # LoRA scale (alpha / r)
@@ -80,10 +81,12 @@ class Config:
     rollout: str = "plain"             # the sampling idea, a name in samplers.SAMPLERS: plain, guided, ghpo, verifier
     prompts_per_step: int = 4          # B questions per step
     num_chains: int = 16               # G chains per question
-    max_prompt_tokens: int = 256       # longer prompts keep their end
+    max_prompt_tokens: int = 256       # longer prompts keep their end (counted: prompt_truncated_frac); a judge
+    #                                    prompt, whose instructions come first, must fit
     max_completion_tokens: int = 786   # new tokens per chain at most
     temperature: float = 1.0           # sampling and training log-probs use the same temperature
-    top_p: float = 1.0                 # nucleus sampling (1 = off)
+    top_p: float = 1.0                 # nucleus sampling (1 = off); log-probs stay over the whole vocabulary,
+    #                                    so top_p < 1 is refused with num_iterations > 1
     sampler: Literal["dynamic", "static"] = "dynamic"  # KV cache: dynamic (HF's default) or static (allocated
     #                                    once, decode step compiled, CUDA graphs on GPU)
     dynamic_sampling: bool = False     # DAPO's dynamic sampling (grpo.py): groups whose rewards are all equal are
@@ -292,6 +295,13 @@ def validate(cfg: Config) -> None:
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
         raise ValueError(f"training samples need temperature > 0 and 0 < top_p <= 1 (log-probs are taken at "
                          f"that temperature), got {cfg.temperature} and {cfg.top_p}; greedy is for eval only")
+    if cfg.top_p < 1 and cfg.num_iterations > 1:
+        raise ValueError(f"top_p {cfg.top_p} samples from the nucleus while the log-probs, and so the ratio that "
+                         f"num_iterations {cfg.num_iterations} clips, are over the whole vocabulary: set top_p 1, "
+                         f"or num_iterations 1 (its ratio is exactly 1)")
+    if cfg.dtype == "fp16":
+        raise ValueError("dtype fp16 would train without a loss scaler, and small gradients underflow to 0 in "
+                         "fp16: use bf16 (GPUs since Ampere: RTX 30xx/40xx, A100, H100) or fp32")
     if cfg.lora_r > 0 and cfg.train_only:
         raise ValueError(f"lora_r {cfg.lora_r} and train_only {cfg.train_only} both pick the weights that train: "
                          f"for LoRA pass --train_only '' (configs/tiny.yaml sets it), else --lora_r 0")

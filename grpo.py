@@ -121,12 +121,15 @@ def step(policy, sample, batch: list[dict], step: int, optimizer, cfg, refill=No
     info = [d for x in rounds for d in x.rollout.info]
     errors = {k: sum(x.errors[k] for x in rounds) for k in s.names}
     completion_lens = torch.tensor([d["completion_len"] for d in info], dtype=torch.float)  # (N,)
+    prompts = [rollout.prompts_of(policy.tokenizer, cfg.system_prompt, x.batch) for x in rounds]
+    cut = [t for p in prompts for t in rollout.truncated_prompts(policy.tokenizer, p, cfg.max_prompt_tokens)]
     figures = {"reward": total.mean().item(),
                **{f"reward/{k}": per_fn[:, i].mean().item() for i, k in enumerate(s.names)},
                **{f"reward_errors/{k}": n for k, n in errors.items() if n},
                "reward_std": total.std().item(), "zero_adv_frac": zero_adv_frac, **filtered,
                "completion_len": completion_lens.mean().item(),
-               "truncated_frac": sum(d["truncated"] for d in info) / len(info), **stats, **r.stats}
+               "truncated_frac": sum(d["truncated"] for d in info) / len(info),
+               "prompt_truncated_frac": sum(cut) / len(cut), **stats, **r.stats}
     return Step(r, s.batch, s.answers, s.rewards, s.names, advantages, figures)
 
 

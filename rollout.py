@@ -155,6 +155,27 @@ def prompts_of(tokenizer, system_prompt: str, batch: list[dict]) -> list[str]:
     return [llms.chat_prompt(tokenizer, system_prompt, ex["question"]) for ex in batch]
 
 
+def truncated_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[bool]:
+    """Which prompts are longer than max_prompt_tokens, so that tokenize_prompts cuts their start."""
+    return [len(ids) > max_prompt_tokens for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+
+def check_prompts_fit(tokenizer, cfg, examples: list[dict]) -> None:
+    """A judge prompt starts with its instructions, which a prompt cut from the left would lose: every
+    judge example must fit max_prompt_tokens. Math prompts may be cut (the question is at the end);
+    the train line counts them (prompt_truncated_frac)."""
+    if cfg.task == "math":
+        return
+    prompts = prompts_of(tokenizer, cfg.system_prompt, examples)
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    over = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_tokens]
+    if over:
+        raise ValueError(f"{len(over)} of {len(examples)} {cfg.task} prompts are longer than max_prompt_tokens "
+                         f"{cfg.max_prompt_tokens} (the longest: {max(lengths)} tokens), and a prompt is cut from "
+                         f"its start, where the judge's instructions are: raise --max_prompt_tokens to "
+                         f"{max(lengths)}, or drop the longest examples from the data")
+
+
 def make_sampler(cfg, *, device: str, train_set: list[dict]):
     """Plain GRPO (the default idea): each question's G chains sampled independently, all in one call."""
     def sample_plain(model, tokenizer, batch: list[dict], step: int) -> Rollout:

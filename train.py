@@ -34,6 +34,7 @@ import llms
 import losses
 import plot
 import rewards
+import rollout
 import samplers
 import sft
 
@@ -59,6 +60,7 @@ def main(argv: list[str]) -> None:
     # 2. the policy: a fresh run starts from model_name (warm-started if sft_steps), a resumed one from
     #    its latest checkpoint; then LoRA or train_only, and the frozen reference when beta > 0
     model, tokenizer = llms.from_config(cfg, run.model_path, device, train_set)
+    rollout.check_prompts_fit(tokenizer, cfg, train_set + eval_set)  # a judge prompt must keep its instructions
     if run.fresh and cfg.sft_steps > 0:
         sft.warm_start(model, tokenizer, train_set, cfg)
     if run.fresh and (cfg.sft_steps > 0 or cfg.model_name == llms.TINY):

@@ -45,6 +45,8 @@ def test_unknown_key_names_close_matches(tmp_path):
     (["--eval_samples", "4"], "greedy"),
     (["--temperature", "0"], "temperature > 0"),
     (["--top_p", "1.5"], "top_p"),
+    (["--top_p", "0.9", "--num_iterations", "2"], "over the whole vocabulary: set top_p 1"),
+    (["--dtype", "fp16"], "without a loss scaler"),
     (["--lora_r", "8", "--lora_target_modules", ""], "lora_target_modules"),
     (["--max_bad_steps", "0"], "max_bad_steps must be at least 1"),
     (["--keep_last", "0"], "keep_last must be at least 1"),

@@ -193,15 +193,16 @@ def test_one_generate_call_per_phase(sft, task, monkeypatch):
     calls = []
     real = rollout.generate
 
-    def counting(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p=1.0):
-        calls.append((input_ids.shape[0], max_new_tokens))
+    def counting(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p=1.0, sampler="dynamic"):
+        calls.append((input_ids.shape[0], max_new_tokens, sampler))
         return real(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p)
 
     monkeypatch.setattr(rollout, "generate", counting)
-    sample(model, tok, prompts_of(tok, task, 2), num_chains=3, prefix_retries=1, max_guide_tokens=4)
-    assert [rows for rows, _ in calls] == [2 * 2, 2 * 3, 2 * 3]  # prefix: B x (1 + retries); then B x G twice
+    sample(model, tok, prompts_of(tok, task, 2), num_chains=3, prefix_retries=1, max_guide_tokens=4, sampler="static")
+    assert [rows for rows, _, _ in calls] == [2 * 2, 2 * 3, 2 * 3]  # prefix: B x (1 + retries); then B x G twice
     assert calls[0][1] <= 20 and 2 <= calls[1][1] <= 4 and calls[2][1] <= 24 - 2
+    assert {s for _, _, s in calls} == {"static"}  # --sampler reaches every phase
 
 
 # ----------------------------------------------------------------------------------------------

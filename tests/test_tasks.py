@@ -194,8 +194,9 @@ TINY = ["--model_name", "tiny", "--device", "cpu", "--optimizer", "adamw", "--gr
 
 
 @pytest.mark.parametrize("recipe, files, extra, eval_keys", [
-    ("judge_pointwise", "judge_pointwise", ["--sft_steps", "2", "--sft_batch_size", "4"], ["within1", "mae", "parsed"]),
-    ("judge_pairwise", "judge_pairwise", [], ["parsed"]),
+    ("judge_pointwise", "judge_pointwise", ["--sft_steps", "2", "--sft_batch_size", "4", "--max_prompt_tokens", "768"],
+     ["within1", "mae", "parsed"]),
+    ("judge_pairwise", "judge_pairwise", ["--max_prompt_tokens", "768"], ["parsed"]),
     ("r1_gsm8k", "problems", ["--question_field", "problem", "--overlong_buffer_tokens", "4",
                               "--rewards", "think_format=0.5,short_think=0.5,think_answer=1,overlong=1,r1_format=0.5"],
      []),
@@ -213,3 +214,11 @@ def test_each_recipe_runs_two_steps_on_the_tiny_model(tmp_path, demo, recipe, fi
     assert all(key in evals[0] for key in ["accuracy", "n", *eval_keys])
     if recipe == "r1_gsm8k":  # 12-token completions of an untrained model: truncated, so overlong is -1
         assert trains[0]["reward/overlong"] < 0
+
+
+def test_a_judge_prompt_that_would_lose_its_instructions_is_refused(tmp_path, demo):
+    # a judge prompt is cut from its start, where the instructions are: it must fit, or the run stops
+    argv = ["--config", "configs/judge_pointwise.yaml", *TINY, "--dataset", str(demo / "judge_pointwise_train.jsonl"),
+            "--test_dataset", str(demo / "judge_pointwise_test.jsonl"), "--out_dir", str(tmp_path / "j")]
+    with pytest.raises(ValueError, match="raise --max_prompt_tokens to"):
+        run_train(argv)  # TINY's max_prompt_tokens 96

@@ -16,7 +16,8 @@ def test_short_run_writes_all_logs(tmp_path):
     trains = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in evals] == [0, 2] and [r["step"] for r in trains] == [1, 2]
     for key in ("reward", "reward/correctness", "reward_std", "zero_adv_frac", "completion_len", "loss",
-                "grad_norm", "lr", "kl", "clip_frac", "step_time_s", "tokens_per_s", "peak_mem_gb"):
+                "grad_norm", "lr", "kl", "clip_frac", "step_time_s", "tokens_per_s", "peak_mem_gb",
+                "prompt_truncated_frac"):
         assert key in trains[0], key
     assert all(0 <= r["accuracy"] <= 1 and r["n"] == 6 and "pass@2" in r for r in evals)
     assert len(read(f"{out}/samples.jsonl")) == 2 * 4  # log_samples chains per step
