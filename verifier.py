@@ -4,7 +4,8 @@ Each of the B x G chains is a conversation, and each turn all live conversations
 
 1. policy    one batched `rollout.generate` call: every live conversation writes one turn of at most
              `turn_tokens` new tokens, ending at EOS or at the end of a step (`step_end`: the first
-             newline, or sentence end, after some text; "eos" makes each turn a whole attempt).
+             newline, or sentence end, after some text, <tag> markup such as "<reasoning>" not
+             counted; "eos" makes each turn a whole attempt).
 2. verifier  one request per conversation, all at once (`backend(jobs, ...)`, see verifier_backends.py):
              the problem, the reference answer and the policy's turns so far. It replies with a short
              correction, or `###STOP###`, and may add a line `[SCORE] hallucination_detect=0|1`.
@@ -19,7 +20,8 @@ The Rollout holds the whole conversation (prompt, turns, inserted messages). los
 policy's own tokens only: all its turns (`train_on` "all") or its last turn ("last_turn", the paper's
 choice). Verifier text, nudges and chat-template glue are 0. `texts` (what the rewards read) is the
 policy's turns joined; info["verifier_hallucination_score"] is the mean [SCORE] of the conversation
-(0.5 when it got none), which the `verifier_score` reward reads.
+(0.5 when it got none) and info["verifier_scored"] the number of [SCORE] lines, which the
+`verifier_score` reward reads: it pays 0 to a conversation nobody scored.
 
 Choices of ours, not the paper's: the verifier prompt (DEFAULT_PROMPT, or yours via `verifier_prompt`);
 a verifier call that fails (after the backend's retries) lets the policy continue without feedback;
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria
 
+import config
 import guidance
 import rewards
 import rollout
@@ -92,21 +95,24 @@ def parse_reply(reply: str) -> tuple[str, bool, int | None]:
 # Policy turns: where a step ends, and the chat-template tokens around inserted messages
 
 
-@functools.lru_cache(maxsize=8)  # one pass over the vocabulary per tokenizer
-def blank_ids(tokenizer) -> frozenset[int]:
-    """Ids that decode to whitespace only: a step needs some text before its end counts."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return frozenset(i for i, t in enumerate(texts) if not t.strip())
+_TAG_RE = re.compile(r"</?[A-Za-z][\w-]*>")  # <reasoning>, </answer>, <think>: markup around steps
 
 
-def cut_turn(ids: list[int], limit: int, eos, ends, blank) -> tuple[list[int], bool]:
-    """(the turn: ids up to EOS, the first step end after some text, or `limit`; whether EOS ended it)."""
-    seen_text = False
+def is_step(text: str) -> bool:
+    """Whether a turn's text so far holds a step: something besides whitespace and <tag> markup, so that
+    "<reasoning>" alone on a line does not end a turn (and cost a verifier call)."""
+    return bool(_TAG_RE.sub("", text).strip())
+
+
+def cut_turn(ids: list[int], limit: int, eos, ends, decode) -> tuple[list[int], bool]:
+    """(the turn: ids up to EOS, the first step end after some text, or `limit`; whether EOS ended it).
+
+    decode(ids) -> text; a step end counts once the turn's text up to it is_step. Decoding the turn so
+    far (not token by token) also reads tags split over tokens ("<", "reason", "ing", ">\n")."""
     for j, t in enumerate(ids[:limit]):
         if t in eos:
             return ids[:j + 1], True
-        seen_text = seen_text or t not in blank
-        if seen_text and t in ends:
+        if t in ends and is_step(decode(ids[:j + 1])):
             return ids[:j + 1], False
     return ids[:limit], False
 
@@ -114,19 +120,26 @@ def cut_turn(ids: list[int], limit: int, eos, ends, blank) -> tuple[list[int], b
 class StepEnd(StoppingCriteria):
     """Stops a row of `generate` where cut_turn would cut it, so a turn costs only its own tokens.
 
-    start: the context width (new tokens begin there); active (n,) bool: rows that stop at step ends.
+    decode: as for cut_turn; start: the context width (new tokens begin there); active (n,) bool: rows
+    that stop at step ends. One generate call per object: a row is decoded only when a new step end
+    appears in it, and once it holds a step it stays stopped.
     """
 
-    def __init__(self, ends, blank, start: int, active: torch.Tensor):
-        device = active.device
-        self.ends = torch.tensor(sorted(ends), dtype=torch.long, device=device)
-        self.blank = torch.tensor(sorted(blank), dtype=torch.long, device=device)
-        self.start, self.active = start, active
+    def __init__(self, ends, decode, start: int, active: torch.Tensor):
+        self.ends = torch.tensor(sorted(ends), dtype=torch.long, device=active.device)
+        self.decode, self.start, self.active = decode, start, active
+        self.checked = [-1] * len(active)  # per row: the last step end already decoded (-1: none)
+        self.stopped = [False] * len(active)
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
         new = input_ids[:, self.start:]  # (n, t)
-        seen_text = torch.isin(new, self.blank, invert=True).long().cumsum(-1) > 0
-        return (torch.isin(new, self.ends) & seen_text).any(-1) & self.active
+        at_end = torch.isin(new, self.ends) & self.active[:, None]  # (n, t)
+        last = torch.where(at_end.any(-1), new.shape[1] - 1 - at_end.flip(-1).long().argmax(-1), -1).tolist()
+        for r, j in enumerate(last):
+            if j > self.checked[r] and not self.stopped[r]:  # a new step end: is the row's text a step now?
+                self.checked[r] = j
+                self.stopped[r] = is_step(self.decode(new[r, :j + 1].tolist()))
+        return torch.tensor(self.stopped, device=input_ids.device)
 
 
 def message_ids(tokenizer, text: str) -> list[int]:
@@ -177,7 +190,8 @@ class Conversation:
 
 def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: list[str], num_chains: int, *,
            backend, max_prompt_tokens: int, max_completion_tokens: int, temperature: float, top_p: float,
-           turn_tokens: int, max_turns: int, step_end: str, train_on: str, nudge: str) -> rollout.Rollout:
+           turn_tokens: int, max_turns: int, step_end: str, train_on: str, nudge: str,
+           sampler: str = "dynamic") -> rollout.Rollout:
     """B prompts x G conversations with a verifier (module docstring); one generate call per turn.
 
     backend(jobs, model, tokenizer) -> one reply string per Job, None where the call failed
@@ -188,7 +202,7 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     ends = guidance.boundary_ids(tokenizer, STEP_ENDS[step_end]) if STEP_ENDS[step_end] else frozenset()
-    blank, pad = blank_ids(tokenizer), tokenizer.pad_token_id
+    decode, pad = functools.partial(tokenizer.decode, skip_special_tokens=True), tokenizer.pad_token_id
     prompt_ids, prompt_mask = rollout.tokenize_prompts(tokenizer, prompts, max_prompt_tokens, device)
     prompt_rows = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask)]  # B lists, unpadded
     convs = [Conversation(b) for b in range(len(prompts)) for _ in range(num_chains)]
@@ -199,11 +213,11 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
         room = [min(turn_tokens, max_completion_tokens - c.policy_tokens) for c in live]
         ids, mask = rollout.left_pad([prompt_rows[c.group] + c.seq for c in live], pad, device)  # (n, ctx)
         steps = torch.tensor([not c.nudged for c in live], device=device)
-        stop = [StepEnd(ends, blank, ids.shape[1], steps)] if ends else None
+        stop = [StepEnd(ends, decode, ids.shape[1], steps)] if ends else None
         out = rollout.generate(model, ids, mask, max_new_tokens=max(room), temperature=temperature, top_p=top_p,
-                               stopping_criteria=stop).tolist()
+                               sampler=sampler, stopping_criteria=stop).tolist()
         for c, row, n in zip(live, out, room):
-            turn, c.eos = cut_turn(row, n, eos, frozenset() if c.nudged else ends, blank)
+            turn, c.eos = cut_turn(row, n, eos, frozenset() if c.nudged else ends, decode)
             c.add(turn, len(c.turns))
             c.turns.append(turn)
             if c.nudged:  # the final answer after a nudge ends the conversation
@@ -256,6 +270,7 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
                      "completion_len": c.policy_tokens, "verifier_calls": len(c.replies),
                      "verifier_failed": c.failed, "verifier_corrections": c.corrections,
                      "verifier_latency_s": c.latency,
+                     "verifier_scored": len(c.scores),  # [SCORE] lines; the verifier_score reward pays 0 without
                      "verifier_hallucination_score": sum(c.scores) / len(c.scores) if c.scores else 0.5,
                      "verifier_replies": c.replies, "conversation": tokenizer.decode(c.seq)})
     group = torch.tensor([c.group for c in convs], dtype=torch.long, device=device)
@@ -266,13 +281,16 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
 def summary(info: list[dict]) -> dict:
     """The step's figures for metrics.jsonl: means over conversations, latency per verifier round."""
     n, calls = max(1, len(info)), sum(d["verifier_calls"] for d in info)
+    scored = [d for d in info if d["verifier_scored"]]
     return {"verifier/turns": sum(d["turns"] for d in info) / n,
             "verifier/stop_rate": sum(d["stopped"] for d in info) / n,
             "verifier/final_answer_frac": sum(d["final_answer"] for d in info) / n,
             "verifier/corrections": sum(d["verifier_corrections"] for d in info) / n,
             "verifier/latency_s": sum(d["verifier_latency_s"] for d in info) / max(1, calls),
             "verifier/failed_calls": sum(d["verifier_failed"] for d in info),
-            "verifier/hallucination_score": sum(d["verifier_hallucination_score"] for d in info) / n}
+            "verifier/scored_frac": len(scored) / n,  # the hallucination score is over the scored ones
+            "verifier/hallucination_score": (sum(d["verifier_hallucination_score"] for d in scored)
+                                             / max(1, len(scored)))}
 
 
 def make_sampler(cfg, *, device: str, train_set: list[dict]):
@@ -280,9 +298,11 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
     that does not answer fails the run here, before the policy is loaded), then samples conversations."""
     for key in ("verifier_turn_tokens", "verifier_max_turns", "verifier_concurrency", "verifier_max_tokens"):
         if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.verifier_retries < 0 or cfg.verifier_timeout_s <= 0:
-        raise ValueError("verifier_retries must be >= 0 and verifier_timeout_s > 0")
+            raise config.UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.verifier_retries < 0 or cfg.verifier_timeout_s <= 0 or cfg.verifier_turn_timeout_s <= 0:
+        raise config.UserError(f"verifier_retries must be >= 0, verifier_timeout_s and verifier_turn_timeout_s "
+                               f"> 0, got {cfg.verifier_retries}, {cfg.verifier_timeout_s} and "
+                               f"{cfg.verifier_turn_timeout_s}")
     backend = verifier_backends.make(cfg, device)
 
     def sample_verifier(model, tokenizer, batch: list[dict], step: int) -> rollout.Rollout:
@@ -291,7 +311,8 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
                    backend=backend, max_prompt_tokens=cfg.max_prompt_tokens,
                    max_completion_tokens=cfg.max_completion_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                    turn_tokens=cfg.verifier_turn_tokens, max_turns=cfg.verifier_max_turns,
-                   step_end=cfg.verifier_step_end, train_on=cfg.verifier_train_on, nudge=cfg.verifier_nudge)
+                   step_end=cfg.verifier_step_end, train_on=cfg.verifier_train_on, nudge=cfg.verifier_nudge,
+                   sampler=cfg.sampler)
         r.stats = summary(r.info)  # verifier/turns, stop_rate, latency_s, failed_calls, ...
         return r
     return sample_verifier

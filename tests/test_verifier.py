@@ -1,18 +1,23 @@
 """Verifier turns: reply parsing, the rules verifier, the turn loop and its masks, the three backends,
 a real `verifier.py serve` subprocess, a faulty server, and training runs with --rollout verifier."""
+import functools
 import json
 import os
+import random
 import re
 import subprocess
 import sys
 import threading
 import time
+from decimal import Decimal
+from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
 import config
+import guidance
 import llms
 import rewards
 import rollout
@@ -114,34 +119,176 @@ def test_rules_reply(steps, answer, expected):
     assert vb.RulesVerifier()([vb.Job("q", answer, steps)]) == [expected]
 
 
+# What real work looks like (issue: only "a op b = c" pieces were checked, so "2 + 3 + 4 = 9" was flagged
+# as "3 + 4 = 7, not 9" and "1,234 + 6 = 1,240" as "234 + 6 = 240, not 1")
+@pytest.mark.parametrize("step, wrong", [
+    ("2 + 3 + 4 = 9", []),
+    ("1,234 + 6 = 1,240", []),
+    ("$1,234 + $6 = $1,240", []),
+    ("2 + 3 * 4 = 14", []),  # precedence
+    ("(2 + 3) * 4 = 20", []),
+    ("10 ÷ 4 = 2.5", []),
+    ("3 x 4 = 12, 3x4=12, 3 × 4 = 12 and 3 * 4 = 12", []),
+    ("<<48/2=24>>", []),
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.", []),
+    ("Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.", []),
+    ("1/3 = 0.33 and 2/3 = 0.667 and 20 / 3 = 6.67", []),  # rounded to the decimals written
+    ("3 + 4 = **7**, so **5 * 3 = 15**", []),  # markdown bold
+    ("- 3 + 4 = 7\n* 2 * 3 = 6", []),  # list markers are no signs
+    ("1) 3 + 4 = 7 (since 3 + 4 = 7)", []),
+    ("3 * 4 = 12 = 12", []),  # a chain: each "=" against the expression on its left
+    ("3 * 4 = 12 + 1 = 13", []),  # a running total
+    ("3 * 8 = 12 * 2", []),  # an expression on the right
+    ("5 - 8 = -3, -3 + 5 = 2, 1/2 + 1/4 = 3/4, 0.1 + 0.2 = 0.3", []),  # exact: no float rounding error
+    ("\\( 12 \\times 50 = 600 \\) and $48 \\div 2 = 24$", []),  # LaTeX
+    ("2 + 3 + 4 = 10", ["2 + 3 + 4 = 9, not 10"]),
+    ("$1,234 + $6 = $1,250", ["$1,234 + $6 = 1240, not $1,250"]),
+    ("2 + 3 * 4 = 20", ["2 + 3 * 4 = 14, not 20"]),
+    ("(2 + 3) * 4 = 14", ["(2 + 3) * 4 = 20, not 14"]),
+    ("10 ÷ 4 = 2.4", ["10 ÷ 4 = 2.5, not 2.4"]),
+    ("3 x 4 = 13", ["3 x 4 = 12, not 13"]),
+    ("Natalia sold 48/2 = <<48/2=25>>25 clips.", ["48 / 2 = 24, not 25"]),  # the note and its text: once
+    ("1/3 = 0.34", ["1 / 3 = 0.333333, not 0.34"]),
+    ("3 * 4 = 12 + 1 = 14", ["12 + 1 = 13, not 14"]),
+    ("3 * 4 = 12 = 13", ["12 = 12, not 13"]),
+    ("**12 - 5 = 8**", ["12 - 5 = 7, not 8"]),
+    ("5 - 8 = 3", ["5 - 8 = -3, not 3"]),
+])
+def test_rules_check_whole_expressions(step, wrong):
+    reply = vb.rules_reply("7", [step])
+    assert reply == ("; ".join(wrong) + ".\n[SCORE] hallucination_detect=1" if wrong
+                     else "[SCORE] hallucination_detect=0")
+    assert vb.equation_errors(step) == (wrong, True)
+
+
+# Nothing here can be read for sure as a true or false equation: none is checked, none flagged
+@pytest.mark.parametrize("step", [
+    "6 boxes = 12", "Step 1 = 7", "x + 3 = 5", "2 x = 10", "a2 + 1 = 3", "2^3 + 1 = 9", "3 ** 2 = 9",
+    "3/4 = 75%", "3 / 4 = 75 percent", "2,5 * 2 = 5", "50% * 4 + 1 = 3", "10:30 + 2 = 12:30", "2(3 + 4) = 14",
+    "3/2 = 1 1/2", "1 / 0 = 5", "10 apples - 3 + 4 = 11", "2 hours * 60 = 120 minutes", "3 + 4 = 7km",
+])
+def test_rules_skip_what_they_cannot_read(step):
+    assert vb.rules_reply("7", [step]) == ""
+    assert vb.equation_errors(step) == ([], False)
+
+
+def test_rules_random_chains():
+    """True chains of 2-5 numbers (+ - * /, sometimes a parenthesis, as students spell them) are never
+    flagged; the same chain with its result off by one always is, with the right value."""
+    rng = random.Random(0)
+    spellings = {"+": ["+"], "-": ["-", "\u2212"], "*": ["*", "x", "×"], "/": ["/", "÷"]}
+    checked = 0
+    while checked < 500:
+        n = rng.randint(2, 5)
+        nums = [rng.choice([rng.randint(1, 12), rng.randint(1, 2500)]) for _ in range(n)]
+        ops = [rng.choice("+-*/") for _ in range(n - 1)]
+        python, written = [f"Fraction({nums[0]})"], [f"{nums[0]:,}" if rng.random() < 0.5 else str(nums[0])]
+        for op, x in zip(ops, nums[1:]):
+            python += [op, f"Fraction({x})"]
+            written += [rng.choice(spellings[op]), f"${x:,}" if rng.random() < 0.2 else str(x)]
+        if n > 2 and rng.random() < 0.3:  # a parenthesis around two numbers and their operator
+            i = 2 * rng.randrange(n - 1)
+            python[i], python[i + 2] = "(" + python[i], python[i + 2] + ")"
+            written[i], written[i + 2] = "(" + written[i], written[i + 2] + ")"
+        try:
+            value = eval(" ".join(python), {"Fraction": Fraction})  # the test's reference: Python's arithmetic
+        except ZeroDivisionError:
+            continue
+        if all((value * 10 ** d).denominator != 1 for d in range(7)):  # 1/3: no exact decimal to write
+            continue
+        sep = rng.choice([" ", ""])
+
+        def line(result):  # the result written exactly (at most 6 decimals, 23 digits: Decimal's 28 suffice)
+            return f"So {sep.join(written)}{sep}={sep}{Decimal(result.numerator) / result.denominator:f} apples."
+        assert vb.rules_reply("7", [line(value)]) == "[SCORE] hallucination_detect=0", line(value)
+        wrong = vb.rules_reply("7", [line(value + 1)])
+        assert wrong.endswith(".\n[SCORE] hallucination_detect=1") and wrong.count(", not ") == 1, line(value + 1)
+        assert f" = {vb._show(value)}, not " in wrong, line(value + 1)
+        checked += 1
+
+
+def test_rules_take_bounded_time_on_adversarial_steps():
+    t0 = time.perf_counter()
+    for step in ["1 + " * 5000 + "= 3", "(" * 10_000 + "1 = 1", "1,000," * 2000 + " = 1", "<<1" * 4000 + "=",
+                 "= 1 " * 5000, "x" * 20_000 + " = 3", "9" * 9000 + " * 9 = 1",
+                 " * ".join(["9" * 32] * 30) + " / 7 = 1"]:  # long numbers: no 4,300-digit int conversion error
+        vb.rules_reply("7", [step])
+    assert time.perf_counter() - t0 < 2.0
+
+
 # ----------------------------------------------------------------------------------------------
 # turns: cutting, stopping generate early, inserted messages
 
 
 def test_cut_turn():
-    eos, ends, blank = {0}, {5, 6}, {5, 9}  # 5 is a bare newline (blank), 6 a "x." token, 9 a space
-    assert verifier.cut_turn([1, 2, 6, 3], 10, eos, ends, blank) == ([1, 2, 6], False)
-    assert verifier.cut_turn([5, 9, 5, 1, 5, 2], 10, eos, ends, blank) == ([5, 9, 5, 1, 5], False)  # text first
-    assert verifier.cut_turn([1, 0, 6], 10, eos, ends, blank) == ([1, 0], True)
-    assert verifier.cut_turn([1, 2, 3, 4], 3, eos, ends, blank) == ([1, 2, 3], False)
-    assert verifier.cut_turn([1, 6, 3], 10, eos, set(), blank) == ([1, 6, 3], False)  # step_end "eos"
+    texts = {0: "<eos>", 1: "a", 2: "b", 3: "c", 4: "d", 5: "\n", 6: "x.", 7: "<answer>", 8: "<", 9: " "}
+    eos, ends = {0}, {5, 6}  # 5 a bare newline, 6 a "x." token
+
+    def decode(ids):
+        return "".join(texts[i] for i in ids)
+    assert verifier.cut_turn([1, 2, 6, 3], 10, eos, ends, decode) == ([1, 2, 6], False)
+    assert verifier.cut_turn([5, 9, 5, 1, 5, 2], 10, eos, ends, decode) == ([5, 9, 5, 1, 5], False)  # text first
+    assert verifier.cut_turn([1, 0, 6], 10, eos, ends, decode) == ([1, 0], True)
+    assert verifier.cut_turn([1, 2, 3, 4], 3, eos, ends, decode) == ([1, 2, 3], False)
+    assert verifier.cut_turn([1, 6, 3], 10, eos, set(), decode) == ([1, 6, 3], False)  # step_end "eos"
+    assert verifier.cut_turn([7, 5, 9, 7, 5, 1, 5], 10, eos, ends, decode) == ([7, 5, 9, 7, 5, 1, 5], False)  # tags
+    assert verifier.cut_turn([8, 1, 5, 2], 10, eos, ends, decode) == ([8, 1, 5], False)  # "<a" is no tag
+
+
+@pytest.mark.parametrize("text, step", [
+    ("Tom has 3 pens.", True), ("<reasoning>", False), (" </reasoning>\n<answer>\n", False), ("<think>\n", False),
+    ("\n \t\n", False), ("<answer>7", True), ("3 < 4", True), ("<|im_start|>", True), ("<answer", True),
+])
+def test_is_step(text, step):
+    assert verifier.is_step(text) == step
+
+
+def stops(criteria, context: list[int], rows: list[list[int]], pad: int) -> list[int]:
+    """The number of new tokens after which `criteria` first stops each row, called as generate calls it:
+    after every new token, with every row of the batch (rows that are done padded); 0: never."""
+    width = max(map(len, rows))
+    full = torch.tensor([context + row + [pad] * (width - len(row)) for row in rows])
+    first = [0] * len(rows)
+    for k in range(1, width + 1):
+        for r, stop in enumerate(criteria(full[:, :len(context) + k], None).tolist()):
+            first[r] = first[r] or (k if stop else 0)
+    return first
+
+
+def test_a_tag_alone_on_a_line_ends_no_turn(tiny):
+    """cut_turn and StepEnd cut real-looking turns at the same token, past lines that hold only tags."""
+    model, tok = tiny
+    eos, decode = set(model.generation_config.eos_token_id), functools.partial(tok.decode, skip_special_tokens=True)
+    ends = guidance.boundary_ids(tok, verifier.STEP_ENDS["newline"])
+    cases = [("<reasoning>\nTom has 3 + 4 = 7 apples.\nSo 7.\n", "<reasoning>\nTom has 3 + 4 = 7 apples.\n"),
+             ("\n \n</reasoning>\n<answer>\n7\n</answer>", "\n \n</reasoning>\n<answer>\n7\n"),
+             ("<think>\n\n3 < 4\nso", "<think>\n\n3 < 4\n"),
+             ("Tom has 3.\n<answer>\n", "Tom has 3.\n"),
+             ("<answer>\n</answer>\n", "<answer>\n</answer>\n")]  # no step at all: the turn runs to its limit
+    rows = [tok(text, add_special_tokens=False)["input_ids"] for text, _ in cases]
+    cuts = [verifier.cut_turn(row, len(row), eos, ends, decode)[0] for row in rows]
+    assert [tok.decode(cut) for cut in cuts] == [turn for _, turn in cases]
+    context = tok("Tom has 3 pens.", add_special_tokens=False)["input_ids"]
+    step_end = verifier.StepEnd(ends, decode, len(context), torch.tensor([True] * len(rows)))
+    expected = [len(cut) if tok.decode(cut) != text else 0 for cut, (text, _) in zip(cuts, cases)]
+    assert stops(step_end, context, rows, tok.pad_token_id) == expected
 
 
 def test_step_end_stops_generate_where_cut_turn_cuts(tiny):
     """Rows stopped early by StepEnd hold the same turns as the same rows generated in full, then cut."""
     model, tok = tiny
     ends = frozenset(range(3, len(tok), 4))  # a quarter of the vocabulary, so that rows stop at different places
-    blank, eos = verifier.blank_ids(tok), set(model.generation_config.eos_token_id)
+    eos, decode = set(model.generation_config.eos_token_id), functools.partial(tok.decode, skip_special_tokens=True)
     ids, mask = rollout.tokenize_prompts(tok, ["Tom has 3 pens.", "Ann has", "He gives away 2. How many"], 64, "cpu")
     active = torch.tensor([True, True, False])  # the last row runs on, as a final turn after a nudge does
     torch.manual_seed(0)
     stopped = rollout.generate(model, ids, mask, max_new_tokens=20, temperature=1.0, stopping_criteria=[
-        verifier.StepEnd(ends, blank, ids.shape[1], active)]).tolist()
+        verifier.StepEnd(ends, decode, ids.shape[1], active)]).tolist()
     torch.manual_seed(0)  # the same draws: rows differ only where StepEnd ended them
     full = rollout.generate(model, ids, mask, max_new_tokens=20, temperature=1.0).tolist()
     for row_stopped, row_full, on in zip(stopped, full, active.tolist()):
-        cut, _ = verifier.cut_turn(row_full, 20, eos, ends if on else frozenset(), blank)
-        assert verifier.cut_turn(row_stopped, 20, eos, ends if on else frozenset(), blank)[0] == cut
+        cut, _ = verifier.cut_turn(row_full, 20, eos, ends if on else frozenset(), decode)
+        assert verifier.cut_turn(row_stopped, 20, eos, ends if on else frozenset(), decode)[0] == cut
         if on:  # it stopped there: only padding follows
             assert len(cut) < 20 and set(row_stopped[len(cut):]) <= {tok.pad_token_id}
 
@@ -191,6 +338,21 @@ def trained_text(tok, r, i, trained=True):
     return tok.decode(r.input_ids[i][keep & r.attention_mask[i].bool()])
 
 
+def test_the_sampler_setting_reaches_every_turn_and_scores_are_counted(tiny, monkeypatch):
+    model, tok = tiny
+    settings = []
+
+    def fake(model, ids, mask, *, max_new_tokens, temperature, top_p=1.0, stopping_criteria=None, **kw):
+        settings.append(kw.get("sampler"))
+        turn = ["3 + 4 = 7.\n", "#### 7<|im_end|>"][len(settings) - 1]
+        return torch.tensor([tok(turn, add_special_tokens=False)["input_ids"][:max_new_tokens]] * ids.shape[0])
+    monkeypatch.setattr(rollout, "generate", fake)
+    r = run(model, tok, vb.RulesVerifier(), sampler="static")
+    assert settings == ["static", "static"]  # --sampler static: every policy turn samples with it
+    assert [d["verifier_scored"] for d in r.info] == [2, 2]  # two [SCORE] lines per conversation
+    assert verifier.summary(r.info)["verifier/scored_frac"] == 1.0
+
+
 def test_stop_with_a_final_answer_ends_the_conversation(tiny, monkeypatch):
     model, tok = tiny
     scripted_policy(monkeypatch, tok, ["3 + 4 = 8.\n", "3 + 4 = 7.\n", "#### 7<eos>"])
@@ -221,6 +383,17 @@ def test_stop_without_a_final_answer_nudges_once(tiny, monkeypatch):
     assert trained_text(tok, r, 1) == "3 + 4 = 7.\nThe answer:\n#### 7<|im_end|>"  # the nudge is masked out
     assert calls[0][0].active.tolist() == [True, True] and calls[1][0].active.tolist() == [False, False]
     assert len(backend.jobs) == 1  # the final turn after a nudge is not sent to the verifier
+
+
+def test_a_tag_only_line_costs_no_verifier_call(tiny, monkeypatch):
+    """Issue: "<reasoning>" alone on its line ended the turn, and the verifier judged a tag."""
+    model, tok = tiny
+    turns = ["<reasoning>\nTom has 3 + 4 = 7 apples.\n", "</reasoning>\n<answer>\n7</answer><eos>"]
+    scripted_policy(monkeypatch, tok, turns)
+    backend = Scripted("")
+    r = run(model, tok, backend, turn_tokens=48, max_completion_tokens=96)
+    assert [job.steps for job in backend.jobs[-1]] == [[turns[0], turns[1][:-len("<eos>")]]] * 2
+    assert r.info[0]["turns"] == 2 and r.texts[0] == "".join(turns)[:-len("<eos>")]
 
 
 @pytest.mark.parametrize("train_on", ["all", "last_turn"])
@@ -317,7 +490,7 @@ def tiny_dir(tiny, tmp_path_factory):
 
 def http(base_url, **kw):
     args = dict(model="verifier", api_key_env="VERIFIER_TEST_KEY", timeout_s=20.0, retries=0, concurrency=4,
-                template=vb.DEFAULT_PROMPT, max_tokens=6, temperature=0.0)
+                template=vb.DEFAULT_PROMPT, max_tokens=6, temperature=0.0, turn_timeout_s=60.0)
     return vb.HTTPVerifier(base_url, **{**args, **kw})
 
 
@@ -343,8 +516,9 @@ def test_http_backend_against_verifier_serve(tiny, tiny_dir, capsys):
 
 
 class Faulty:
-    """A threaded test server: GET /models answers; POST either sleeps past the timeout, returns 500
-    (with the Authorization header in its body, as a careless server might), or returns junk."""
+    """A threaded test server: GET /models answers; POST either sleeps past the timeout, hangs (answers
+    well only after 2 s), returns 500 (with the Authorization header in its body, as a careless server
+    might), or returns junk."""
 
     def __init__(self, mode):
         self.mode, self.requests = mode, 0
@@ -368,6 +542,11 @@ class Faulty:
                 if outer.mode == "slow":
                     time.sleep(1.5)
                     self.reply(200, "{}")
+                elif outer.mode == "hang":
+                    time.sleep(2.0)
+                    choice = {"index": 0, "message": {"role": "assistant", "content": "late"}, "finish_reason": "stop"}
+                    self.reply(200, json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                                "choices": [choice]}))
                 elif outer.mode == "500":
                     self.reply(500, json.dumps({"error": {"message": f"boom {self.headers.get('Authorization')}"}}))
                 else:
@@ -404,15 +583,34 @@ def test_http_faults_are_counted_and_the_rollout_goes_on(tiny, monkeypatch, caps
     assert "verifier call failed" in err and "sk-test-secret" not in err
 
 
+def test_http_turn_deadline(capsys):
+    """A server that hangs costs a turn verifier_turn_timeout_s, not (retries + 1) x timeout per round of
+    requests: the late replies are None (failed calls), reported once; the pool is not waited for."""
+    server = Faulty("hang")
+    try:
+        cfg = config.Config(verifier_backend="http", verifier_base_url=server.base_url, verifier_timeout_s=10.0,
+                            verifier_retries=0, verifier_concurrency=2, verifier_turn_timeout_s=0.3)
+        backend = vb.make(cfg, "cpu")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            assert backend([vb.Job("q", "7", ["a"])] * 3) == [None] * 3
+            assert time.perf_counter() - t0 < 1.0  # without the deadline: two rounds of 2 s
+        assert server.requests <= 4  # the third job of each turn was never sent
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert err.count("verifier turn deadline") == 1 and "3 of 3 replies were not in after 0.3 s" in err
+
+
 def test_unreachable_server_is_an_error_before_training(tmp_path):
     import socket
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(RuntimeError, match="unreachable"):
+    with pytest.raises(config.UserError, match="unreachable"):
         http(f"http://127.0.0.1:{port}/v1", timeout_s=2.0)
     out = str(tmp_path / "run")
-    with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}/v1 is unreachable.*verifier.py serve"):
+    with pytest.raises(config.UserError, match=f"127.0.0.1:{port}/v1 is unreachable.*verifier.py serve"):
         run_train(FAST + ["--out_dir", out, "--rollout", "verifier", "--verifier_backend", "http",
                            "--verifier_base_url", f"http://127.0.0.1:{port}/v1", "--verifier_timeout_s", "2"])
     assert not os.path.exists(f"{out}/metrics.jsonl")
@@ -426,6 +624,7 @@ def test_unreachable_server_is_an_error_before_training(tmp_path):
     (["--rollout", "verifier", "--verifier_turn_tokens", "0"], "verifier_turn_tokens must be at least 1"),
     (["--rollout", "verifier", "--verifier_step_end", "paragraph"], "verifier_step_end must be one of"),
     (["--rollout", "verifier", "--verifier_retries", "-1"], "verifier_retries"),
+    (["--rollout", "verifier", "--verifier_turn_timeout_s", "0"], "verifier_turn_timeout_s"),
     (["--rewards", "correctness=1,verifier_score=0.1"], "use it with --rollout verifier"),
 ])
 def test_verifier_config_errors(argv, message):
@@ -436,8 +635,9 @@ def test_verifier_config_errors(argv, message):
 def test_verifier_run_logs_verifier_metrics(tmp_path):
     out = str(tmp_path / "run")
     run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "5", "--save_every", "5",
-                       "--eval_n", "2", "--rollout", "verifier", "--verifier_turn_tokens", "8", "--verifier_max_turns", "3",
-                       "--verifier_step_end", "sentence", "--verifier_train_on", "last_turn",
+                       "--eval_n", "2", "--rollout", "verifier", "--verifier_turn_tokens", "8",
+                       "--verifier_max_turns", "3", "--verifier_step_end", "sentence",
+                       "--verifier_train_on", "last_turn",
                        "--rewards", "correctness=0.8,verifier_score=0.1,integer_answer=0.1"])
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     trains = [row for row in rows if row["split"] == "train"]
@@ -456,9 +656,9 @@ def test_training_goes_on_when_the_verifier_server_fails(tmp_path):
     try:
         out = str(tmp_path / "run")
         run_train(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--save_every", "5",
-                           "--eval_n", "2", "--rollout", "verifier", "--verifier_backend", "http", "--verifier_base_url",
-                           server.base_url, "--verifier_retries", "0", "--verifier_max_turns", "2",
-                           "--verifier_turn_tokens", "8"])
+                           "--eval_n", "2", "--rollout", "verifier", "--verifier_backend", "http",
+                           "--verifier_base_url", server.base_url, "--verifier_retries", "0",
+                           "--verifier_max_turns", "2", "--verifier_turn_tokens", "8"])
         row = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"train"' in line][0]
         assert row["verifier/failed_calls"] == server.requests >= 8  # every call failed, each was counted
     finally:
