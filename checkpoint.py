@@ -156,8 +156,8 @@ class Run:
         self.cfg, self.dir = cfg, cfg.out_dir
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         if not cfg.resume and os.path.exists(self.metrics_path):  # never mix two runs or overwrite one
-            raise FileExistsError(f"{self.dir} already holds a run: continue it with --resume {self.dir}, "
-                                  f"or start a new one with another --out_dir (or delete the folder)")
+            raise config.UserError(f"{self.dir} already holds a run: continue it with --resume {self.dir}, "
+                                   f"or start a new one with another --out_dir (or delete the folder)")
         os.makedirs(self.dir, exist_ok=True)
         self.ckpt = latest(self.dir) if cfg.resume else None
         if cfg.resume and self.ckpt is None:  # stopped before its first checkpoint: nothing to keep, start over
@@ -169,8 +169,8 @@ class Run:
         self.base = self.base_dir if self.ckpt is not None and os.path.isdir(self.base_dir) else cfg.model_name
         lora = self.ckpt is not None and is_adapter(self.ckpt)
         if self.ckpt is not None and lora != (cfg.lora_r > 0):
-            raise ValueError(f"{self.ckpt} holds {'a LoRA adapter' if lora else 'full weights'}, but lora_r is "
-                             f"{cfg.lora_r}: resume with the run's own lora_r (drop --lora_r from the command)")
+            raise config.UserError(f"{self.ckpt} holds {'a LoRA adapter' if lora else 'full weights'}, but lora_r is "
+                                   f"{cfg.lora_r}: resume with the run's own lora_r (drop --lora_r from the command)")
         self.model_path = self.ckpt if self.ckpt and not lora else self.base  # full weights to load
         self.adapter_path = self.ckpt if lora else ""  # a LoRA adapter to load on top
         config.save(cfg, os.path.join(self.dir, "config.json"))

@@ -26,6 +26,14 @@ import yaml
 
 GSM8K_SYSTEM_PROMPT = ("Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n"
                        "</answer>")
+
+
+class UserError(ValueError):
+    """A mistake in what a run was asked to do (a config key or value, a dataset field, a file or model
+    that cannot be reached, a bad row): train.py prints its message alone, which names the cause and
+    the fix. Unexpected errors keep their traceback."""
+
+
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"]
 LIGER_LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"]
 # Each loss type's own values from its paper, taken by load() for the keys a run does not set itself
@@ -216,7 +224,7 @@ def _convert(key: str, value, kind):
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{key} must be one of {list(args)}, got {value!r}")
+            raise UserError(f"{key} must be one of {list(args)}, got {value!r}")
         return value
     try:
         if kind is bool:
@@ -241,7 +249,7 @@ def _convert(key: str, value, kind):
     except (ValueError, TypeError, AttributeError):
         pass
     items = " (its items must be numbers)" if origin is list and args[0] is float else ""
-    raise ValueError(f"config key {key!r} wants a {_type_name(kind)}{items}, got {value!r}")
+    raise UserError(f"config key {key!r} wants a {_type_name(kind)}{items}, got {value!r}")
 
 
 def _unknown(key: str, valid) -> ValueError:
@@ -265,7 +273,7 @@ def parse_flags(argv: list[str]) -> dict:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ValueError(f"expected --key value, got {arg!r}")
+            raise UserError(f"expected --key value, got {arg!r}")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
         elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
@@ -282,48 +290,48 @@ def validate(cfg: Config) -> None:
     """Checks of the fields every run uses; a sampling idea's own fields are checked by its constructor."""
     for key, kind in _types().items():  # Literal fields set directly, as Config(...) in code
         if (options := choices(kind)) and getattr(cfg, key) not in options:
-            raise ValueError(f"{key} must be one of {list(options)}, got {getattr(cfg, key)!r}")
+            raise UserError(f"{key} must be one of {list(options)}, got {getattr(cfg, key)!r}")
     if cfg.liger and cfg.loss_type not in LIGER_LOSSES:
-        raise ValueError(f"--liger supports loss_type in {LIGER_LOSSES}; drop --liger for {cfg.loss_type!r}")
+        raise UserError(f"--liger supports loss_type in {LIGER_LOSSES}; drop --liger for {cfg.loss_type!r}")
     if cfg.num_chains < 2 and cfg.adv_scale != "none":
-        raise ValueError("group-normalised advantages need num_chains >= 2")
+        raise UserError("group-normalised advantages need num_chains >= 2")
     for key in ("prompts_per_step", "num_chains", "micro_batch_size", "max_steps", "eval_every",
                 "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations", "keep_last",
                 "max_bad_steps", "sft_warmup_steps", "max_sampling_rounds"):
         if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+            raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
-        raise ValueError(f"training samples need temperature > 0 and 0 < top_p <= 1 (log-probs are taken at "
+        raise UserError(f"training samples need temperature > 0 and 0 < top_p <= 1 (log-probs are taken at "
                          f"that temperature), got {cfg.temperature} and {cfg.top_p}; greedy is for eval only")
     if cfg.top_p < 1 and cfg.num_iterations > 1:
-        raise ValueError(f"top_p {cfg.top_p} samples from the nucleus while the log-probs, and so the ratio that "
+        raise UserError(f"top_p {cfg.top_p} samples from the nucleus while the log-probs, and so the ratio that "
                          f"num_iterations {cfg.num_iterations} clips, are over the whole vocabulary: set top_p 1, "
                          f"or num_iterations 1 (its ratio is exactly 1)")
     if cfg.dtype == "fp16":
-        raise ValueError("dtype fp16 would train without a loss scaler, and small gradients underflow to 0 in "
+        raise UserError("dtype fp16 would train without a loss scaler, and small gradients underflow to 0 in "
                          "fp16: use bf16 (GPUs since Ampere: RTX 30xx/40xx, A100, H100) or fp32")
     if cfg.lora_r > 0 and cfg.train_only:
-        raise ValueError(f"lora_r {cfg.lora_r} and train_only {cfg.train_only} both pick the weights that train: "
+        raise UserError(f"lora_r {cfg.lora_r} and train_only {cfg.train_only} both pick the weights that train: "
                          f"for LoRA pass --train_only '' (configs/tiny.yaml sets it), else --lora_r 0")
     if cfg.lora_r > 0 and not cfg.lora_target_modules:
-        raise ValueError("lora_r > 0 needs lora_target_modules (e.g. q_proj,v_proj); or set lora_r 0 for "
+        raise UserError("lora_r > 0 needs lora_target_modules (e.g. q_proj,v_proj); or set lora_r 0 for "
                          "full fine-tuning")
     for key in ("think_min_chars", "overlong_buffer_tokens"):
         if getattr(cfg, key) < 0:
-            raise ValueError(f"{key} must be at least 0, got {getattr(cfg, key)}")
+            raise UserError(f"{key} must be at least 0, got {getattr(cfg, key)}")
     for key in ("sft_answer_only_frac", "sft_slip_rate"):
         if not 0 <= getattr(cfg, key) <= 1:
-            raise ValueError(f"{key} is a share of the warm-start targets, between 0 and 1; got {getattr(cfg, key)}")
+            raise UserError(f"{key} is a share of the warm-start targets, between 0 and 1; got {getattr(cfg, key)}")
     if cfg.sft_slip_rate > 0 and cfg.dataset != "arithmetic":
-        raise ValueError("sft_slip_rate reworks the built-in task's solutions (dataset arithmetic); set it to 0 "
+        raise UserError("sft_slip_rate reworks the built-in task's solutions (dataset arithmetic); set it to 0 "
                          f"for {cfg.dataset!r}")
     if cfg.dataset == "arithmetic" and cfg.arithmetic_max_value < 12:
-        raise ValueError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "
+        raise UserError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "
                          f"got {cfg.arithmetic_max_value}")
     if cfg.rollout != "verifier" and "verifier_score" in cfg.rewards:
-        raise ValueError("the verifier_score reward reads the verifier's [SCORE] lines: use it with --rollout verifier")
+        raise UserError("the verifier_score reward reads the verifier's [SCORE] lines: use it with --rollout verifier")
     if cfg.eval_temperature == 0 and cfg.eval_samples > 1:
-        raise ValueError("greedy evaluation (eval_temperature 0) gives one answer per question: "
+        raise UserError("greedy evaluation (eval_temperature 0) gives one answer per question: "
                          "set eval_samples 1 or eval_temperature > 0")
 
 
@@ -334,14 +342,14 @@ def load(argv: list[str]) -> Config:
     cfg = Config()
     if "resume" in flags:
         if not os.path.isfile(f"{flags['resume']}/config.json"):
-            raise FileNotFoundError(f"--resume {flags['resume']}: no run there ({flags['resume']}/config.json "
+            raise UserError(f"--resume {flags['resume']}: no run there ({flags['resume']}/config.json "
                                     f"is missing); pass the out_dir of an earlier run")
         with open(f"{flags['resume']}/config.json") as f:
             resumed = json.load(f)
         update(cfg, resumed)
     if "config" in flags:
         if not os.path.isfile(flags["config"]):
-            raise FileNotFoundError(f"--config {flags['config']}: no such file (the recipes are in configs/)")
+            raise UserError(f"--config {flags['config']}: no such file (the recipes are in configs/)")
         with open(flags.pop("config")) as f:
             recipe = yaml.safe_load(f) or {}
         update(cfg, recipe)

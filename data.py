@@ -25,6 +25,8 @@ import os
 import random
 import re
 
+import config
+
 # ----------------------------------------------------------------------------------------------
 # The built-in arithmetic task
 
@@ -75,8 +77,8 @@ def arithmetic_task(n_train: int, n_test: int, seed: int, min_steps: int = 2, ma
             examples.append(ex)
         if len(examples) == n_train + n_test:
             return examples[n_test:], examples[:n_test]
-    raise ValueError(f"only {len(examples)} distinct problems exist for these settings; "
-                     f"lower arithmetic_train_size / arithmetic_test_size")
+    raise config.UserError(f"only {len(examples)} distinct problems exist for these settings; "
+                           f"lower arithmetic_train_size / arithmetic_test_size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,7 +96,7 @@ def is_local(name: str) -> bool:
     return os.path.exists(name) or name.endswith((".jsonl", ".json", ".parquet"))
 
 
-class BadRow(ValueError):
+class BadRow(config.UserError):
     """A record that cannot be used; its message names the file, the row and what is wrong."""
 
 
@@ -122,7 +124,7 @@ def _load_rows(name: str, split: str, config_name: str | None) -> list[tuple[str
     """(where, row) pairs of one split from a local file or folder, or from the hub; errors say how to
     fix them. `where` names the file (or dataset and split) and the row, for error messages."""
     if is_local(name) and not os.path.exists(name):
-        raise FileNotFoundError(f"dataset file {name!r} does not exist")
+        raise config.UserError(f"dataset file {name!r} does not exist")
     if is_local(name) and not os.path.isdir(name):
         return _read_file(name)  # one file is one split
     from datasets import load_dataset  # imported here: the built-in task needs no datasets import
@@ -133,11 +135,11 @@ def _load_rows(name: str, split: str, config_name: str | None) -> list[tuple[str
     except Exception as e:
         if is_local(name):
             raise
-        raise RuntimeError(
-            f"could not load dataset {name!r} (config {config_name!r}, split {split!r}) from the hub: "
-            f"{type(e).__name__}: {str(e)[:300]}\nIf this machine is offline, pass local files instead: "
-            f"--dataset path/to/train.jsonl --test_dataset path/to/test.jsonl (jsonl or parquet with "
-            f"the same columns).") from None
+        raise config.UserError(
+                f"could not load dataset {name!r} (config {config_name!r}, split {split!r}) from the hub: "
+                f"{type(e).__name__}: {str(e)[:300]}\nIf this machine is offline, pass local files instead: "
+                f"--dataset path/to/train.jsonl --test_dataset path/to/test.jsonl (jsonl or parquet with "
+                f"the same columns).") from None
     return [(f"{name} [{split}] row {i}", row) for i, row in enumerate(rows, 1)]
 
 
@@ -156,13 +158,13 @@ def load_template(path: str, task: str) -> str:
             return "{question}"
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "prompts", f"{task}.txt")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"prompt template {path!r} does not exist (--prompt_template)")
+        raise config.UserError(f"prompt template {path!r} does not exist (--prompt_template)")
     with open(path, encoding="utf-8") as f:
         template = f.read().strip()
     missing = [k for k in TEMPLATE_FIELDS[task] if "{" + k + "}" not in template]
     if missing:
-        raise ValueError(f"prompt template {path!r} lacks {', '.join('{' + k + '}' for k in missing)}, which "
-                         f"task {task!r} fills in (its placeholders: {TEMPLATE_FIELDS[task]})")
+        raise config.UserError(f"prompt template {path!r} lacks {', '.join('{' + k + '}' for k in missing)}, which "
+                               f"task {task!r} fills in (its placeholders: {TEMPLATE_FIELDS[task]})")
     return template
 
 
@@ -248,14 +250,14 @@ def to_examples(rows: list[tuple[str, object]], source: str, task: str, template
     skipped and counted; a column missing from the first row is a config error, never skipped."""
     first = next((row for _, row in rows if isinstance(row, dict)), None)
     if first is None:
-        raise ValueError(f"dataset {source!r} holds no records")
+        raise config.UserError(f"dataset {source!r} holds no records")
     needed = [(question_field, "question_field"), (answer_field, "answer_field")] if task == "math" else [
         ("input", ""), ("output", "")]
     for column, key in needed:
         if column not in first:
             hint = f"set --{key} to the column that holds it" if key else (
                 "judge data needs the OpenJudge layout: 'input' (chat messages) and 'output' (labelled answers)")
-            raise KeyError(f"dataset {source!r} has no field {column!r} (its columns: {list(first)}); {hint}")
+            raise config.UserError(f"dataset {source!r} has no field {column!r} (its columns: {list(first)}); {hint}")
     examples, bad = [], []
     for where, row in rows:
         try:
@@ -270,7 +272,7 @@ def to_examples(rows: list[tuple[str, object]], source: str, task: str, template
     if bad:
         print(f"skipped {len(bad)} of {len(rows)} rows of {source} (--skip_bad_rows); the first: {bad[0]}")
     if not examples:
-        raise ValueError(f"dataset {source!r}: none of its {len(rows)} rows is usable")
+        raise config.UserError(f"dataset {source!r}: none of its {len(rows)} rows is usable")
     return examples
 
 
@@ -281,8 +283,8 @@ def load(cfg) -> tuple[list[dict], list[dict]]:
     template = load_template(cfg.prompt_template, cfg.task)
     if cfg.dataset == "arithmetic":
         if cfg.task != "math":
-            raise ValueError(f"the built-in arithmetic task is a math task; task {cfg.task!r} needs judge data: "
-                             f"make a small set with `python data.py make-demo out/demo_data`")
+            raise config.UserError(f"the built-in arithmetic task is a math task; task {cfg.task!r} needs judge data: "
+                                   f"make a small set with `python data.py make-demo out/demo_data`")
         train, test = arithmetic_task(cfg.arithmetic_train_size, cfg.arithmetic_test_size, cfg.seed,
                                       cfg.arithmetic_min_steps, cfg.arithmetic_max_steps, cfg.arithmetic_max_value)
         return ([{**ex, "question": fill(template, question=ex["question"])} for ex in train],
@@ -291,8 +293,8 @@ def load(cfg) -> tuple[list[dict], list[dict]]:
     if cfg.test_dataset:
         test_rows, test_source = _load_rows(cfg.test_dataset, cfg.test_split, cfg.dataset_config), cfg.test_dataset
     elif is_local(cfg.dataset) and not os.path.isdir(cfg.dataset):
-        raise ValueError(f"{cfg.dataset!r} is a single file, so it holds no test split: pass the held-out "
-                         f"file with --test_dataset path/to/test.jsonl")
+        raise config.UserError(f"{cfg.dataset!r} is a single file, so it holds no test split: pass the held-out "
+                               f"file with --test_dataset path/to/test.jsonl")
     else:
         test_rows, test_source = _load_rows(cfg.dataset, cfg.test_split, cfg.dataset_config), cfg.dataset
     args = (cfg.task, template, cfg.question_field, cfg.answer_field, cfg.skip_bad_rows)

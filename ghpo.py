@@ -28,6 +28,7 @@ import re
 
 import torch
 
+import config
 import llms
 import rewards
 import rollout
@@ -50,7 +51,7 @@ def make_hint(solution: str, ratio: float, unit: str) -> str:
     the cleaned solution; rounded up so a small ratio still gives something, but never the whole solution
     (it ends with the answer). "" when there is no part to give: no solution, or a single step."""
     if unit not in ("steps", "chars"):
-        raise ValueError(f"hint unit must be steps or chars, got {unit!r}")
+        raise config.UserError(f"hint unit must be steps or chars, got {unit!r}")
     solution = drop_calculator_notes(solution)
     parts = [line + "\n" for line in solution.split("\n") if line.strip()] if unit == "steps" else list(solution)
     k = min(len(parts) - 1, math.ceil(ratio * len(parts) - 1e-9))  # 1e-9: 0.1 * 30 is 3.0000000000000004
@@ -65,9 +66,9 @@ def needs_hint(accuracy: torch.Tensor, answer: str) -> bool:
 def check_solutions(examples: list[dict], source: str) -> None:
     """GHPO cuts its hints from reference solutions: a dataset without any is an error, named."""
     if not any(ex.get("solution") for ex in examples):
-        raise ValueError(f"--rollout ghpo needs reference solutions, and dataset {source!r} has none: its "
-                         f"answers hold no solution steps before '#### <answer>' (GSM8K layout). Use a "
-                         f"dataset with worked solutions, or --rollout plain.")
+        raise config.UserError(f"--rollout ghpo needs reference solutions, and dataset {source!r} has none: its "
+                               f"answers hold no solution steps before '#### <answer>' (GSM8K layout). Use a "
+                               f"dataset with worked solutions, or --rollout plain.")
 
 
 def ghpo(model, tokenizer, examples: list[dict], num_chains: int, *, system_prompt: str, max_prompt_tokens: int,
@@ -88,9 +89,9 @@ def ghpo(model, tokenizer, examples: list[dict], num_chains: int, *, system_prom
     whether that group's total rewards were all equal: what plain GRPO had).
     """
     if hint_in not in ("user", "assistant"):
-        raise ValueError(f"hint_in must be user or assistant, got {hint_in!r}")
+        raise config.UserError(f"hint_in must be user or assistant, got {hint_in!r}")
     if accuracy_reward not in weights:
-        raise ValueError(f"accuracy reward {accuracy_reward!r} is not among the rewards {list(weights)}")
+        raise config.UserError(f"accuracy reward {accuracy_reward!r} is not among the rewards {list(weights)}")
     B, G = len(examples), num_chains
 
     def sample_and_score(groups: list[int], hints: list[str], ratio: float):
@@ -168,12 +169,12 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
     """`--rollout ghpo`: checks the ghpo_* settings and that the train set has solutions to cut hints
     from (at start-up, not at the first hint), then samples each batch with hints where all fail."""
     if cfg.ghpo_accuracy_reward not in cfg.rewards:
-        raise ValueError(f"ghpo_accuracy_reward {cfg.ghpo_accuracy_reward!r} must be one of the rewards "
-                         f"{list(cfg.rewards)}: add it to --rewards (weight 0 scores it without adding it in)")
+        raise config.UserError(f"ghpo_accuracy_reward {cfg.ghpo_accuracy_reward!r} must be one of the rewards "
+                               f"{list(cfg.rewards)}: add it to --rewards (weight 0 scores it without adding it in)")
     ratios = cfg.ghpo_hint_ratios
     if not ratios or sorted(set(ratios)) != ratios or not 0 < ratios[0] <= ratios[-1] < 1:
-        raise ValueError(f"ghpo_hint_ratios must increase strictly within (0, 1), e.g. 0.25,0.5,0.75; "
-                         f"got {ratios}")
+        raise config.UserError(f"ghpo_hint_ratios must increase strictly within (0, 1), e.g. 0.25,0.5,0.75; "
+                               f"got {ratios}")
     check_solutions(train_set, cfg.dataset)
     settings = rewards.settings(cfg)
 

@@ -35,6 +35,7 @@ import functools
 
 import torch
 
+import config
 import llms
 import rollout
 
@@ -181,16 +182,16 @@ def summary(info: list[dict]) -> dict:
 def make_sampler(cfg, *, device: str, train_set: list[dict]):
     """`--rollout guided`: checks the guide_* settings once, then samples each batch in three phases."""
     if not 1 <= cfg.min_guide_tokens <= cfg.max_guide_tokens:
-        raise ValueError(f"guided sampling needs 1 <= min_guide_tokens <= max_guide_tokens, got "
-                         f"{cfg.min_guide_tokens} and {cfg.max_guide_tokens}")
+        raise config.UserError(f"guided sampling needs 1 <= min_guide_tokens <= max_guide_tokens, got "
+                               f"{cfg.min_guide_tokens} and {cfg.max_guide_tokens}")
     if cfg.max_guide_tokens >= cfg.max_completion_tokens:
-        raise ValueError(f"max_guide_tokens ({cfg.max_guide_tokens}) must be below max_completion_tokens "
-                         f"({cfg.max_completion_tokens}): prefix + guidance + postfix share that budget")
+        raise config.UserError(f"max_guide_tokens ({cfg.max_guide_tokens}) must be below max_completion_tokens "
+                               f"({cfg.max_completion_tokens}): prefix + guidance + postfix share that budget")
     if not 0 <= cfg.guide_min_prefix_tokens <= cfg.guide_max_prefix_tokens:
-        raise ValueError(f"guided sampling needs 0 <= guide_min_prefix_tokens <= guide_max_prefix_tokens, got "
-                         f"{cfg.guide_min_prefix_tokens} and {cfg.guide_max_prefix_tokens}")
+        raise config.UserError(f"guided sampling needs 0 <= guide_min_prefix_tokens <= guide_max_prefix_tokens, got "
+                               f"{cfg.guide_min_prefix_tokens} and {cfg.guide_max_prefix_tokens}")
     if cfg.guide_prefix_retries < 0:
-        raise ValueError(f"guide_prefix_retries must be at least 0, got {cfg.guide_prefix_retries}")
+        raise config.UserError(f"guide_prefix_retries must be at least 0, got {cfg.guide_prefix_retries}")
 
     def sample_guided(model, tokenizer, batch: list[dict], step: int) -> rollout.Rollout:
         r = three_phase(model, tokenizer, rollout.prompts_of(tokenizer, cfg.system_prompt, batch), cfg.num_chains,

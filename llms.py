@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
+import config
 import data
 
 TINY = "tiny"
@@ -101,11 +102,11 @@ def _from_pretrained(cls, name: str, **kwargs):
         return cls.from_pretrained(name, **kwargs)
     except OSError as e:
         where = "the local folder" if os.path.isdir(name) else "the model hub"
-        raise RuntimeError(
-            f"could not load {name!r} from {where}: {str(e).splitlines()[0][:300]}\n"
-            f"If this machine is offline, pass a local folder that holds config.json, the weights and "
-            f"the tokenizer files: --model_name /path/to/model (or --model_name tiny for the built-in "
-            f"model).") from None
+        raise config.UserError(
+                f"could not load {name!r} from {where}: {str(e).splitlines()[0][:300]}\n"
+                f"If this machine is offline, pass a local folder that holds config.json, the weights and "
+                f"the tokenizer files: --model_name /path/to/model (or --model_name tiny for the built-in "
+                f"model).") from None
 
 
 def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpointing: bool = False,
@@ -120,15 +121,15 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
     torch_dtype = pick_dtype(dtype, device)
     if model_name == TINY:
         if not tiny_corpus:
-            raise ValueError("the tiny model trains its tokenizer on the training text: pass tiny_corpus")
+            raise config.UserError("the tiny model trains its tokenizer on the training text: pass tiny_corpus")
         tokenizer = build_tiny_tokenizer(tiny_corpus, tiny_vocab_size)
         model = build_tiny_model(len(tokenizer), tiny_hidden, tiny_layers, seed).to(torch_dtype)
     else:
         quantized = {}  # from_pretrained arguments for 8-bit weights
         if load_8bit:
             if not device.startswith("cuda"):
-                raise ValueError(f"8-bit loading of {model_name!r} (bitsandbytes) needs a CUDA GPU; on {device} "
-                                 f"load it unquantized (verifier_8bit false)")
+                raise config.UserError(f"8-bit loading of {model_name!r} (bitsandbytes) needs a CUDA GPU; on {device} "
+                                       f"load it unquantized (verifier_8bit false)")
             from transformers import BitsAndBytesConfig
             quantized = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
         tokenizer = _from_pretrained(AutoTokenizer, model_name, trust_remote_code=trust_remote_code)
@@ -154,9 +155,9 @@ def check_context(cfg) -> None:
     """prompt + completion budgets must fit the model's context (read from its config.json alone)."""
     context = context_length(cfg.model_name, cfg.trust_remote_code)
     if context and cfg.max_prompt_tokens + cfg.max_completion_tokens > context:
-        raise ValueError(f"max_prompt_tokens + max_completion_tokens = {cfg.max_prompt_tokens} + "
-                         f"{cfg.max_completion_tokens} exceeds {cfg.model_name}'s context of {context} tokens: "
-                         f"lower one of them")
+        raise config.UserError(f"max_prompt_tokens + max_completion_tokens = {cfg.max_prompt_tokens} + "
+                               f"{cfg.max_completion_tokens} exceeds {cfg.model_name}'s context of {context} tokens: "
+                               f"lower one of them")
 
 
 def prepare(model, tokenizer, device: str, gradient_checkpointing: bool = False, liger: bool = False):
@@ -236,7 +237,7 @@ def train_only(model, names: list[str]) -> int:
         trained += p.numel() if p.requires_grad else 0
     if not trained:
         some = ", ".join(name for name, _ in list(model.named_parameters())[:6])
-        raise ValueError(f"train_only {names} matches no parameter of the model; names look like: {some}, ...")
+        raise config.UserError(f"train_only {names} matches no parameter of the model; names look like: {some}, ...")
     return trained
 
 
@@ -247,7 +248,7 @@ def patch_liger(model) -> None:
     patchers = {"qwen2": apply_liger_kernel_to_qwen2, "llama": apply_liger_kernel_to_llama}
     kind = model.config.model_type
     if kind not in patchers:
-        raise ValueError(f"--liger patches Qwen2 and Llama models; {kind!r} is neither: drop --liger")
+        raise config.UserError(f"--liger patches Qwen2 and Llama models; {kind!r} is neither: drop --liger")
     patchers[kind](rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                    fused_linear_cross_entropy=False, model=model)
 

@@ -24,6 +24,7 @@ from fractions import Fraction
 import torch
 from math_verify import parse, verify
 
+import config
 import judge_rewards
 
 # -----------------------------------------------------------------------------
@@ -385,7 +386,7 @@ def check_names(weights: dict[str, float]) -> None:
         if name not in REWARDS:
             close = difflib.get_close_matches(name, REWARDS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown reward {name!r}.{hint} Valid names: {', '.join(REWARDS)}")
+            raise config.UserError(f"unknown reward {name!r}.{hint} Valid names: {', '.join(REWARDS)}")
 
 
 _REPORTED: set[str] = set()  # rewards whose first error was already printed

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, StoppingCriteriaList
 
+import config
 import llms
 
 
@@ -170,10 +171,10 @@ def check_prompts_fit(tokenizer, cfg, examples: list[dict]) -> None:
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     over = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_tokens]
     if over:
-        raise ValueError(f"{len(over)} of {len(examples)} {cfg.task} prompts are longer than max_prompt_tokens "
-                         f"{cfg.max_prompt_tokens} (the longest: {max(lengths)} tokens), and a prompt is cut from "
-                         f"its start, where the judge's instructions are: raise --max_prompt_tokens to "
-                         f"{max(lengths)}, or drop the longest examples from the data")
+        raise config.UserError(f"{len(over)} of {len(examples)} {cfg.task} prompts are longer than "
+                               f"max_prompt_tokens {cfg.max_prompt_tokens} (the longest: {max(lengths)} tokens), and "
+                               f"a prompt is cut from its start, where the judge's instructions are: raise "
+                               f"--max_prompt_tokens to {max(lengths)}, or drop the longest examples from the data")
 
 
 def make_sampler(cfg, *, device: str, train_set: list[dict]):

@@ -13,6 +13,7 @@ its config fields.
 """
 import difflib
 
+import config
 import ghpo
 import guidance
 import rollout
@@ -31,7 +32,8 @@ def check(cfg) -> None:
     if cfg.rollout not in SAMPLERS:
         close = difflib.get_close_matches(cfg.rollout, SAMPLERS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown rollout {cfg.rollout!r}.{hint} Valid names: {', '.join(SAMPLERS)} (samplers.py)")
+        raise config.UserError(f"unknown rollout {cfg.rollout!r}.{hint} Valid names: {', '.join(SAMPLERS)} "
+                               f"(samplers.py)")
 
 
 def make(cfg, *, device: str, train_set: list[dict]):

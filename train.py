@@ -109,3 +109,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except checkpoint.RunStopped as e:
         sys.exit(f"stopped: {e}")
+    except config.UserError as e:  # a mistake in what was asked: its message names the fix, no traceback
+        sys.exit(f"error: {e}")

@@ -84,19 +84,20 @@ def test_local_jsonl_and_parquet(tmp_path):
     assert [len(s) for s in load_data(str(folder), test_dataset="", **kw)] == [4, 2]
     with pytest.raises(ValueError, match="--test_dataset"):
         load_data(str(tmp_path / "train.jsonl"), test_dataset="", **kw)
-    with pytest.raises(KeyError, match="no field 'problem'.*--question_field"):
+    with pytest.raises(config.UserError, match="no field 'problem'.*--question_field"):
         load_data(str(tmp_path / "train.jsonl"), test_dataset=str(tmp_path / "test.jsonl"),
                   **{**kw, "question_field": "problem"})
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(config.UserError, match="nope.jsonl"):
         load_data(str(tmp_path / "nope.jsonl"), test_dataset="", **kw)
 
 
 def test_unreachable_names_say_how_to_go_offline(monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no slow network retries
-    with pytest.raises(RuntimeError, match="(?s)could not load 'no-such-org/no-such-model'.*--model_name /path/to/model"):
+    with pytest.raises(config.UserError,
+                       match="(?s)could not load 'no-such-org/no-such-model'.*--model_name /path/to/model"):
         llms.load("no-such-org/no-such-model", "cpu")
-    with pytest.raises(RuntimeError, match="(?s)--dataset path/to/train.jsonl"):
+    with pytest.raises(config.UserError, match="(?s)--dataset path/to/train.jsonl"):
         load_data("no-such-org/no-such-data", dataset_config="main")
 
 

@@ -8,7 +8,6 @@ import config
 import data
 import grpo
 import llms
-import losses
 import rollout
 from helpers import FAST, read, run_train
 

@@ -128,7 +128,7 @@ def test_skip_bad_rows_skips_and_counts(tmp_path, capsys):
 
 def test_a_missing_column_is_a_config_error_even_when_skipping(tmp_path):
     path = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "q", "answer": "#### 1"}])
-    with pytest.raises(KeyError, match="OpenJudge layout"):
+    with pytest.raises(config.UserError, match="OpenJudge layout"):
         load_data(path, test_dataset=path, task="judge_pairwise", skip_bad_rows=True, **KW)
 
 
@@ -155,7 +155,7 @@ def test_templates_need_their_placeholders(tmp_path):
     bad.write_text("Judge {query} please")
     with pytest.raises(ValueError, match=r"lacks \{response\}"):
         data.load_template(str(bad), "judge_pointwise")
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
+    with pytest.raises(config.UserError, match="nope.txt"):
         data.load_template(str(tmp_path / "nope.txt"), "math")
     assert data.load_template("", "math") == "{question}"
     assert "{response_b}" in data.load_template("", "judge_pairwise")  # configs/prompts/judge_pairwise.txt

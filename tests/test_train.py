@@ -1,11 +1,14 @@
 """End to end on the tiny model: a short run writes every log, and resume reproduces the next step."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 import checkpoint
-from helpers import FAST, read, run_train
+import config
+from helpers import FAST, ROOT, read, run_train
 
 
 def test_short_run_writes_all_logs(tmp_path):
@@ -26,7 +29,7 @@ def test_short_run_writes_all_logs(tmp_path):
         assert os.path.getsize(f"{out}/{png}") > 1000
     assert json.load(open(f"{out}/config.json"))["max_steps"] == 2
     assert checkpoint.latest(out).endswith("step_000002")
-    with pytest.raises(FileExistsError, match="--resume"):  # a second fresh run never overwrites this one
+    with pytest.raises(config.UserError, match="--resume"):  # a second fresh run never overwrites this one
         run_train(FAST + ["--out_dir", out, "--max_steps", "2"])
 
 
@@ -74,3 +77,28 @@ def test_train_only_changes_the_named_weights_alone(tmp_path):
     assert all(before[k].equal(after[k]) for k in before if "norm" not in k)
     with pytest.raises(ValueError, match="matches no parameter"):
         run_train(FAST + ["--out_dir", str(tmp_path / "bad"), "--max_steps", "1", "--train_only", "nothing_named"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_chains", "many"], "config key 'num_chains' wants a int"),
+    (["--config", "configs/tiny.yaml", "--sft_slip_rate", "0", "--dataset", "nope.jsonl"],
+     "dataset file 'nope.jsonl' does not exist"),
+])
+def test_a_users_mistake_prints_one_message_without_a_traceback(tmp_path, argv, message):
+    run = subprocess.run([sys.executable, "train.py", *argv, "--out_dir", str(tmp_path / "run")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_an_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch):
+    # anything but config.UserError is a bug to report: train.py lets it through whole
+    script = ("import runpy, sys, data\n"
+              "def broken(cfg): raise TypeError('a bug')\n"
+              "data.load = broken\n"
+              "sys.argv = ['train.py', '--config', 'configs/tiny.yaml', '--out_dir', sys.argv[1]]\n"
+              "runpy.run_path('train.py', run_name='__main__')\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" in run.stderr and "TypeError: a bug" in run.stderr
