@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+import arithmetic
 import config
 import guidance
 import llms
@@ -158,7 +159,7 @@ def test_rules_check_whole_expressions(step, wrong):
     reply = vb.rules_reply("7", [step])
     assert reply == ("; ".join(wrong) + ".\n[SCORE] hallucination_detect=1" if wrong
                      else "[SCORE] hallucination_detect=0")
-    assert vb.equation_errors(step) == (wrong, True)
+    assert arithmetic.equation_errors(step) == (wrong, True)
 
 
 # Nothing here can be read for sure as a true or false equation: none is checked, none flagged
@@ -169,7 +170,7 @@ def test_rules_check_whole_expressions(step, wrong):
 ])
 def test_rules_skip_what_they_cannot_read(step):
     assert vb.rules_reply("7", [step]) == ""
-    assert vb.equation_errors(step) == ([], False)
+    assert arithmetic.equation_errors(step) == ([], False)
 
 
 def test_rules_random_chains():
@@ -203,7 +204,7 @@ def test_rules_random_chains():
         assert vb.rules_reply("7", [line(value)]) == "[SCORE] hallucination_detect=0", line(value)
         wrong = vb.rules_reply("7", [line(value + 1)])
         assert wrong.endswith(".\n[SCORE] hallucination_detect=1") and wrong.count(", not ") == 1, line(value + 1)
-        assert f" = {vb._show(value)}, not " in wrong, line(value + 1)
+        assert f" = {arithmetic._show(value)}, not " in wrong, line(value + 1)
         checked += 1
 
 
