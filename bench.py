@@ -38,6 +38,7 @@ import gc
 import importlib.metadata
 import os
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -72,13 +73,14 @@ QWEN_SPECIAL = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 1
 def word_tokenizer(vocab_size: int, special: dict):
     """A tokenizer of `vocab_size` words "w0", "w1", ... with Qwen's special ids: any id decodes, and a
     prompt of n random words is exactly n tokens. The random-weight model needs no real tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     names = {i: s for s, i in special.items()}
     vocab = {names.get(i, f"w{i}"): i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words decode with spaces between them
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=llms.CHAT_TEMPLATE)
 
@@ -161,8 +163,10 @@ def cut_chains(model, lengths: list[int], new_tokens: int, eos_id: int, pad_id: 
 
 
 def reward(text: str) -> float:
-    """Distinct words / 100: varies between chains, so advantages (and gradients) are not zero."""
-    return len(set(text.split())) / 100
+    """Distinct words w<i> / 100: varies between chains, so advantages (and gradients) are not zero.
+    Read without spaces: a checkpoint folder of the word tokenizer reloads as Qwen2's tokenizer, whose
+    byte-level decoder joins the words ("w5w6w7")."""
+    return len(set(re.findall(r"w\d+", text))) / 100
 
 
 def distinct_words(completion: str, answer: str, **info) -> float:
