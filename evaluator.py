@@ -10,12 +10,29 @@ the records into the task's figures:
     judge_pairwise   accuracy (judge accuracy), parsed
 `parsed` is the share of verdicts that could be read; mae counts an unreadable one as 4, the worst.
 
-    python evaluator.py     # evaluates the untrained tiny model on 20 built-in problems
+The same protocol as a command, on a saved model (a run folder: its latest checkpoint, with the run's
+own config unless --config is given; a checkpoint, full weights or a LoRA adapter on its run's base;
+a hub name or a model folder; `tiny`). Every other --key is a config key (--eval_temperature 1
+--eval_samples 8, --eval_n 0 for the whole test split). It prints the task's metrics and writes one
+record per question to --out; with --compare it evaluates a second model on the same questions and
+prints the paired difference of their accuracies, with a 95% interval over questions.
+
+    python evaluator.py --model out/tiny                                # the run's last checkpoint
+    python evaluator.py --model out/tiny --compare out/tiny/base_model  # against its starting weights
+    python evaluator.py --model Qwen/Qwen2.5-1.5B-Instruct --config configs/gsm8k_1.5b_24gb.yaml --eval_n 0
+    python evaluator.py --demo    # the untrained tiny model on 20 built-in problems
 """
+import json
+import math
+import os
 import random
+import sys
 
 import torch
 
+import checkpoint
+import config
+import data
 import judge_rewards
 import llms
 import rewards
@@ -76,12 +93,89 @@ def evaluate(model, tokenizer, examples: list[dict], cfg) -> tuple[dict, list[di
     return task_metrics(cfg.task, records, cfg.eval_samples), records
 
 
-if __name__ == "__main__":
-    import config
-    import data
+# ----------------------------------------------------------------------------------------------
+# python evaluator.py --model PATH [--compare PATH2]: a saved model under the run's eval protocol
 
-    train, test = data.arithmetic_task(500, 20, seed=0)
-    m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] for ex in train])
-    cfg = config.Config(system_prompt="", max_prompt_tokens=128, max_completion_tokens=16, eval_temperature=1.0,
-                        eval_samples=2, eval_batch_size=20)
-    print(evaluate(m, tok, test, cfg)[0])
+
+def resolve(path: str) -> tuple[str, str]:
+    """(weights to load, a LoRA adapter on top or ""): a run folder means its latest checkpoint; an
+    adapter checkpoint loads on its run's saved base model when there is one, else on model_name ("")."""
+    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
+        ckpt = checkpoint.latest(path)
+        if ckpt is None:
+            raise config.UserError(f"{path} is a run without a checkpoint yet: evaluate it after its first save")
+        path = ckpt
+    if checkpoint.is_adapter(path):
+        base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "base_model")
+        return (base if os.path.isdir(base) else ""), path
+    return path, ""
+
+
+def load_for_eval(path: str, cfg, device: str, train_set: list[dict]):
+    weights, adapter = resolve(path)
+    model, tokenizer = llms.from_config(cfg, weights or cfg.model_name, device, train_set, gradient_checkpointing=False)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), tokenizer
+
+
+def paired_difference(a: list[dict], b: list[dict]) -> dict:
+    """Accuracy of a minus b on the same questions: the mean per-question difference and its 95% interval
+    (normal approximation over questions; each question's accuracy is the mean over its samples)."""
+    d = [sum(x["correct"]) / len(x["correct"]) - sum(y["correct"]) / len(y["correct"]) for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / max(1, len(d) - 1))
+    half = 1.96 * sd / math.sqrt(len(d))
+    return {"difference": mean, "ci95": [mean - half, mean + half], "n": len(d)}
+
+
+def main(argv: list[str]) -> dict:
+    flags = config.parse_flags(argv)
+    model_path, other, out = flags.pop("model", ""), flags.pop("compare", ""), flags.pop("out", "out/eval.jsonl")
+    if not model_path:
+        raise config.UserError("which model? --model PATH (a run folder, a checkpoint, a model folder, a hub name "
+                               "or tiny); see python evaluator.py's docstring")
+    if "config" not in flags and os.path.isfile(os.path.join(model_path, "config.json")) and \
+            os.path.isdir(os.path.join(model_path, "checkpoints")):
+        flags["config"] = os.path.join(model_path, "config.json")  # the run's own settings (JSON is YAML)
+    cfg = config.load([item for key, value in flags.items() for item in (f"--{key}", value)])
+    device = llms.pick_device(cfg.device)
+    train_set, test_set = data.load(cfg)
+    questions = subset(test_set, cfg.eval_n, cfg.seed)
+    results = {}
+    for name, path in (("model", model_path), ("compare", other)):
+        if not path:
+            continue
+        model, tokenizer = load_for_eval(path, cfg, device, train_set)
+        metrics, records = evaluate(model, tokenizer, questions, cfg)
+        results[name] = {"path": path, "metrics": metrics, "records": records}
+        print(f"{path}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in metrics.items()))
+        del model
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        for name, res in results.items():
+            f.writelines(json.dumps({"model": res["path"], **rec}) + "\n" for rec in res["records"])
+    if other:
+        results["paired"] = paired_difference(results["model"]["records"], results["compare"]["records"])
+        p = results["paired"]
+        print(f"accuracy {model_path} - {other}: {p['difference']:+.4f} (95% interval {p['ci95'][0]:+.4f} .. "
+              f"{p['ci95'][1]:+.4f}, {p['n']} questions)")
+    print(f"records: {out}")
+    return results
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--demo"]:
+        train, test = data.arithmetic_task(500, 20, seed=0)
+        m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] for ex in train])
+        cfg = config.Config(system_prompt="", max_prompt_tokens=128, max_completion_tokens=16, eval_temperature=1.0,
+                            eval_samples=2, eval_batch_size=20)
+        print(evaluate(m, tok, test, cfg)[0])
+        sys.exit()
+    try:
+        main(sys.argv[1:])
+    except config.UserError as e:
+        sys.exit(f"error: {e}")

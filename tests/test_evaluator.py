@@ -1,0 +1,39 @@
+"""python evaluator.py --model PATH: a saved model under the run's own eval protocol gives the run's figures."""
+import json
+
+import pytest
+
+import config
+import evaluator
+from helpers import FAST, read, run_train
+
+
+def last_eval(out):
+    return [r for r in read(f"{out}/metrics.jsonl") if r["split"] == "eval"][-1]
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora_r", "4", "--train_only", ""]], ids=["full", "lora"])
+def test_a_saved_run_evaluates_to_its_own_last_eval(tmp_path, extra):
+    out = str(tmp_path / "run")
+    run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "2", "--sft_steps", "20", *extra])
+    records = str(tmp_path / "eval.jsonl")
+    results = evaluator.main(["--model", out, "--out", records])  # the run's config, its latest checkpoint
+    expected = last_eval(out)
+    assert results["model"]["metrics"] == {k: expected[k] for k in results["model"]["metrics"]}
+    assert len(read(records)) == expected["n"]
+
+
+def test_compare_gives_the_paired_difference_on_the_same_questions(tmp_path):
+    out = str(tmp_path / "run")
+    run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "2", "--sft_steps", "20"])
+    records = str(tmp_path / "eval.jsonl")
+    results = evaluator.main(["--model", out, "--compare", f"{out}/base_model", "--out", records])
+    a, b = results["model"], results["compare"]
+    assert [r["question"] for r in a["records"]] == [r["question"] for r in b["records"]]
+    paired = results["paired"]
+    assert paired["difference"] == pytest.approx(a["metrics"]["accuracy"] - b["metrics"]["accuracy"])
+    assert paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1] and paired["n"] == a["metrics"]["n"]
+    assert b["metrics"]["accuracy"] == [r for r in read(f"{out}/metrics.jsonl") if r["split"] == "eval"][0]["accuracy"]
+    assert {json.loads(line)["model"] for line in open(records)} == {out, f"{out}/base_model"}
+    with pytest.raises(config.UserError, match="--model PATH"):
+        evaluator.main([])
