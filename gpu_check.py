@@ -34,7 +34,6 @@ on the device machine only $OUT comes back: append out/gpu_check.md here).
 import argparse
 import contextlib
 import datetime
-import gc
 import json
 import os
 import re

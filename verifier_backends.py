@@ -26,7 +26,6 @@ import concurrent.futures
 import contextlib
 import json
 import os
-import re
 import sys
 import threading
 import time
