@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import config
+import tracking
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -174,6 +175,7 @@ class Run:
         self.model_path = self.ckpt if self.ckpt and not lora else self.base  # full weights to load
         self.adapter_path = self.ckpt if lora else ""  # a LoRA adapter to load on top
         config.save(cfg, os.path.join(self.dir, "config.json"))
+        self.trackers = tracking.make(cfg, self.dir)  # report_to: TensorBoard, W&B
 
     def save_base(self, model, tokenizer) -> None:
         """Keep the starting weights (after a warm start): resume, LoRA and the reference load them."""
@@ -196,15 +198,23 @@ class Run:
 
     def log(self, row: dict) -> None:
         append_jsonl(self.metrics_path, row)
+        for tracker in self.trackers:
+            tracker.log(row)
 
     def log_samples(self, step: int, out, n: int) -> None:
         """The first n chains of a step (grpo.Step) with their rewards and advantage, to samples.jsonl."""
         r = out.rollout
-        for i in range(min(n, len(r))):
-            append_jsonl(os.path.join(self.dir, "samples.jsonl"), {
-                "step": step, "question": out.batch[r.group[i]]["question"], "answer": out.answers[i],
-                "completion": r.texts[i], "rewards": dict(zip(out.names, out.rewards[i].tolist())),
-                "advantage": out.advantages[i].item(), "info": r.info[i]})
+        rows = [{"step": step, "question": out.batch[r.group[i]]["question"], "answer": out.answers[i],
+                 "completion": r.texts[i], "rewards": dict(zip(out.names, out.rewards[i].tolist())),
+                 "advantage": out.advantages[i].item(), "info": r.info[i]} for i in range(min(n, len(r)))]
+        for row in rows:
+            append_jsonl(os.path.join(self.dir, "samples.jsonl"), row)
+        for tracker in self.trackers:
+            tracker.samples(step, rows)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
     def log_eval(self, step: int, metrics: dict, records: list[dict]) -> None:
         self.log({"step": step, "split": "eval", **metrics})

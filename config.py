@@ -199,6 +199,9 @@ class Config:
     seed: int = 0                      # seeds the data order, sampling, and the tiny model's weights
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when a GPU is there, else cpu
     resume: str = ""                   # a run folder: continue it from its latest checkpoint
+    report_to: list[str] = field(default_factory=list)  # also log to tensorboard and/or wandb (tracking.py);
+    #                                    metrics.jsonl is always written
+    wandb_project: str = "grpo"        # wandb: the project the runs go to
 
 
 def _types() -> dict:

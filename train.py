@@ -100,6 +100,7 @@ def main(argv: list[str]) -> None:
                 break
             bar.set_postfix(reward=f"{out.figures['reward']:.2f}", acc=f"{accuracy:.2f}",
                             loss=f"{out.figures['loss']:.3f}")
+    run.close()  # the trackers of report_to
     if not guard.interrupted:
         print(f"done: {run.dir}/metrics.jsonl, curves in {run.dir}/reward.png and accuracy.png")
 
