@@ -255,10 +255,10 @@ def _convert(key: str, value, kind):
     raise UserError(f"config key {key!r} wants a {_type_name(kind)}{items}, got {value!r}")
 
 
-def _unknown(key: str, valid) -> ValueError:
+def _unknown(key: str, valid) -> UserError:
     close = difflib.get_close_matches(key, valid, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown config key {key!r}.{hint} (python config.py --help lists all keys)")
+    return UserError(f"unknown config key {key!r}.{hint} (python config.py --help lists all keys)")
 
 
 def update(cfg: Config, values: dict) -> Config:
@@ -305,20 +305,20 @@ def validate(cfg: Config) -> None:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
         raise UserError(f"training samples need temperature > 0 and 0 < top_p <= 1 (log-probs are taken at "
-                         f"that temperature), got {cfg.temperature} and {cfg.top_p}; greedy is for eval only")
+                        f"that temperature), got {cfg.temperature} and {cfg.top_p}; greedy is for eval only")
     if cfg.top_p < 1 and cfg.num_iterations > 1:
         raise UserError(f"top_p {cfg.top_p} samples from the nucleus while the log-probs, and so the ratio that "
-                         f"num_iterations {cfg.num_iterations} clips, are over the whole vocabulary: set top_p 1, "
-                         f"or num_iterations 1 (its ratio is exactly 1)")
+                        f"num_iterations {cfg.num_iterations} clips, are over the whole vocabulary: set top_p 1, "
+                        f"or num_iterations 1 (its ratio is exactly 1)")
     if cfg.dtype == "fp16":
         raise UserError("dtype fp16 would train without a loss scaler, and small gradients underflow to 0 in "
-                         "fp16: use bf16 (GPUs since Ampere: RTX 30xx/40xx, A100, H100) or fp32")
+                        "fp16: use bf16 (GPUs since Ampere: RTX 30xx/40xx, A100, H100) or fp32")
     if cfg.lora_r > 0 and cfg.train_only:
         raise UserError(f"lora_r {cfg.lora_r} and train_only {cfg.train_only} both pick the weights that train: "
-                         f"for LoRA pass --train_only '' (configs/tiny.yaml sets it), else --lora_r 0")
+                        f"for LoRA pass --train_only '' (configs/tiny.yaml sets it), else --lora_r 0")
     if cfg.lora_r > 0 and not cfg.lora_target_modules:
         raise UserError("lora_r > 0 needs lora_target_modules (e.g. q_proj,v_proj); or set lora_r 0 for "
-                         "full fine-tuning")
+                        "full fine-tuning")
     for key in ("think_min_chars", "overlong_buffer_tokens"):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key} must be at least 0, got {getattr(cfg, key)}")
@@ -327,15 +327,15 @@ def validate(cfg: Config) -> None:
             raise UserError(f"{key} is a share of the warm-start targets, between 0 and 1; got {getattr(cfg, key)}")
     if cfg.sft_slip_rate > 0 and cfg.dataset != "arithmetic":
         raise UserError("sft_slip_rate reworks the built-in task's solutions (dataset arithmetic); set it to 0 "
-                         f"for {cfg.dataset!r}")
+                        f"for {cfg.dataset!r}")
     if cfg.dataset == "arithmetic" and cfg.arithmetic_max_value < 12:
         raise UserError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "
-                         f"got {cfg.arithmetic_max_value}")
+                        f"got {cfg.arithmetic_max_value}")
     if cfg.rollout != "verifier" and "verifier_score" in cfg.rewards:
         raise UserError("the verifier_score reward reads the verifier's [SCORE] lines: use it with --rollout verifier")
     if cfg.eval_temperature == 0 and cfg.eval_samples > 1:
         raise UserError("greedy evaluation (eval_temperature 0) gives one answer per question: "
-                         "set eval_samples 1 or eval_temperature > 0")
+                        "set eval_samples 1 or eval_temperature > 0")
 
 
 def load(argv: list[str]) -> Config:
@@ -346,7 +346,7 @@ def load(argv: list[str]) -> Config:
     if "resume" in flags:
         if not os.path.isfile(f"{flags['resume']}/config.json"):
             raise UserError(f"--resume {flags['resume']}: no run there ({flags['resume']}/config.json "
-                                    f"is missing); pass the out_dir of an earlier run")
+                            f"is missing); pass the out_dir of an earlier run")
         with open(f"{flags['resume']}/config.json") as f:
             resumed = json.load(f)
         update(cfg, resumed)

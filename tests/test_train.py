@@ -81,6 +81,7 @@ def test_train_only_changes_the_named_weights_alone(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--num_chains", "many"], "config key 'num_chains' wants a int"),
+    (["--num_chain", "4"], "unknown config key 'num_chain'. Did you mean num_chains?"),
     (["--config", "configs/tiny.yaml", "--sft_slip_rate", "0", "--dataset", "nope.jsonl"],
      "dataset file 'nope.jsonl' does not exist"),
 ])
