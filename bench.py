@@ -33,16 +33,10 @@ losses.token_logps / losses.liger_loss and the optimizer's step hooks: each step
 """
 import contextlib
 import copy
-import datetime
-import gc
 import importlib.metadata
-import os
-import platform
 import re
-import shlex
 import sys
 import tempfile
-import time
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -53,6 +47,7 @@ import data
 import grpo
 import llms
 import losses
+import measure
 import rewards
 import samplers
 
@@ -178,103 +173,8 @@ def distinct_words(completion: str, answer: str, **info) -> float:
 # Measurement
 
 
-def memory_now(device: str) -> float:
-    """GB in use now: allocated by torch (GPU), or the process's resident memory (CPU)."""
-    if device.startswith("cuda"):
-        return torch.cuda.memory_allocated() / 2**30
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-def memory_mark(device: str) -> tuple[float, float]:
-    """(allocated, reserved) peak GB since the last mark, and a new mark. On CPU the process's peak
-    resident memory (VmHWM, reset through /proc/self/clear_refs), as both."""
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
-        torch.cuda.reset_peak_memory_stats()
-        return peak
-    with open("/proc/self/status") as f:
-        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return hwm, hwm
-
-
-class Clock:
-    """Seconds and peak memory per named phase, with the device synchronised at each edge so GPU work
-    is counted. Memory between phases (backward, loss, rewards, setup) goes to "rest"."""
-
-    def __init__(self, device: str):
-        self.device, self.cuda = device, device.startswith("cuda")
-        self.totals, self.started, self.peaks, self.open = {}, {}, {}, []
-        memory_mark(device)  # peaks count from here
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def mark(self):  # the peak since the last edge belongs to the phase that was running
-        phase = self.open[-1] if self.open else "rest"
-        alloc, reserved = memory_mark(self.device)
-        old = self.peaks.get(phase, (0.0, 0.0))
-        self.peaks[phase] = (max(old[0], alloc), max(old[1], reserved))
-
-    def start(self, name: str):
-        self.mark()
-        self.open.append(name)
-        self.started[name] = self.now()
-
-    def stop(self, name: str):
-        self.totals[name] = self.totals.get(name, 0.0) + self.now() - self.started.pop(name)
-        self.mark()
-        self.open.remove(name)
-
-    def wrap(self, name: str, fn):
-        def timed(*args, **kwargs):
-            self.start(name)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.stop(name)
-        return timed
-
-    def take(self) -> dict:
-        totals, self.totals = self.totals, {}
-        return totals
-
-
-def bandwidth(device: str) -> float:
-    """Memory bandwidth in bytes/s: a large copy reads and writes every byte once."""
-    size = 2 * 2**30 if device.startswith("cuda") else 64 * 2**20  # well past any cache
-    src = torch.empty(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    clock = Clock(device)
-    for _ in range(2):
-        dst.copy_(src)
-    t0, repeats = clock.now(), 10
-    for _ in range(repeats):
-        dst.copy_(src)
-    seconds = clock.now() - t0
-    del src, dst
-    return 2 * size * repeats / seconds
-
-
-def weight_bytes(model) -> int:
-    """Bytes of all weights (tied ones once): what one decode step must read at least."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def reset_memory(device: str) -> None:
-    """Free what the previous system held: compiled graphs (and their CUDA graph pools) included."""
-    torch.compiler.reset()
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def summarise(system: str, steps: list[dict], tokens: int, new_tokens: int, bytes_per_step: int, bw: float,
-              clock: Clock) -> dict:
+              clock: measure.Clock) -> dict:
     """One row: the mean time of the measured steps; peak memory over all steps, warm-up included."""
     mean = {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in ("step", "sample", "logp", "optim")}
     decode = mean["sample"] / new_tokens
@@ -308,7 +208,7 @@ def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, 
     model, tok = build(cfg, device, cfg.gradient_checkpointing, lengths)
     policy = llms.for_training(model, tok, cfg, load_reference=lambda: build(cfg, device, False)[0])
     optimizer, scheduler = losses.make_optimizer(policy.model, cfg)
-    clock = Clock(device)
+    clock = measure.Clock(device)
     optimizer.register_step_pre_hook(lambda *_: clock.start("optim"))
     optimizer.register_step_post_hook(lambda *_: clock.stop("optim"))
     sample = clock.wrap("sample", samplers.make(cfg, device=device, train_set=[]))
@@ -325,7 +225,7 @@ def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, 
                 measured.append(times)
     tokens = int(out.rollout.loss_mask.sum())
     row = summarise(f"ours ({cfg.sampler})", measured, tokens, cfg.max_completion_tokens,
-                    weight_bytes(policy.model), bw, clock)
+                    measure.weight_bytes(policy.model), bw, clock)
     del model, policy, optimizer, out
     return row
 
@@ -334,11 +234,11 @@ def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, l
             workdir: str) -> dict:
     """TRL's GRPOTrainer on the same model, prompt, reward and settings (bench_trl.py)."""
     model, tok = build(cfg, device, False, lengths)  # gradient checkpointing: TRL switches it on itself
-    clock = Clock(device)
+    clock = measure.Clock(device)
     measured, trained = bench_trl.run(cfg, device, model, tok, prompt, reward, warmup, steps, clock, lengths,
                                       workdir)
     row = summarise(f"trl {importlib.metadata.version('trl')}", measured, sum(lengths), cfg.max_completion_tokens,
-                    weight_bytes(trained), bw, clock)
+                    measure.weight_bytes(trained), bw, clock)
     del model, trained
     return row
 
@@ -358,22 +258,6 @@ COLUMNS = [("system", "system", "{}"), ("peak_alloc_gb", "peak GB alloc", "{:.2f
 PHASES = {"sample": "sampling", "logp": "log-prob forward", "rest": "backward and the rest", "optim": "optimizer step"}
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def versions() -> str:
-    return ", ".join(f"{p} {importlib.metadata.version(p)}" for p in
-                     ("torch", "transformers", "trl", "bitsandbytes", "peft"))
-
-
-def heading(device: str, argv: list[str], cap: str = "", script: str = "bench.py") -> list[str]:
-    return [f"### {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · {device_name(device)}{cap}", "",
-            f"`python {script} {shlex.join(argv)}`", ""]
-
-
 def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_params: int, argv: list[str]) -> str:
     cap = f", capped at {bench['cap_gb']:g} GB" if bench["cap_gb"] else ""
     model = "tiny" if cfg.model_name == llms.TINY else "Qwen2.5-1.5B architecture, random weights"
@@ -381,8 +265,8 @@ def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_param
               else "the process's peak resident memory during each system's run (CPU)")
     ragged = (f" (--ragged: then cut to {min(bench['lengths'])}..{max(bench['lengths'])}, "
               f"{sum(bench['lengths'])} in all)" if bench["ragged"] else "")
-    lines = heading(device, argv, cap) + [
-        f"{versions()}. Model: {model}, {num_params / 1e6:.1f}M parameters, "
+    lines = measure.heading(device, argv, cap) + [
+        f"{measure.versions()}. Model: {model}, {num_params / 1e6:.1f}M parameters, "
         f"{str(llms.pick_dtype(cfg.dtype, device)).replace('torch.', '')}. Workload: 1 prompt "
         f"({bench['prompt_tokens']} tokens) x {cfg.num_chains} chains x {cfg.max_completion_tokens} new tokens"
         f"{ragged}, "
@@ -402,13 +286,6 @@ def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_param
         lines += ["", f"Step time ours / TRL: {ours[0]['step_s'] / trl[0]['step_s']:.2f}; "
                       f"peak memory ours / TRL: {ours[0]['peak_reserved_gb'] / trl[0]['peak_reserved_gb']:.2f}"]
     return "\n".join(lines) + "\n"
-
-
-def publish(text: str, path: str) -> None:
-    """Print a section and append it to BENCHMARKS.md (or --benchmarks_file)."""
-    print(text)
-    with open(path, "a") as f:
-        f.write("\n" + text)
 
 
 def main(argv: list[str]) -> list[dict]:
@@ -437,7 +314,7 @@ def main(argv: list[str]) -> list[dict]:
     if bench["cap_gb"] and device.startswith("cuda"):  # before any allocation: the allocator enforces it
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, bench["cap_gb"] * 2**30 / total))
-    bw = bandwidth(device)
+    bw = measure.bandwidth(device)
     model, tok = build(cfg, device, gradient_checkpointing=False)
     prompt, num_params = make_prompt(tok, bench["prompt_tokens"], cfg.seed), model.num_parameters()
     bench["prompt_tokens"] = len(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -445,14 +322,14 @@ def main(argv: list[str]) -> list[dict]:
     bench["lengths"] = lengths = chain_lengths(cfg.num_chains, cfg.max_completion_tokens, bench["ragged"], cfg.seed)
     rows = []
     for system in systems:
-        reset_memory(device)
+        measure.reset_memory(device)
         torch.manual_seed(cfg.seed)
         if system == "ours":
             rows.append(run_ours(cfg, device, prompt, bench["warmup"], bench["steps"], bw, lengths))
         else:
             with tempfile.TemporaryDirectory() as workdir:
                 rows.append(run_trl(cfg, device, prompt, bench["warmup"], bench["steps"], bw, lengths, workdir))
-    publish(report(rows, cfg, bench, device, bw, num_params, argv), bench["benchmarks_file"])
+    measure.publish(report(rows, cfg, bench, device, bw, num_params, argv), bench["benchmarks_file"])
     return rows
 
 

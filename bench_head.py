@@ -17,6 +17,7 @@ import torch
 import bench
 import config
 import llms
+import measure
 import losses
 
 
@@ -30,20 +31,20 @@ def run(cfg, device: str) -> dict:
     hidden = torch.randn(n, chunk + 1, width, device=device, dtype=dtype, requires_grad=True)
     ids = torch.randint(vocab, (n, chunk + 1), device=device)
     head.weight.grad, hidden.grad = torch.zeros_like(head.weight), torch.zeros_like(hidden)
-    bench.reset_memory(device)
-    base, clock = bench.memory_now(device), bench.Clock(device)
+    measure.reset_memory(device)
+    base, clock = measure.memory_now(device), measure.Clock(device)
     t0 = clock.now()
     losses.head_logps(hidden, head, ids, 1, cfg.temperature, chunk).sum().backward()
     seconds = clock.now() - t0
-    peak = bench.memory_mark(device)[0] - base
+    peak = measure.memory_mark(device)[0] - base
     return {"vocab": vocab, "hidden": width, "dtype": str(dtype).replace("torch.", ""), "chains": n,
             "positions": chunk, "peak_gb": peak, "bytes_per_logit": peak * 2**30 / (n * chunk * vocab),
             "seconds": seconds}
 
 
 def report(h: dict, device: str, argv: list[str]) -> str:
-    return "\n".join(bench.heading(device, argv, script="bench_head.py") + [
-        f"{bench.versions()}. The log-prob head alone (losses.head_logps, forward + backward, one chunk): vocab "
+    return "\n".join(measure.heading(device, argv, script="bench_head.py") + [
+        f"{measure.versions()}. The log-prob head alone (losses.head_logps, forward + backward, one chunk): vocab "
         f"{h['vocab']:,}, hidden {h['hidden']}, {h['dtype']}, {h['chains']} chains x {h['positions']} positions "
         f"= {h['chains'] * h['positions'] * h['vocab'] / 1e6:.1f}M logits. Peak memory above the weights and "
         f"gradients: **{h['peak_gb']:.2f} GB** ({h['bytes_per_logit']:.1f} bytes per logit); "
@@ -59,7 +60,7 @@ def main(argv: list[str]) -> dict:
     config.validate(cfg)
     device = llms.pick_device(cfg.device)
     row = run(cfg, device)
-    bench.publish(report(row, device, argv), path)
+    measure.publish(report(row, device, argv), path)
     return row
 
 

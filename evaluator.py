@@ -97,10 +97,15 @@ def evaluate(model, tokenizer, examples: list[dict], cfg) -> tuple[dict, list[di
 # python evaluator.py --model PATH [--compare PATH2]: a saved model under the run's eval protocol
 
 
+def is_run(path: str) -> bool:
+    """A run folder of train.py: its config.json and its checkpoints."""
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
 def resolve(path: str) -> tuple[str, str]:
     """(weights to load, a LoRA adapter on top or ""): a run folder means its latest checkpoint; an
     adapter checkpoint loads on its run's saved base model when there is one, else on model_name ("")."""
-    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
+    if is_run(path):
         ckpt = checkpoint.latest(path)
         if ckpt is None:
             raise config.UserError(f"{path} is a run without a checkpoint yet: evaluate it after its first save")
@@ -137,8 +142,7 @@ def main(argv: list[str]) -> dict:
     if not model_path:
         raise config.UserError("which model? --model PATH (a run folder, a checkpoint, a model folder, a hub name "
                                "or tiny); see python evaluator.py's docstring")
-    if "config" not in flags and os.path.isfile(os.path.join(model_path, "config.json")) and \
-            os.path.isdir(os.path.join(model_path, "checkpoints")):
+    if "config" not in flags and is_run(model_path):
         flags["config"] = os.path.join(model_path, "config.json")  # the run's own settings (JSON is YAML)
     cfg = config.load([item for key, value in flags.items() for item in (f"--{key}", value)])
     device = llms.pick_device(cfg.device)

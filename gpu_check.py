@@ -50,6 +50,7 @@ import torch
 import bench
 import config
 import llms
+import measure
 import losses
 import rewards
 
@@ -96,7 +97,7 @@ def budget(seconds: float):
 
 
 def free(device: str) -> None:
-    bench.reset_memory(device)  # compiled graphs, CUDA graph pools and cached blocks of the last item
+    measure.reset_memory(device)  # compiled graphs, CUDA graph pools and cached blocks of the last item
 
 
 def record(results: list, part: str, name: str, fn, device: str) -> None:
@@ -244,8 +245,8 @@ def kahan_item(device: str):
 
 
 def summary(results: list, device: str, argv: list[str], wall: float) -> str:
-    lines = bench.heading(device, argv, script="gpu_check.py") + [
-        f"{bench.versions()}. {sum(r['ok'] for r in results)} of {len(results)} items passed in {wall:.0f} s.", "",
+    lines = measure.heading(device, argv, script="gpu_check.py") + [
+        f"{measure.versions()}. {sum(r['ok'] for r in results)} of {len(results)} items passed in {wall:.0f} s.", "",
         "| part | item | result | s | figures |", "|---|---|---|---|---|"]
     for r in results:
         result = "ok" if r["ok"] else "**failed**: " + r["error"].replace("|", "/").replace("\n", " ")[:300]
@@ -304,9 +305,9 @@ def main(argv: list[str]) -> list[dict]:
         with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
             f.write(text)
         with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-            json.dump({"date": datetime.datetime.now().isoformat(), "device": bench.device_name(device),
+            json.dump({"date": datetime.datetime.now().isoformat(), "device": measure.device_name(device),
                        "argv": argv, "budgets": budgets, "results": results}, f, indent=1)
-        bench.publish(text, args.benchmarks_file)
+        measure.publish(text, args.benchmarks_file)
     return results
 
 

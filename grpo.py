@@ -121,8 +121,9 @@ def step(policy, sample, batch: list[dict], step: int, optimizer, cfg, refill=No
     info = [d for x in rounds for d in x.rollout.info]
     errors = {k: sum(x.errors[k] for x in rounds) for k in s.names}
     completion_lens = torch.tensor([d["completion_len"] for d in info], dtype=torch.float)  # (N,)
-    prompts = [rollout.prompts_of(policy.tokenizer, cfg.system_prompt, x.batch) for x in rounds]
-    cut = [t for p in prompts for t in rollout.truncated_prompts(policy.tokenizer, p, cfg.max_prompt_tokens)]
+    lengths = rollout.prompt_lengths(policy.tokenizer, rollout.prompts_of(
+        policy.tokenizer, cfg.system_prompt, [ex for x in rounds for ex in x.batch]))
+    cut = [n > cfg.max_prompt_tokens for n in lengths]
     figures = {"reward": total.mean().item(),
                **{f"reward/{k}": per_fn[:, i].mean().item() for i, k in enumerate(s.names)},
                **{f"reward_errors/{k}": n for k, n in errors.items() if n},

@@ -156,9 +156,9 @@ def prompts_of(tokenizer, system_prompt: str, batch: list[dict]) -> list[str]:
     return [llms.chat_prompt(tokenizer, system_prompt, ex["question"]) for ex in batch]
 
 
-def truncated_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[bool]:
-    """Which prompts are longer than max_prompt_tokens, so that tokenize_prompts cuts their start."""
-    return [len(ids) > max_prompt_tokens for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+def prompt_lengths(tokenizer, prompts: list[str]) -> list[int]:
+    """Tokens of each prompt before any cut: tokenize_prompts cuts the start of those over max_prompt_tokens."""
+    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
 
 
 def check_prompts_fit(tokenizer, cfg, examples: list[dict]) -> None:
@@ -167,8 +167,7 @@ def check_prompts_fit(tokenizer, cfg, examples: list[dict]) -> None:
     the train line counts them (prompt_truncated_frac)."""
     if cfg.task == "math":
         return
-    prompts = prompts_of(tokenizer, cfg.system_prompt, examples)
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    lengths = prompt_lengths(tokenizer, prompts_of(tokenizer, cfg.system_prompt, examples))
     over = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_tokens]
     if over:
         raise config.UserError(f"{len(over)} of {len(examples)} {cfg.task} prompts are longer than "

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import measure
 import bench_head
 
 SMALL = ["--tiny", "--tiny_hidden", "32", "--tiny_layers", "2", "--num_chains", "4", "--micro_batch_size", "2",
@@ -58,7 +59,7 @@ def test_bench_head_measures_one_chunk_of_the_log_prob_head(tmp_path):
 
 
 def test_peak_memory_is_split_by_phase_and_counts_from_each_systems_start():
-    clock = bench.Clock("cpu")
+    clock = measure.Clock("cpu")
     clock.start("sample")
     held = torch.ones(2**26)  # 256 MB, resident while sampling
     held += 1
@@ -69,7 +70,7 @@ def test_peak_memory_is_split_by_phase_and_counts_from_each_systems_start():
     clock.mark()
     assert set(clock.peaks) == {"sample", "optim", "rest"}
     assert clock.peaks["sample"][0] > clock.peaks["optim"][0] + 0.2  # the 256 MB shows in its phase only
-    again = bench.Clock("cpu")  # a new system's clock starts from what is resident now
+    again = measure.Clock("cpu")  # a new system's clock starts from what is resident now
     again.mark()
     assert again.peaks["rest"][0] < clock.peaks["sample"][0] - 0.2
 

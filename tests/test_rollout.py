@@ -152,7 +152,7 @@ def test_a_frozen_output_projection_runs_as_one_matmul_not_one_per_chain(tiny):
 def test_truncated_prompts_are_the_ones_tokenize_prompts_cuts(tiny):
     _, tok = tiny
     prompts = ["What is 1 + 1?", "What is 2 + 2? " * 20]
-    cut = rollout.truncated_prompts(tok, prompts, 16)
+    cut = [n > 16 for n in rollout.prompt_lengths(tok, prompts)]
     assert cut == [False, True]
     ids, mask = rollout.tokenize_prompts(tok, prompts, 16, "cpu")
     assert mask.sum(1).tolist()[1] == 16 and mask.sum(1).tolist()[0] < 16
