@@ -181,6 +181,7 @@ class Config:
     sft_batch_size: int = 32           # examples per supervised step
     sft_learning_rate: float = 1e-3    # peak learning rate of the warm start
     sft_warmup_steps: int = 10         # then cosine decay to 0 at sft_steps
+    sft_weight_decay: float = 0.01     # AdamW's decoupled weight decay in the warm start (torch's default)
     sft_answer_only_frac: float = 0.0  # share of targets that are the final answer alone (no worked steps)
     sft_slip_rate: float = 0.0         # built-in task: chance that a target's step result is off by one (carried on)
     # --- evaluation (evaluator.py)

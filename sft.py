@@ -5,7 +5,12 @@ gradient. The built-in tiny model starts from random weights, so its recipes fir
 reference solutions for a few hundred steps (cross-entropy on the completion tokens only).
 FINDINGS.md has what the recipe's settings (decay, answer-only targets, slips) did to the demo.
 
-    python sft.py     # a short warm start of the tiny model, then its greedy answer to one question
+    python sft.py --config configs/tiny.yaml --probe_every 400   # the demo's warm start alone, probed (5 min)
+
+The probe prints, every probe_every steps, the running target NLL and the held-out accuracy greedy and
+at eval_temperature (the eval protocol of train.py): the gap between the two is what GRPO's
+sharpening has to work with, and whether greedy accuracy has stopped rising says whether the warm
+start ended past the point where the model learns to compute from what it wrote.
 """
 import math
 import random
@@ -19,19 +24,22 @@ import losses
 import rollout
 
 
-def warm_start(model, tokenizer, examples: list[dict], cfg) -> None:
+def warm_start(model, tokenizer, examples: list[dict], cfg, probe=None, probe_every: int = 0) -> None:
     """cfg.sft_steps supervised steps on batches of examples' targets (data.target_text), in place.
 
     Learning rate: linear warmup over sft_warmup_steps, then cosine decay to 0 at sft_steps. A share
     sft_answer_only_frac of the targets is the final answer alone, without the worked steps;
     sft_slip_rate puts carried one-off slips into the built-in task's solutions (data.with_slips).
+    probe(step, nll) is called every probe_every steps, nll a running mean of the target NLL.
     """
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_learning_rate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_learning_rate,
+                                  weight_decay=cfg.sft_weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.sft_warmup_steps)
                                                   * 0.5 * (1 + math.cos(math.pi * s / cfg.sft_steps)))
     rng = random.Random(cfg.seed)
-    for _ in tqdm(range(cfg.sft_steps), desc="warm start (SFT)", leave=False):
+    running = None
+    for step in tqdm(range(1, cfg.sft_steps + 1), desc="warm start (SFT)", leave=False, disable=probe is not None):
         batch = rng.sample(examples, min(cfg.sft_batch_size, len(examples)))
         prompts = rollout.prompts_of(tokenizer, cfg.system_prompt, batch)
         targets = [data.target_text(ex, rng.random() < cfg.sft_answer_only_frac, cfg.sft_slip_rate, rng)
@@ -47,15 +55,41 @@ def warm_start(model, tokenizer, examples: list[dict], cfg) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        running = nll.item() if running is None else 0.9 * running + 0.1 * nll.item()
+        if probe is not None and step % probe_every == 0:
+            probe(step, running)
 
 
 if __name__ == "__main__":
-    import config
+    import dataclasses
+    import sys
+    import time
 
-    train, _ = data.arithmetic_task(2000, 10, seed=0)
-    m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] + "\n" + data.target_text(ex) for ex in train])
-    cfg = config.Config(system_prompt="", sft_steps=100, sft_learning_rate=3e-3, max_completion_tokens=64)
-    warm_start(m, tok, train, cfg)
-    r = rollout.sample(m, tok, rollout.prompts_of(tok, "", train[:1]), 1, max_prompt_tokens=128, max_new_tokens=64,
-                       temperature=0.0)
-    print(train[0]["question"], "\n->", r.texts[0], f"\n(reference answer {train[0]['answer']})")
+    import config
+    import evaluator
+
+    argv = sys.argv[1:] or ["--config", "configs/tiny.yaml"]
+    every = 400
+    if "--probe_every" in argv:
+        i = argv.index("--probe_every")
+        every = int(argv[i + 1])
+        del argv[i:i + 2]
+    cfg = config.load(argv)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    train_set, test_set = data.load(cfg)
+    eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
+    model, tokenizer = llms.from_config(cfg, cfg.model_name, llms.pick_device(cfg.device), train_set)
+    greedy = dataclasses.replace(cfg, eval_temperature=0.0, eval_samples=1)
+    start, probing = time.time(), 0.0
+
+    def probe(step: int, nll: float) -> None:
+        global probing
+        t = time.time()
+        g = evaluator.evaluate(model, tokenizer, eval_set, greedy)[0]["accuracy"]
+        s = evaluator.evaluate(model, tokenizer, eval_set, cfg)[0]["accuracy"]
+        probing += time.time() - t
+        print(f"step {step:5d}  nll {nll:.3f}  greedy {100 * g:5.1f}%  T={cfg.eval_temperature:g} {100 * s:5.1f}%  "
+              f"({time.time() - start - probing:.0f} s of training)", flush=True)
+
+    warm_start(model, tokenizer, train_set, cfg, probe, every)

@@ -103,3 +103,37 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch):
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 1 and "Traceback" in run.stderr and "TypeError: a bug" in run.stderr
+
+
+def test_warm_start_probe_sees_every_kth_step_and_changes_nothing(tiny, task):
+    """sft.warm_start's probe (python sft.py --probe_every k) runs evals mid-way; the weights it ends with
+    are those of a warm start without a probe, so a probed run tells what train.py's warm start reaches."""
+    import copy
+
+    import torch
+
+    import sft
+    cfg = config.Config(system_prompt="", sft_steps=6, sft_batch_size=8, sft_learning_rate=3e-3,
+                        sft_warmup_steps=2, max_prompt_tokens=96, max_completion_tokens=32, logp_chunk=64)
+    plain, probed = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[0])
+    sft.warm_start(plain, tiny[1], task[0], cfg)
+    seen = []
+
+    def probe(step, nll):
+        seen.append(step)
+        torch.rand(10)  # what an eval would draw from the global stream
+        probed(torch.tensor([[1, 2, 3]]))
+    sft.warm_start(probed, tiny[1], task[0], cfg, probe, 2)
+    assert seen == [2, 4, 6]
+    assert all(a.equal(b) for a, b in zip(plain.state_dict().values(), probed.state_dict().values()))
+
+
+def test_sft_script_probes_the_recipe_warm_start():
+    out = subprocess.run([sys.executable, "sft.py", "--config", "configs/tiny.yaml", "--tiny_hidden", "32",
+                          "--tiny_layers", "2", "--sft_steps", "4", "--probe_every", "2", "--eval_n", "4",
+                          "--eval_samples", "1", "--arithmetic_train_size", "100", "--arithmetic_test_size", "10"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("step")]
+    assert [line.split()[1] for line in lines] == ["2", "4"]
+    assert all("greedy" in line and "T=1" in line for line in lines)
