@@ -93,3 +93,20 @@ def test_config_help_prints_every_field_with_its_help():
         assert f"--{f.name} (" in out and len(texts.get(f.name, "")) > 8, f.name
     assert "--loss_type (grpo|bnpo|dr_grpo|dapo|gspo|cispo|reinforce, default 'grpo')" in out
     assert texts["sort_micro_batches"].endswith("except bnpo's per-micro-batch normaliser)")  # continued lines
+
+
+@pytest.mark.parametrize("variant", ["tiny_guided", "tiny_verifier", "tiny_dapo"])
+def test_the_tiny_variants_keep_the_demo_warm_start_and_schedule(variant):
+    """A variant of configs/tiny.yaml changes the idea it is about and nothing else of the demo, so that with
+    the same seed its warm start, step 0 and schedule are the demo's and compare.py compares the idea alone."""
+    import yaml
+
+    def recipe(name):
+        with open(os.path.join(ROOT, "configs", f"{name}.yaml")) as f:
+            return yaml.safe_load(f)
+    demo, other = recipe("tiny"), recipe(variant)
+    shared = [k for k in demo if k.startswith(("sft_", "eval_", "tiny_", "arithmetic_")) or k in (
+        "model_name", "dataset", "system_prompt", "prompts_per_step", "num_chains", "max_prompt_tokens",
+        "max_completion_tokens", "train_only", "learning_rate", "warmup_steps", "max_steps", "seed")]
+    assert len(shared) > 15
+    assert {k: other.get(k) for k in shared} == {k: demo[k] for k in shared}
