@@ -5,12 +5,12 @@ gradient. The built-in tiny model starts from random weights, so its recipes fir
 reference solutions for a few hundred steps (cross-entropy on the completion tokens only).
 FINDINGS.md has what the recipe's settings (decay, answer-only targets, slips) did to the demo.
 
-    python sft.py --config configs/tiny.yaml --probe_every 400   # the demo's warm start alone, probed (5 min)
+    python sft.py --config configs/tiny.yaml --probe_every 150   # the demo's warm start alone, probed (7 min)
 
 The probe prints, every probe_every steps, the running target NLL and the held-out accuracy greedy and
 at eval_temperature (the eval protocol of train.py): the gap between the two is what GRPO's
 sharpening has to work with, and whether greedy accuracy has stopped rising says whether the warm
-start ended past the point where the model learns to compute from what it wrote.
+start ended past the steep climb where the tiny model learns the sums (FINDINGS.md).
 """
 import math
 import random
