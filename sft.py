@@ -55,9 +55,10 @@ def warm_start(model, tokenizer, examples: list[dict], cfg, probe=None, probe_ev
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        running = nll.item() if running is None else 0.9 * running + 0.1 * nll.item()
-        if probe is not None and step % probe_every == 0:
-            probe(step, running)
+        if probe is not None:  # the running NLL costs a device sync per step: only when probed
+            running = nll.item() if running is None else 0.9 * running + 0.1 * nll.item()
+            if step % probe_every == 0:
+                probe(step, running)
 
 
 if __name__ == "__main__":
@@ -69,7 +70,7 @@ if __name__ == "__main__":
     import evaluator
 
     argv = sys.argv[1:] or ["--config", "configs/tiny.yaml"]
-    every = 400
+    every = 150
     if "--probe_every" in argv:
         i = argv.index("--probe_every")
         every = int(argv[i + 1])
