@@ -5,7 +5,9 @@
 
 Each recipe runs once per seed, as `python train.py --config RECIPE --seed K --out_dir out/compare/<recipe>/seed<K>`
 plus any other --key value given here (they apply to every run). A finished run there is read, not run
-again; an unfinished one is resumed. Then, per recipe: the mean over seeds and its 95% interval
+again; an unfinished one is resumed. The runs share `--sft_cache <out>/sft_cache` (sft.py): recipes that
+differ only after the warm start train each seed's warm start once and start GRPO from the same weights
+(`--sft_cache ''` trains it in every run). Then, per recipe: the mean over seeds and its 95% interval
 (Student's t over seeds) of the accuracy at step 0, at the last eval and of the gain; each recipe's
 paired difference to the baseline (the first recipe, or --baseline) on the seeds both have; and the
 evaluation noise, the binomial standard error of one accuracy figure (questions x samples per question,
@@ -127,6 +129,7 @@ def main(argv: list[str]) -> dict:
     for key in ("config", "seed", "out_dir", "resume"):
         if key in flags:
             raise config.UserError(f"--{key} is compare.py's to set for each run; pass recipes and --seeds instead")
+    flags.setdefault("sft_cache", os.path.join(out, "sft_cache"))  # one warm start per seed for all recipes
     extra = [item for key, value in flags.items() for item in (f"--{key}", value)]
     results = {}
     for recipe in recipes:

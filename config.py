@@ -184,6 +184,8 @@ class Config:
     sft_weight_decay: float = 0.01     # AdamW's decoupled weight decay in the warm start (torch's default)
     sft_answer_only_frac: float = 0.0  # share of targets that are the final answer alone (no worked steps)
     sft_slip_rate: float = 0.0         # built-in task: chance that a target's step result is off by one (carried on)
+    sft_cache: str = ""                # a folder keeping finished warm starts by what shapes them (sft.cache_key);
+    #                                    a run that matches one loads it; "" = off (compare.py turns it on)
     # --- evaluation (evaluator.py)
     eval_every: int = 25               # steps between held-out evaluations (and one at step 0)
     eval_n: int = 0                    # 0 = the whole test split, else a fixed seeded subset

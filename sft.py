@@ -11,17 +11,43 @@ The probe prints, every probe_every steps, the running target NLL and the held-o
 at eval_temperature (the eval protocol of train.py): the gap between the two is what GRPO's
 sharpening has to work with, and whether greedy accuracy has stopped rising says whether the warm
 start ended past the steep climb where the tiny model learns the sums (FINDINGS.md).
+
+With `sft_cache: DIR` (compare.py sets it for its runs) a finished warm start is kept in DIR under a
+hash of what shapes it (cache_key), and a later run with the same hash loads it instead of training
+again: recipes that differ only after the warm start (the sampling idea, rewards, loss, GRPO's
+optimizer, evaluation) then start from the same weights, and a comparison over seeds pays for each
+seed's warm start once.
 """
+import dataclasses
+import hashlib
+import json
 import math
+import os
 import random
 
 import torch
+import transformers
 from tqdm import tqdm
 
+import arithmetic
 import data
 import llms
 import losses
 import rollout
+
+# Config keys read only after the warm start (by the sampling ideas, rewards, the GRPO loss and
+# optimizer, evaluation and the run's bookkeeping): cache_key leaves them out, so that recipes
+# differing in them alone share a warm start. A key not named here counts, so a new key is safe.
+AFTER_WARM_START = {
+    "rollout", "prompts_per_step", "num_chains", "temperature", "top_p", "sampler", "dynamic_sampling",
+    "max_sampling_rounds", "min_guide_tokens", "max_guide_tokens", "rewards", "loss_type", "adv_scale", "beta",
+    "eps_low", "eps_high", "cispo_max_weight", "num_iterations", "micro_batch_size", "sort_micro_batches",
+    "optimizer", "kahan_updates", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "warmup_steps",
+    "lr_schedule", "train_only", "out_dir", "max_steps", "save_every", "keep_last", "max_bad_steps",
+    "log_samples", "resume", "report_to", "wandb_project", "sft_cache"}
+AFTER_WARM_START_PREFIXES = ("guide_", "ghpo_", "verifier_", "eval_", "lora_", "think_", "answer_", "overlong_")
+# the code that builds the warm start: an edit to any of these files makes a new key
+WARM_START_CODE = (arithmetic, data, llms, losses, rollout)
 
 
 def warm_start(model, tokenizer, examples: list[dict], cfg, probe=None, probe_every: int = 0) -> None:
@@ -59,6 +85,35 @@ def warm_start(model, tokenizer, examples: list[dict], cfg, probe=None, probe_ev
             running = nll.item() if running is None else 0.9 * running + 0.1 * nll.item()
             if step % probe_every == 0:
                 probe(step, running)
+
+
+def cache_key(cfg) -> str:
+    """A hash of everything that shapes the warm-started weights: the config but AFTER_WARM_START, the
+    source of this file and of WARM_START_CODE, and the torch and transformers versions."""
+    keys = {k: v for k, v in sorted(dataclasses.asdict(cfg).items())
+            if k not in AFTER_WARM_START and not k.startswith(AFTER_WARM_START_PREFIXES)}
+    h = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode())
+    for path in (__file__, *(module.__file__ for module in WARM_START_CODE)):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    h.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+def warm_start_cached(model, tokenizer, examples: list[dict], cfg) -> None:
+    """warm_start, or with cfg.sft_cache the weights a run with the same cache_key left there."""
+    if not cfg.sft_cache:
+        return warm_start(model, tokenizer, examples, cfg)
+    path = os.path.join(cfg.sft_cache, f"{cache_key(cfg)}.pt")
+    if os.path.isfile(path):
+        model.load_state_dict(torch.load(path, map_location=next(model.parameters()).device))
+        print(f"warm start: loaded {path} (sft_cache)")
+        return
+    warm_start(model, tokenizer, examples, cfg)
+    os.makedirs(cfg.sft_cache, exist_ok=True)
+    torch.save(model.state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)  # whole or absent: a run killed while saving leaves no half file
+    print(f"warm start: saved to {path} (sft_cache)")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
     model, tokenizer = llms.from_config(cfg, run.model_path, device, train_set)
     rollout.check_prompts_fit(tokenizer, cfg, train_set + eval_set)  # a judge prompt must keep its instructions
     if run.fresh and cfg.sft_steps > 0:
-        sft.warm_start(model, tokenizer, train_set, cfg)
+        sft.warm_start_cached(model, tokenizer, train_set, cfg)
     if run.fresh and (cfg.sft_steps > 0 or cfg.model_name == llms.TINY):
         run.save_base(model, tokenizer)  # the starting weights: resume, LoRA and the reference load them
     policy = llms.for_training(model, tokenizer, cfg, adapter_path=run.adapter_path, load_reference=lambda: (

@@ -4,6 +4,7 @@ import os
 import subprocess
 
 import pytest
+import safetensors.torch
 
 import compare
 import config
@@ -34,10 +35,15 @@ def test_finished_runs_are_read_and_summarised(tmp_path, monkeypatch):
     assert os.path.getsize(out / "compare.png") > 1000
 
 
-def test_a_missing_run_is_run_and_bad_requests_are_named(tmp_path):
+def test_missing_runs_are_run_on_one_warm_start_and_bad_requests_are_named(tmp_path):
     out = tmp_path / "cmp"
-    results = compare.main(["configs/tiny.yaml", "--seeds", "3", "--out", str(out), *SHORT])
+    results = compare.main(["configs/tiny.yaml", "configs/tiny_dapo.yaml", "--seeds", "3", "--out", str(out), *SHORT])
     assert compare.finished(str(out / "tiny" / "seed3")) and list(results["tiny"]) == [3]
+    assert len(os.listdir(out / "sft_cache")) == 1  # tiny trained it, tiny_dapo loaded it
+    assert results["tiny_dapo"][3]["start"] == results["tiny"][3]["start"]
+    bases = [safetensors.torch.load_file(out / name / "seed3" / "base_model" / "model.safetensors")
+             for name in ("tiny", "tiny_dapo")]
+    assert all(bases[0][k].equal(bases[1][k]) for k in bases[0])
     with pytest.raises(config.UserError, match="baseline"):
         compare.main(["configs/tiny.yaml", "--baseline", "nope", "--out", str(out)])
     with pytest.raises(config.UserError, match="--seeds instead"):

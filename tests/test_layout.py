@@ -95,7 +95,8 @@ def test_config_help_prints_every_field_with_its_help():
     assert texts["sort_micro_batches"].endswith("except bnpo's per-micro-batch normaliser)")  # continued lines
 
 
-@pytest.mark.parametrize("variant", ["tiny_guided", "tiny_verifier", "tiny_dapo"])
+@pytest.mark.parametrize("variant", ["tiny_guided", "tiny_guided_postfix", "tiny_verifier", "tiny_verifier_matched",
+                                     "tiny_dapo"])
 def test_the_tiny_variants_keep_the_demo_warm_start_and_schedule(variant):
     """A variant of configs/tiny.yaml changes the idea it is about and nothing else of the demo, so that with
     the same seed its warm start, step 0 and schedule are the demo's and compare.py compares the idea alone."""
@@ -110,3 +111,18 @@ def test_the_tiny_variants_keep_the_demo_warm_start_and_schedule(variant):
         "max_completion_tokens", "train_only", "learning_rate", "warmup_steps", "max_steps", "seed")]
     assert len(shared) > 15
     assert {k: other.get(k) for k in shared} == {k: demo[k] for k in shared}
+
+
+@pytest.mark.parametrize("base, variants", [("tiny", ["tiny_guided", "tiny_guided_postfix", "tiny_verifier",
+                                                      "tiny_verifier_matched", "tiny_dapo"]),
+                                            ("tiny_hard", ["tiny_ghpo"])])
+def test_compared_tiny_recipes_share_one_warm_start_per_seed(base, variants):
+    """compare.py's sft_cache trains a seed's warm start once for the recipes compared with each other."""
+    import sft
+
+    def key(name, seed):
+        return sft.cache_key(config.load(["--config", os.path.join(ROOT, "configs", f"{name}.yaml"),
+                                          "--seed", str(seed)]))
+    for seed in (0, 1):
+        assert {key(v, seed) for v in variants} == {key(base, seed)}
+    assert key(base, 0) != key(base, 1)

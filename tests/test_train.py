@@ -1,4 +1,5 @@
 """End to end on the tiny model: a short run writes every log, and resume reproduces the next step."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -137,3 +138,46 @@ def test_sft_script_probes_the_recipe_warm_start():
     lines = [line for line in out.stdout.splitlines() if line.startswith("step")]
     assert [line.split()[1] for line in lines] == ["2", "4"]
     assert all("greedy" in line and "T=1" in line for line in lines)
+
+
+def test_sft_cache_gives_the_warm_start_a_run_would_compute(tiny, task, tmp_path):
+    """sft_cache: the first run trains and saves, a run whose recipe differs only after the warm start
+    loads the same weights, and the global random stream afterwards is where training leaves it; what
+    shapes the warm start (its steps, the seed, the model, the data) makes another entry."""
+    import copy
+
+    import torch
+
+    import sft
+    cfg = config.Config(system_prompt="", sft_steps=4, sft_batch_size=8, sft_learning_rate=3e-3,
+                        sft_warmup_steps=2, max_prompt_tokens=96, max_completion_tokens=32,
+                        sft_cache=str(tmp_path / "cache"))
+    trained, loaded = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[0])
+    torch.manual_seed(5)
+    sft.warm_start(trained, tiny[1], task[0], dataclasses.replace(cfg, sft_cache=""))
+    after_training = torch.rand(3)
+    sft.warm_start_cached(copy.deepcopy(tiny[0]), tiny[1], task[0], cfg)  # trains and saves
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    other_recipe = dataclasses.replace(cfg, rollout="guided", guide_loss_on="guidance+postfix", learning_rate=0.1,
+                                       rewards={"correctness": 1.0}, loss_type="dapo", out_dir="elsewhere",
+                                       eval_samples=8, train_only=["norm"], verifier_max_turns=2)
+    assert sft.cache_key(other_recipe) == sft.cache_key(cfg)
+    torch.manual_seed(5)
+    sft.warm_start_cached(loaded, tiny[1], task[0], other_recipe)
+    assert torch.rand(3).equal(after_training)
+    assert all(a.equal(b) for a, b in zip(trained.state_dict().values(), loaded.state_dict().values()))
+    assert not all(a.equal(b) for a, b in zip(tiny[0].state_dict().values(), loaded.state_dict().values()))
+    keys = {sft.cache_key(dataclasses.replace(cfg, **change)) for change in (
+        {}, {"sft_steps": 5}, {"seed": 1}, {"tiny_hidden": 64}, {"arithmetic_max_steps": 5}, {"system_prompt": "x"},
+        {"sft_weight_decay": 0.1}, {"max_completion_tokens": 48})}
+    assert len(keys) == 8
+
+
+def test_after_warm_start_names_only_config_keys():
+    """A misspelt key in sft.AFTER_WARM_START would share warm starts that differ in nothing it names."""
+    import sft
+    fields = {f.name for f in dataclasses.fields(config.Config)}
+    assert sft.AFTER_WARM_START <= fields
+    assert all(any(name.startswith(p) for name in fields) for p in sft.AFTER_WARM_START_PREFIXES)
+    assert not {"sft_steps", "seed", "model_name", "dataset", "max_grad_norm", "logp_chunk"} & {
+        name for name in fields if name in sft.AFTER_WARM_START or name.startswith(sft.AFTER_WARM_START_PREFIXES)}
