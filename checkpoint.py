@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import config
+import distributed
 import tracking
 
 
@@ -147,19 +148,21 @@ def append_jsonl(path: str, row: dict) -> None:
 class Run:
     """cfg.out_dir as a fresh run (refused if it holds one already) or, with cfg.resume, as the run
     to continue: its latest complete checkpoint, the model to load and the logs trimmed to match.
-    Writes config.json before any model is loaded, so --resume works from then on."""
+    Writes config.json before any model is loaded, so --resume works from then on. Under torchrun every
+    rank reads the same folder and rank 0 alone writes to it (`writes`)."""
 
     LOGS = ("metrics.jsonl", "samples.jsonl")
 
     def __init__(self, cfg):
         if cfg.resume:
             cfg.out_dir = cfg.resume
-        self.cfg, self.dir = cfg, cfg.out_dir
+        self.cfg, self.dir, self.writes = cfg, cfg.out_dir, distributed.is_main()
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         if not cfg.resume and os.path.exists(self.metrics_path):  # never mix two runs or overwrite one
             raise config.UserError(f"{self.dir} already holds a run: continue it with --resume {self.dir}, "
                                    f"or start a new one with another --out_dir (or delete the folder)")
-        os.makedirs(self.dir, exist_ok=True)
+        if self.writes:
+            os.makedirs(self.dir, exist_ok=True)
         self.ckpt = latest(self.dir) if cfg.resume else None
         if cfg.resume and self.ckpt is None:  # stopped before its first checkpoint: nothing to keep, start over
             print(f"--resume {cfg.resume}: no complete checkpoint yet, so the run starts over in the same folder")
@@ -174,12 +177,16 @@ class Run:
                                    f"{cfg.lora_r}: resume with the run's own lora_r (drop --lora_r from the command)")
         self.model_path = self.ckpt if self.ckpt and not lora else self.base  # full weights to load
         self.adapter_path = self.ckpt if lora else ""  # a LoRA adapter to load on top
-        config.save(cfg, os.path.join(self.dir, "config.json"))
-        self.trackers = tracking.make(cfg, self.dir)  # report_to: TensorBoard, W&B
+        if self.writes:
+            config.save(cfg, os.path.join(self.dir, "config.json"))
+        self.trackers = tracking.make(cfg, self.dir) if self.writes else []  # report_to: TensorBoard, W&B
 
     def save_base(self, model, tokenizer) -> None:
-        """Keep the starting weights (after a warm start): resume, LoRA and the reference load them."""
-        save_model(self.base_dir, model, tokenizer, what="the warm-started model")
+        """Keep the starting weights (after a warm start): resume, LoRA and the reference load them.
+        Under torchrun rank 0's (broadcast to all ranks later), and the other ranks wait until it is written."""
+        if self.writes:
+            save_model(self.base_dir, model, tokenizer, what="the warm-started model")
+        distributed.barrier()
         self.base = self.base_dir
 
     def restore(self, optimizer, scheduler) -> int:
@@ -193,16 +200,21 @@ class Run:
         return self.first_step
 
     def trim_logs(self, step: int) -> None:
-        for name in self.LOGS:
+        for name in self.LOGS if self.writes else ():
             truncate_log(os.path.join(self.dir, name), step)
 
     def log(self, row: dict) -> None:
+        if not self.writes:
+            return
         append_jsonl(self.metrics_path, row)
         for tracker in self.trackers:
             tracker.log(row)
 
     def log_samples(self, step: int, out, n: int) -> None:
-        """The first n chains of a step (grpo.Step) with their rewards and advantage, to samples.jsonl."""
+        """The first n chains of a step (grpo.Step) with their rewards and advantage, to samples.jsonl
+        (under torchrun: rank 0's first n)."""
+        if not self.writes:
+            return
         r = out.rollout
         rows = [{"step": step, "question": out.batch[r.group[i]]["question"], "answer": out.answers[i],
                  "completion": r.texts[i], "rewards": dict(zip(out.names, out.rewards[i].tolist())),
@@ -217,6 +229,8 @@ class Run:
             tracker.close()
 
     def log_eval(self, step: int, metrics: dict, records: list[dict]) -> None:
+        if not self.writes:
+            return
         self.log({"step": step, "split": "eval", **metrics})
         os.makedirs(os.path.join(self.dir, "eval"), exist_ok=True)
         with open(os.path.join(self.dir, "eval", f"step_{step:06d}.jsonl"), "w") as f:
@@ -270,6 +284,8 @@ class Guard:
         return self
 
     def save(self, step: int) -> None:
+        if not self.run.writes:  # the ranks hold the same weights and optimizer state: rank 0 saves them
+            return
         save(self.run.dir, step, self.policy.model, self.policy.tokenizer, self.optimizer, self.scheduler,
              self.cfg.keep_last)
 
@@ -283,6 +299,7 @@ class Guard:
     def end_of_step(self, step: int) -> bool:
         """Checkpoint when due; True when the loop must stop (Ctrl-C)."""
         cfg = self.cfg
+        self.ctrl_c.requested = distributed.any_rank(self.ctrl_c.requested)  # every rank stops at the same step
         stop = self.ctrl_c.requested or self.bad_steps >= cfg.max_bad_steps
         if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
             self.save(step)
@@ -309,11 +326,11 @@ class Guard:
             self.save(self.last_done)
             cfg = self.cfg
             total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
-            raise RunStopped(
+            raise distributed.local(RunStopped(
                 f"out of memory at step {self.last_done + 1}, even in micro-batches of 1 chain (peak "
                 f"{peak_mem_gb():.1f} GB of {total:.1f} GB). Checkpoint of step {self.last_done} saved. Lower "
                 f"max_completion_tokens ({cfg.max_completion_tokens}), num_chains ({cfg.num_chains}), "
                 f"prompts_per_step ({cfg.prompts_per_step}) or logp_chunk ({cfg.logp_chunk}); or turn on "
                 f"gradient_checkpointing, liger, optimizer adamw8bit, lora_r > 0. Then continue with "
-                f"--resume {self.run.dir}") from None
+                f"--resume {self.run.dir}")) from None
         return False

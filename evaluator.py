@@ -33,6 +33,7 @@ import torch
 import checkpoint
 import config
 import data
+import distributed
 import judge_rewards
 import llms
 import rewards
@@ -74,22 +75,29 @@ def task_metrics(task: str, records: list[dict], samples: int) -> dict:
 def evaluate(model, tokenizer, examples: list[dict], cfg) -> tuple[dict, list[dict]]:
     """(task_metrics, per-example records) of plain sampling at eval_temperature, eval_samples chains per
     question; accuracy is the mean over all samples. Its own RNG, seeded with cfg.seed: every eval
-    samples alike, and the caller's random stream is untouched."""
+    samples alike, and the caller's random stream is untouched. Under torchrun the ranks take turns
+    with the batches (rank k: batches k, k + N, ...) and gather the records in order, so greedy
+    evaluation is that of one process, N times faster; sampled evaluation draws from one stream per
+    rank (rank 0's is one process's), so it is an equally good estimate, not the same draws."""
     device = next(model.parameters()).device
-    records = []
+    starts = list(range(0, len(examples), cfg.eval_batch_size))
+    mine = {}  # batch start -> its records
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        for i in range(0, len(examples), cfg.eval_batch_size):
+        torch.manual_seed(cfg.seed + 1_000_003 * distributed.rank())
+        for i in starts[distributed.rank()::distributed.world()]:
             batch = examples[i:i + cfg.eval_batch_size]
             r = rollout.sample(model, tokenizer, rollout.prompts_of(tokenizer, cfg.system_prompt, batch),
                                cfg.eval_samples, max_prompt_tokens=cfg.max_prompt_tokens,
                                max_new_tokens=cfg.max_completion_tokens, temperature=cfg.eval_temperature)
+            mine[i] = []
             for j, ex in enumerate(batch):
                 texts = r.texts[j * cfg.eval_samples:(j + 1) * cfg.eval_samples]
                 graded = [grade(cfg.task, t, ex["answer"]) for t in texts]
-                records.append({"question": ex["question"], "answer": ex["answer"], "completions": texts,
+                mine[i].append({"question": ex["question"], "answer": ex["answer"], "completions": texts,
                                 "correct": [c for c, _ in graded]}
                                | ({"predicted": [p for _, p in graded]} if cfg.task != "math" else {}))
+    shards = {i: recs for part in distributed.gather(mine) for i, recs in part.items()}
+    records = [rec for i in starts for rec in shards[i]]
     return task_metrics(cfg.task, records, cfg.eval_samples), records
 
 

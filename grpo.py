@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+import distributed
 import losses
 import rewards
 import rollout
@@ -105,33 +106,52 @@ def dynamic_sampling(policy, sample, batch: list[dict], step: int, cfg, refill) 
 def step(policy, sample, batch: list[dict], step: int, optimizer, cfg, refill=None) -> Step:
     """One step on `batch` with the sample function of samplers.make and an llms.Policy. With
     cfg.dynamic_sampling, refill(n, round) gives n more questions for a later round (train.py: data.refill)."""
-    if cfg.dynamic_sampling:
-        if refill is None:
-            raise ValueError("dynamic_sampling needs more questions than the step's batch, and this caller gives "
-                             "none (refill): train with train.py, or set dynamic_sampling false")
-        s, rounds, filtered = dynamic_sampling(policy, sample, batch, step, cfg, refill)
-    else:
-        s = sample_and_score(policy, sample, batch, step, cfg)
-        rounds, filtered = [s], {}
+    if cfg.dynamic_sampling and refill is None:
+        raise ValueError("dynamic_sampling needs more questions than the step's batch, and this caller gives "
+                         "none (refill): train with train.py, or set dynamic_sampling false")
+    with distributed.together():  # an error while any rank samples or scores stops every rank here
+        if cfg.dynamic_sampling:
+            s, rounds, filtered = dynamic_sampling(policy, sample, batch, step, cfg, refill)
+        else:
+            s = sample_and_score(policy, sample, batch, step, cfg)
+            rounds, filtered = [s], {}
     r = s.rollout
-    advantages, zero_adv_frac = losses.group_advantages(s.total, r.group.cpu(), cfg.adv_scale)
-    stats = losses.update(policy.model, policy.ref_model, r, advantages, optimizer, cfg)
-    # the sampling figures are over every chain sampled in the step (all rounds of dynamic sampling)
-    total, per_fn = torch.cat([x.total for x in rounds]), torch.cat([x.rewards for x in rounds])
+    batch_std = torch.cat(distributed.gather(s.total.cpu())).std() if cfg.adv_scale == "batch" else None
+    advantages, zero_adv_frac = losses.group_advantages(s.total, r.group.cpu(), cfg.adv_scale, batch_std)
+    stats = losses.update(policy.model, policy.ref_model, r, advantages, optimizer, cfg)  # the whole step's
+    # the sampling figures are over every chain sampled in the step (all rounds of dynamic sampling), on
+    # every rank: each rank's part, gathered (one process: its own)
     info = [d for x in rounds for d in x.rollout.info]
-    errors = {k: sum(x.errors[k] for x in rounds) for k in s.names}
-    completion_lens = torch.tensor([d["completion_len"] for d in info], dtype=torch.float)  # (N,)
     lengths = rollout.prompt_lengths(policy.tokenizer, rollout.prompts_of(
         policy.tokenizer, cfg.system_prompt, [ex for x in rounds for ex in x.batch]))
-    cut = [n > cfg.max_prompt_tokens for n in lengths]
+    parts = distributed.gather({
+        "total": torch.cat([x.total for x in rounds]).cpu(), "per_fn": torch.cat([x.rewards for x in rounds]).cpu(),
+        "errors": {k: sum(x.errors[k] for x in rounds) for k in s.names},
+        "completion_len": [d["completion_len"] for d in info], "truncated": [d["truncated"] for d in info],
+        "cut": [n > cfg.max_prompt_tokens for n in lengths], "groups": len(s.batch), "zero_adv_frac": zero_adv_frac,
+        "sampled": sum(len(x.batch) for x in rounds), **filtered, "chains": len(r), "idea": r.stats})
+    total, per_fn = torch.cat([p["total"] for p in parts]), torch.cat([p["per_fn"] for p in parts])
+    completion_lens = torch.tensor([n for p in parts for n in p["completion_len"]], dtype=torch.float)  # (N,)
+    truncated, cut = [t for p in parts for t in p["truncated"]], [c for p in parts for c in p["cut"]]
+    errors = {k: sum(p["errors"][k] for p in parts) for k in s.names}
     figures = {"reward": total.mean().item(),
                **{f"reward/{k}": per_fn[:, i].mean().item() for i, k in enumerate(s.names)},
                **{f"reward_errors/{k}": n for k, n in errors.items() if n},
-               "reward_std": total.std().item(), "zero_adv_frac": zero_adv_frac, **filtered,
-               "completion_len": completion_lens.mean().item(),
-               "truncated_frac": sum(d["truncated"] for d in info) / len(info),
-               "prompt_truncated_frac": sum(cut) / len(cut), **stats, **r.stats}
+               "reward_std": total.std().item(), "zero_adv_frac": mean_of(parts, "zero_adv_frac", "groups"),
+               **({"sampling_rounds": mean_of(parts, "sampling_rounds"),
+                   "filtered_frac": mean_of(parts, "filtered_frac", "sampled")} if filtered else {}),
+               "completion_len": completion_lens.mean().item(), "truncated_frac": sum(truncated) / len(truncated),
+               "prompt_truncated_frac": sum(cut) / len(cut), **stats,
+               **{k: mean_of([{**p["idea"], "chains": p["chains"]} for p in parts], k, "chains") for k in r.stats}}
     return Step(r, s.batch, s.answers, s.rewards, s.names, advantages, figures)
+
+
+def mean_of(parts: list[dict], key: str, weight: str = "") -> float:
+    """The ranks' figure `key`, averaged with the weights parts[k][weight] (equal weights without one)."""
+    if len(parts) == 1:
+        return parts[0][key]
+    w = [p[weight] if weight else 1 for p in parts]
+    return sum(p[key] * wk for p, wk in zip(parts, w)) / max(1, sum(w))
 
 
 if __name__ == "__main__":

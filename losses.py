@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
+import distributed
 import kahan
 import llms
 import rollout
@@ -63,8 +64,9 @@ def head_logps(hidden, head, input_ids, start: int, temperature: float, chunk: i
 # Advantages and the GRPO loss family
 
 
-def group_advantages(rewards_total, group, scale: str):
-    """(advantages (N,), share of groups whose rewards are all equal: they give no gradient)."""
+def group_advantages(rewards_total, group, scale: str, batch_std=None):
+    """(advantages (N,), share of groups whose rewards are all equal: they give no gradient).
+    scale "batch" divides by batch_std, the std of the whole step's rewards (default: of rewards_total)."""
     n_groups = int(group.max()) + 1
     count = torch.bincount(group, minlength=n_groups).float()
     mean = torch.zeros(n_groups).index_add_(0, group, rewards_total) / count
@@ -75,7 +77,7 @@ def group_advantages(rewards_total, group, scale: str):
     if scale == "group":
         return centred / (std[group] + 1e-4), zero_frac
     if scale == "batch":
-        return centred / (rewards_total.std() + 1e-4), zero_frac
+        return centred / ((rewards_total.std() if batch_std is None else batch_std) + 1e-4), zero_frac
     return centred, zero_frac
 
 
@@ -139,7 +141,9 @@ def liger_loss(model, ids, attn, mask, start, advantages, old_logps, ref_logps, 
         max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature)
     loss, metrics = loss_fn(hidden[:, start - 1:-1], head.weight, ids[:, start:], mask, advantages,
                             bias=head.bias, ref_per_token_logps=ref_logps, old_per_token_logps=old_logps,
-                            num_items_in_batch=num_tokens if cfg.loss_type in ("dapo", "cispo") else None)
+                            # Liger divides this by the world size (DDP averages gradients; we sum them)
+                            num_items_in_batch=num_tokens * distributed.world() if cfg.loss_type in ("dapo", "cispo")
+                            else None)
     # Liger normalises over the micro-batch it sees; rescale to the step's normalisers as above
     n = ids.shape[0]
     if cfg.loss_type in ("grpo", "gspo", "dr_grpo"):
@@ -182,19 +186,26 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
     Guards: an update whose loss or gradient is not finite is skipped ("skipped": 1), and CUDA
     out-of-memory retries the pass with micro-batches of half the size, down to one chain; only then
     does the error reach the caller. No optimizer step has been taken when a pass is retried.
+    Under torchrun (distributed.py) r holds this rank's chains; the normalisers (chains, tokens,
+    micro-batches) and the gradients are summed over the ranks, so every rank takes the step one
+    process would take on all ranks' chains, and the figures returned are the whole step's.
     """
     device = r.input_ids.device
     start = first_trained_column(r.loss_mask)
     mask = r.loss_mask[:, start:]
-    n, num_tokens = len(r), mask.sum()
+    local_n = len(r)
     adv = advantages.to(device)
-    size = min(cfg.micro_batch_size, n)  # shrinks on out-of-memory, for the rest of this step
+    size = min(cfg.micro_batch_size, local_n)  # shrinks on out-of-memory, for the rest of this step
     ends = last_trained_column(r.loss_mask).clamp(min=start) + 1  # (N,) a chain's columns end before it
     order = (torch.argsort(ends, descending=True, stable=True) if cfg.sort_micro_batches
-             else torch.arange(n, device=device))
+             else torch.arange(local_n, device=device))
 
     def micro_batches():  # (rows (n,), end): the chains of each micro-batch and its cropped width
         return [(rows, int(ends[rows].max())) for rows in order.split(size)]
+
+    # the step's normalisers: chains, trained tokens and micro-batches of all ranks (one process: its own)
+    n, num_tokens, num_micro = distributed.all_sum([local_n, mask.sum().item(), len(micro_batches())])
+    other_micro = num_micro - len(micro_batches())  # bnpo: the other ranks' micro-batches
 
     def inputs(mb):  # (ids, attention mask) of the micro-batch's chains, cropped
         rows, end = mb
@@ -244,17 +255,19 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
             rows, _ = mb
             if cfg.liger:
                 loss, st = liger_loss(model, *inputs(mb), pick(mask, mb), start, adv[rows], pick(old, mb),
-                                      pick(ref, mb), cfg, n, num_tokens, len(mbs))
+                                      pick(ref, mb), cfg, n, num_tokens, len(mbs) + other_micro)
             else:
                 logps = logps_of(model, mb)
                 old_mb = pick(old, mb) if old is not None else logps.detach()
                 loss, st = policy_loss(logps, old_mb, pick(ref, mb), adv[rows], pick(mask, mb), cfg, n, num_tokens,
-                                       len(mbs))
+                                       len(mbs) + other_micro)
             loss.backward()
             step["loss"] += loss.item()
             step["kl"] += st["kl"]
             step["clip"] += st["clip"]
         params = [p for p in model.parameters() if p.requires_grad]
+        distributed.all_reduce_grads(params)  # the step's gradient: every rank's share, summed
+        step["loss"], step["kl"], step["clip"] = distributed.all_sum([step["loss"], step["kl"], step["clip"]])
         step["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()  # before clipping
         step["skipped"] = not (math.isfinite(step["loss"]) and math.isfinite(step["grad_norm"]))
         if not step["skipped"]:  # a NaN or inf would poison the weights and the optimizer's moments
@@ -264,7 +277,7 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
 
     old, ref = retry_on_oom(fixed_logps)
     steps = [retry_on_oom(one_update) for _ in range(cfg.num_iterations)]
-    tokens = max(1, num_tokens.item() * len(steps))
+    tokens = max(1, num_tokens * len(steps))
     return {"loss": sum(s["loss"] for s in steps) / len(steps),
             "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
             "kl": sum(s["kl"] for s in steps) / tokens, "clip_frac": sum(s["clip"] for s in steps) / tokens,

@@ -111,8 +111,9 @@ def warm_start_cached(model, tokenizer, examples: list[dict], cfg) -> None:
         return
     warm_start(model, tokenizer, examples, cfg)
     os.makedirs(cfg.sft_cache, exist_ok=True)
-    torch.save(model.state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)  # whole or absent: a run killed while saving leaves no half file
+    tmp = f"{path}.{os.getpid()}.tmp"  # torchrun's ranks may save the same warm start at once
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)  # whole or absent: a run killed while saving leaves no half file
     print(f"warm start: saved to {path} (sft_cache)")
 
 

@@ -3,11 +3,14 @@
     python train.py --config configs/tiny.yaml                      # CPU demo, built-in model and task
     python train.py --model_name Qwen/Qwen2.5-1.5B-Instruct          # the reference GSM8K setup
     python train.py --resume out/run                                 # continue from the last checkpoint
+    torchrun --nproc_per_node 4 train.py --config X                  # 4 GPUs: the same run (distributed.py)
 
 For each step: take B questions, sample G chains for each with the sampling idea `--rollout` names
 (samplers.py), score every chain with the reward functions (rewards.py), normalise rewards within
 each question's group into advantages, and take an optimizer step on the policy loss over the tokens
 the policy sampled (Rollout.loss_mask): grpo.step, with the loss family and the update in losses.py.
+Under torchrun each rank samples its share of the B questions and the update is the one of all ranks'
+chains (distributed.py); rank 0 writes.
 
 Where this differs from the papers, on purpose:
 - One optimizer step per rollout by default (num_iterations 1): the ratio is then exactly 1 and
@@ -28,6 +31,7 @@ from transformers.utils import logging as hf_logging
 import checkpoint
 import config
 import data
+import distributed
 import evaluator
 import grpo
 import llms
@@ -44,53 +48,62 @@ def main(argv: list[str]) -> None:
     cfg = config.load(argv)
     rewards.check_names(cfg.rewards)
     samplers.check(cfg)
-    device = llms.pick_device(cfg.device)
+    device = distributed.setup(cfg, llms.pick_device(cfg.device))  # torchrun: join the other ranks
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     run = checkpoint.Run(cfg)  # a fresh run, or --resume: its latest checkpoint and trimmed logs
 
-    # 1. data: train and held-out test examples {"question", "answer", "solution"}
-    train_set, test_set = data.load(cfg)
-    eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
-    print(f"data: {len(train_set)} train questions, evaluating on {len(eval_set)} held-out questions")
-    # the sampling idea, its start-up checks done (GHPO's solutions, the verifier backend) before the policy
-    sample = samplers.make(cfg, device=device, train_set=train_set)
-    llms.check_context(cfg)
+    with distributed.together():  # an error on any rank stops every rank, printed once
+        # 1. data: train and held-out test examples {"question", "answer", "solution"}
+        train_set, test_set = data.load(cfg)
+        eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
+        print(f"data: {len(train_set)} train questions, evaluating on {len(eval_set)} held-out questions")
+        # the sampling idea, its start-up checks done (GHPO's solutions, the verifier backend) before the policy
+        sample = samplers.make(cfg, device=device, train_set=train_set)
+        llms.check_context(cfg)
 
-    # 2. the policy: a fresh run starts from model_name (warm-started if sft_steps), a resumed one from
-    #    its latest checkpoint; then LoRA or train_only, and the frozen reference when beta > 0
-    model, tokenizer = llms.from_config(cfg, run.model_path, device, train_set)
-    rollout.check_prompts_fit(tokenizer, cfg, train_set + eval_set)  # a judge prompt must keep its instructions
-    if run.fresh and cfg.sft_steps > 0:
-        sft.warm_start_cached(model, tokenizer, train_set, cfg)
+        # 2. the policy: a fresh run starts from model_name (warm-started if sft_steps), a resumed one from
+        #    its latest checkpoint; then LoRA or train_only, and the frozen reference when beta > 0
+        model, tokenizer = llms.from_config(cfg, run.model_path, device, train_set)
+        rollout.check_prompts_fit(tokenizer, cfg, train_set + eval_set)  # a judge prompt must keep its instructions
+        if run.fresh and cfg.sft_steps > 0:
+            sft.warm_start_cached(model, tokenizer, train_set, cfg)
     if run.fresh and (cfg.sft_steps > 0 or cfg.model_name == llms.TINY):
         run.save_base(model, tokenizer)  # the starting weights: resume, LoRA and the reference load them
-    policy = llms.for_training(model, tokenizer, cfg, adapter_path=run.adapter_path, load_reference=lambda: (
-        llms.from_config(cfg, run.base, device, train_set, gradient_checkpointing=False)[0]))
-    optimizer, scheduler = losses.make_optimizer(policy.model, cfg)
-    first_step = run.restore(optimizer, scheduler)
+    with distributed.together():
+        policy = llms.for_training(model, tokenizer, cfg, adapter_path=run.adapter_path, load_reference=lambda: (
+            llms.from_config(cfg, run.base, device, train_set, gradient_checkpointing=False)[0]))
+        optimizer, scheduler = losses.make_optimizer(policy.model, cfg)
+        first_step = run.restore(optimizer, scheduler)
+    distributed.broadcast_weights(policy.model)  # torchrun: every rank starts from rank 0's weights
 
     def evaluate(step: int) -> float:  # held-out accuracy with plain sampling, logged and plotted
         metrics, records = evaluator.evaluate(policy.model, tokenizer, eval_set, cfg)
         run.log_eval(step, metrics, records)
-        plot.plot([run.dir], run.dir)
+        if run.writes:
+            plot.plot([run.dir], run.dir)
         return metrics["accuracy"]
 
     # 3. the loop
     accuracy = evaluate(0) if first_step == 1 else math.nan
-    bar = tqdm(range(first_step, cfg.max_steps + 1), initial=first_step - 1, total=cfg.max_steps, desc="GRPO")
+    rank, world = distributed.rank(), distributed.world()
+    bar = tqdm(range(first_step, cfg.max_steps + 1), initial=first_step - 1, total=cfg.max_steps, desc="GRPO",
+               disable=rank > 0)
     with checkpoint.Guard(run, policy, optimizer, scheduler, cfg) as guard:
         for step in bar:
             t0 = time.time()
-            batch = data.step_batch(train_set, step, cfg.prompts_per_step, cfg.seed)  # B questions
+            questions = data.step_batch(train_set, step, cfg.prompts_per_step, cfg.seed)  # B questions
+            batch = distributed.shard(questions)  # this rank's B / N of them (all of them for one process)
+            distributed.seed_step(cfg.seed, step)
             out = grpo.step(policy, sample, batch, step, optimizer, cfg,  # sample, score, advantages, update
-                            refill=lambda n, k: data.refill(train_set, step, k, n, cfg.seed, taken=batch))
+                            refill=lambda n, k: data.refill(train_set, step, k * world + rank, n, cfg.seed,
+                                                            taken=questions))  # round k: each rank its own draw
             scheduler.step()
             guard.applied(step, out.figures["skipped"])
 
             # 4. log, evaluate, plot, checkpoint
             dt = time.time() - t0
-            tokens = sum(d["completion_len"] for d in out.rollout.info)
+            tokens = distributed.all_sum([sum(d["completion_len"] for d in out.rollout.info)])[0]  # all ranks
             run.log({"step": step, "split": "train", **out.figures, "lr": scheduler.get_last_lr()[0],
                      "step_time_s": dt, "tokens_per_s": tokens / dt, "peak_mem_gb": checkpoint.peak_mem_gb()})
             run.log_samples(step, out, cfg.log_samples)
@@ -101,6 +114,7 @@ def main(argv: list[str]) -> None:
             bar.set_postfix(reward=f"{out.figures['reward']:.2f}", acc=f"{accuracy:.2f}",
                             loss=f"{out.figures['loss']:.3f}")
     run.close()  # the trackers of report_to
+    distributed.teardown()
     if not guard.interrupted:
         print(f"done: {run.dir}/metrics.jsonl, curves in {run.dir}/reward.png and accuracy.png")
 
@@ -108,7 +122,9 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
+    except distributed.OtherRankFailed:  # torchrun: the rank that failed printed why
+        sys.exit(1)
     except checkpoint.RunStopped as e:
-        sys.exit(f"stopped: {e}")
+        sys.exit(f"stopped: {e}" if distributed.reports(e) else 1)
     except config.UserError as e:  # a mistake in what was asked: its message names the fix, no traceback
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if distributed.reports(e) else 1)

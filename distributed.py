@@ -1,0 +1,174 @@
+"""More processes under torchrun: N ranks run the same loop, each on its share of the step's questions.
+
+    torchrun --nproc_per_node 4 train.py --config X              # 4 GPUs of one machine (NCCL), or CPU (gloo)
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py --config X
+
+Without torchrun (no RANK in the environment) every function here is the identity of one process and
+costs nothing, so `python train.py` is unchanged. Under torchrun:
+
+- each rank samples and scores its own prompts_per_step / N questions (shard); group advantages stay
+  within a rank, since a group never spans two;
+- the loss normalisers that span the step (chains, tokens, micro-batches) are sums over the ranks
+  (losses.update), and the gradients are summed over the ranks once per step, after the micro-batches,
+  with one all-reduce per weight (all_reduce_grads) rather than DDP's wrapper, which would hide the
+  model behind `.module` from generate, LoRA's adapter switch and Liger's head; the price is no overlap
+  of that all-reduce with the backward pass. So N ranks take the update one process takes on the same
+  rollouts, up to the order of float sums;
+- the weights start equal (broadcast_weights from rank 0) and stay equal: every rank takes the same
+  optimizer step on the same gradient;
+- sampling draws from a stream seeded by (seed, step, rank) at each step (seed_step), so the ranks
+  sample differently and a resumed run, on any number of ranks, samples as it would have;
+- rank 0 alone writes (logs, plots, checkpoints, trackers) and prints; the other ranks keep stderr;
+- an error in a `together` block on any rank stops every rank at the block's end, and the message is
+  printed once, by the lowest rank that raised it (the others raise OtherRankFailed and exit quietly).
+"""
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import config
+
+
+class OtherRankFailed(RuntimeError):
+    """Another rank raised in a `together` block: it printed the error; this rank stops quietly."""
+
+
+def launched() -> bool:
+    """Started by torchrun with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup(cfg, device: str) -> str:
+    """Join the other ranks (NCCL on GPUs, gloo on CPU) and return the device this rank uses ("cuda" is
+    then its own GPU, LOCAL_RANK). Checks that the step's questions split evenly. One process: nothing."""
+    if not launched():
+        return device
+    if cfg.prompts_per_step % world():
+        raise config.UserError(f"prompts_per_step {cfg.prompts_per_step} does not split over {world()} ranks: "
+                               f"set it to a multiple of {world()} (each rank samples prompts_per_step / {world()} "
+                               f"questions), or run another number of processes")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    if not is_main():  # one copy of every line a run prints; errors and tracebacks still reach stderr
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shard(items: list) -> list:
+    """This rank's contiguous share of a list whose length the world size divides."""
+    k = len(items) // world()
+    return items[rank() * k:(rank() + 1) * k]
+
+
+def seed_step(seed: int, step: int) -> None:
+    """Under torchrun: the step's sampling stream, (seed, step, rank). One process keeps its one stream."""
+    if launched():
+        import random
+        s = (seed * 1_000_003 + step) * 1_009 + rank()
+        random.seed(s)
+        torch.manual_seed(s)
+
+
+def gather(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object); [obj] for one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """The element-wise sum of `values` over the ranks, in float64."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    return all_sum([float(flag)])[0] > 0
+
+
+def all_reduce_grads(params: list) -> None:
+    """Sum every trainable weight's gradient over the ranks (a weight with no gradient counts as 0)."""
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def broadcast_weights(model) -> None:
+    """Every rank takes rank 0's weights and buffers (LoRA's random init, a warm start on a GPU)."""
+    if not dist.is_initialized():
+        return
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, 0)
+
+
+def local(error: Exception) -> Exception:
+    """Mark an error as this rank's alone (one rank's out-of-memory, a together block's report): train.py
+    prints it on this rank. Other errors (a config check, which every rank makes alike) print on rank 0."""
+    error.rank_local = True
+    return error
+
+
+def reports(error: Exception) -> bool:
+    """Whether this rank prints `error` (see local)."""
+    return is_main() or getattr(error, "rank_local", False)
+
+
+class together:
+    """`with together(): ...` — a block that holds no collective call. At its end the ranks compare
+    notes: if any raised, every rank stops; the lowest rank with each distinct message re-raises its own
+    error (printed by train.py), the others raise OtherRankFailed. Without torchrun: a plain block."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if not dist.is_initialized():
+            return False
+        if kind is not None and not issubclass(kind, Exception):  # Ctrl-C, SystemExit: out at once
+            return False
+        notes = gather(None if error is None else f"{kind.__name__}: {error}")
+        failed = [(k, note) for k, note in enumerate(notes) if note is not None]
+        if not failed:
+            return False
+        mine = notes[rank()]
+        if mine is not None and min(k for k, note in failed if note == mine) == rank():
+            local(error)
+            return False  # this rank reports its own error
+        first = failed[0]
+        raise OtherRankFailed(f"rank {first[0]} stopped the run: {first[1]}")
