@@ -200,7 +200,9 @@ class Run:
         return self.first_step
 
     def trim_logs(self, step: int) -> None:
-        for name in self.LOGS if self.writes else ():
+        if not self.writes:
+            return
+        for name in self.LOGS:
             truncate_log(os.path.join(self.dir, name), step)
 
     def log(self, row: dict) -> None:

@@ -24,6 +24,7 @@ costs nothing, so `python train.py` is unchanged. Under torchrun:
 """
 import datetime
 import os
+import random
 import sys
 
 import torch
@@ -90,7 +91,6 @@ def shard(items: list) -> list:
 def seed_step(seed: int, step: int) -> None:
     """Under torchrun: the step's sampling stream, (seed, step, rank). One process keeps its one stream."""
     if launched():
-        import random
         s = (seed * 1_000_003 + step) * 1_009 + rank()
         random.seed(s)
         torch.manual_seed(s)

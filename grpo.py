@@ -129,7 +129,8 @@ def step(policy, sample, batch: list[dict], step: int, optimizer, cfg, refill=No
         "errors": {k: sum(x.errors[k] for x in rounds) for k in s.names},
         "completion_len": [d["completion_len"] for d in info], "truncated": [d["truncated"] for d in info],
         "cut": [n > cfg.max_prompt_tokens for n in lengths], "groups": len(s.batch), "zero_adv_frac": zero_adv_frac,
-        "sampled": sum(len(x.batch) for x in rounds), **filtered, "chains": len(r), "idea": r.stats})
+        "sampled": sum(len(x.batch) for x in rounds), **filtered, "chains": len(r),
+        **r.stats})  # the idea's figures are named with a slash (guide/..., ghpo/...): no clash
     total, per_fn = torch.cat([p["total"] for p in parts]), torch.cat([p["per_fn"] for p in parts])
     completion_lens = torch.tensor([n for p in parts for n in p["completion_len"]], dtype=torch.float)  # (N,)
     truncated, cut = [t for p in parts for t in p["truncated"]], [c for p in parts for c in p["cut"]]
@@ -142,12 +143,13 @@ def step(policy, sample, batch: list[dict], step: int, optimizer, cfg, refill=No
                    "filtered_frac": mean_of(parts, "filtered_frac", "sampled")} if filtered else {}),
                "completion_len": completion_lens.mean().item(), "truncated_frac": sum(truncated) / len(truncated),
                "prompt_truncated_frac": sum(cut) / len(cut), **stats,
-               **{k: mean_of([{**p["idea"], "chains": p["chains"]} for p in parts], k, "chains") for k in r.stats}}
+               **{k: mean_of(parts, k, "chains") for k in r.stats}}
     return Step(r, s.batch, s.answers, s.rewards, s.names, advantages, figures)
 
 
 def mean_of(parts: list[dict], key: str, weight: str = "") -> float:
-    """The ranks' figure `key`, averaged with the weights parts[k][weight] (equal weights without one)."""
+    """The ranks' figure `key`, averaged with the weights parts[k][weight] (equal weights without one);
+    one process's figure as it is."""
     if len(parts) == 1:
         return parts[0][key]
     w = [p[weight] if weight else 1 for p in parts]

@@ -204,8 +204,9 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
         return [(rows, int(ends[rows].max())) for rows in order.split(size)]
 
     # the step's normalisers: chains, trained tokens and micro-batches of all ranks (one process: its own)
-    n, num_tokens, num_micro = distributed.all_sum([local_n, mask.sum().item(), len(micro_batches())])
-    other_micro = num_micro - len(micro_batches())  # bnpo: the other ranks' micro-batches
+    local_micro = len(micro_batches())
+    n, num_tokens, num_micro = distributed.all_sum([local_n, mask.sum().item(), local_micro])
+    other_micro = num_micro - local_micro  # bnpo: the other ranks' micro-batches
 
     def inputs(mb):  # (ids, attention mask) of the micro-batch's chains, cropped
         rows, end = mb
