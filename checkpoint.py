@@ -322,6 +322,8 @@ class Guard:
         self.ctrl_c.restore()
         if kind is None and self.ctrl_c.requested:
             print(f"stopped by Ctrl-C after step {self.last_done}: continue with --resume {self.run.dir}")
+        if kind is not None and issubclass(kind, distributed.OtherRankFailed) and error.out_of_memory:
+            self.save(self.last_done)  # torchrun: another rank ran out of memory and reports it; rank 0 saves
         if kind is not None and issubclass(kind, torch.OutOfMemoryError):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

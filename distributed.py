@@ -20,7 +20,9 @@ costs nothing, so `python train.py` is unchanged. Under torchrun:
   sample differently and a resumed run, on any number of ranks, samples as it would have;
 - rank 0 alone writes (logs, plots, checkpoints, trackers) and prints; the other ranks keep stderr;
 - an error in a `together` block on any rank stops every rank at the block's end, and the message is
-  printed once, by the lowest rank that raised it (the others raise OtherRankFailed and exit quietly).
+  printed once, by the lowest rank that raised it (the others raise OtherRankFailed and exit quietly);
+  out of memory in the loss pass is agreed on the same way (losses.update), and rank 0 saves the last
+  finished step's checkpoint whichever rank ran out (checkpoint.Guard).
 """
 import datetime
 import os
@@ -34,7 +36,12 @@ import config
 
 
 class OtherRankFailed(RuntimeError):
-    """Another rank raised in a `together` block: it printed the error; this rank stops quietly."""
+    """Another rank raised in a `together` block, or ran out of memory in the loss pass: it printed the
+    error; this rank stops quietly (after rank 0 saved a checkpoint, if out_of_memory: checkpoint.Guard)."""
+
+    def __init__(self, message: str, out_of_memory: bool = False):
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
 
 
 def launched() -> bool:
@@ -162,13 +169,15 @@ class together:
             return False
         if kind is not None and not issubclass(kind, Exception):  # Ctrl-C, SystemExit: out at once
             return False
-        notes = gather(None if error is None else f"{kind.__name__}: {error}")
-        failed = [(k, note) for k, note in enumerate(notes) if note is not None]
+        oom = isinstance(error, torch.OutOfMemoryError)
+        notes = gather(None if error is None else (f"{kind.__name__}: {error}", oom))
+        failed = [(k, note) for k, note in enumerate(notes) if note is not None]  # (rank, (message, oom))
         if not failed:
             return False
         mine = notes[rank()]
         if mine is not None and min(k for k, note in failed if note == mine) == rank():
             local(error)
             return False  # this rank reports its own error
-        first = failed[0]
-        raise OtherRankFailed(f"rank {first[0]} stopped the run: {first[1]}")
+        first, (message, _) = failed[0]
+        raise OtherRankFailed(f"rank {first} stopped the run: {message}",
+                              out_of_memory=any(oom for _, (_, oom) in failed))

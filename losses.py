@@ -185,7 +185,9 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
     token count, so sorting changes which chains share it.
     Guards: an update whose loss or gradient is not finite is skipped ("skipped": 1), and CUDA
     out-of-memory retries the pass with micro-batches of half the size, down to one chain; only then
-    does the error reach the caller. No optimizer step has been taken when a pass is retried.
+    does the error reach the caller. No optimizer step has been taken when a pass is retried. Under
+    torchrun the ranks agree after each pass: if any ran out of memory, every rank retries at half its
+    size, or every rank stops (distributed.OtherRankFailed on the ranks that did not run out).
     Under torchrun (distributed.py) r holds this rank's chains; the normalisers (chains, tokens,
     micro-batches) and the gradients are summed over the ranks, so every rank takes the step one
     process would take on all ranks' chains, and the figures returned are the whole step's.
@@ -204,9 +206,7 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
         return [(rows, int(ends[rows].max())) for rows in order.split(size)]
 
     # the step's normalisers: chains, trained tokens and micro-batches of all ranks (one process: its own)
-    local_micro = len(micro_batches())
-    n, num_tokens, num_micro = distributed.all_sum([local_n, mask.sum().item(), local_micro])
-    other_micro = num_micro - local_micro  # bnpo: the other ranks' micro-batches
+    n, num_tokens, num_micro = distributed.all_sum([local_n, mask.sum().item(), len(micro_batches())])
 
     def inputs(mb):  # (ids, attention mask) of the micro-batch's chains, cropped
         rows, end = mb
@@ -221,18 +221,28 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
             out[rows, :end - start] = logps_of(m, (rows, end))
         return out
 
-    def retry_on_oom(fn):
-        nonlocal size
+    def retry_on_oom(fn):  # fn holds no collective call: the ranks agree on its outcome after it
+        nonlocal size, num_micro
         while True:
             try:
-                return fn()
-            except torch.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                free_memory()
-                if size == 1:
-                    raise
-                size = max(1, size // 2)
-                tqdm.write(f"out of memory in the loss pass: retrying with micro_batch_size {size}")
+                out, error = fn(), None
+            except torch.OutOfMemoryError as e:
+                out, error = None, e
+            notes = distributed.gather((error is not None, size))  # every rank retries, or stops, together
+            ran_out = [oom for oom, _ in notes]
+            if not any(ran_out):
+                return out
+            optimizer.zero_grad(set_to_none=True)
+            free_memory()
+            if any(oom and k == 1 for oom, k in notes):  # a rank out of memory with one chain a micro-batch
+                first = next(rank for rank, (oom, k) in enumerate(notes) if oom and k == 1)
+                if error is not None and distributed.rank() == first:
+                    raise error
+                raise distributed.OtherRankFailed(f"rank {first} ran out of memory in the loss pass",
+                                                  out_of_memory=True)
+            size = max(1, size // 2)
+            num_micro = distributed.all_sum([len(micro_batches())])[0]  # bnpo's normaliser, at the new size
+            tqdm.write(f"out of memory in the loss pass: retrying with micro_batch_size {size}")
 
     @torch.no_grad()
     def fixed_logps():  # per rollout: old policy (if reused) and reference log-probs, (N, T) each
@@ -249,23 +259,26 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
         rows, end = mb
         return None if t is None else t[rows, :end - start]
 
-    def one_update():  # forward + backward over all micro-batches, then one optimizer step (or a skip)
+    def backward():  # forward + backward over this rank's micro-batches; the figures' local sums
         mbs = micro_batches()
         step = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
         for mb in mbs:
             rows, _ = mb
             if cfg.liger:
                 loss, st = liger_loss(model, *inputs(mb), pick(mask, mb), start, adv[rows], pick(old, mb),
-                                      pick(ref, mb), cfg, n, num_tokens, len(mbs) + other_micro)
+                                      pick(ref, mb), cfg, n, num_tokens, num_micro)
             else:
                 logps = logps_of(model, mb)
                 old_mb = pick(old, mb) if old is not None else logps.detach()
                 loss, st = policy_loss(logps, old_mb, pick(ref, mb), adv[rows], pick(mask, mb), cfg, n, num_tokens,
-                                       len(mbs) + other_micro)
+                                       num_micro)
             loss.backward()
             step["loss"] += loss.item()
             step["kl"] += st["kl"]
             step["clip"] += st["clip"]
+        return step
+
+    def apply(step):  # the step's gradient and figures over all ranks, then one optimizer step (or a skip)
         params = [p for p in model.parameters() if p.requires_grad]
         distributed.all_reduce_grads(params)  # the step's gradient: every rank's share, summed
         step["loss"], step["kl"], step["clip"] = distributed.all_sum([step["loss"], step["kl"], step["clip"]])
@@ -277,7 +290,7 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
         return step
 
     old, ref = retry_on_oom(fixed_logps)
-    steps = [retry_on_oom(one_update) for _ in range(cfg.num_iterations)]
+    steps = [apply(retry_on_oom(backward)) for _ in range(cfg.num_iterations)]
     tokens = max(1, num_tokens * len(steps))
     return {"loss": sum(s["loss"] for s in steps) / len(steps),
             "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),

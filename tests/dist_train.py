@@ -3,27 +3,35 @@
     torchrun --standalone --nproc_per_node 2 tests/dist_train.py MODE TRAIN_ARGS...
 
 MODE: run (train.py as it is), sampler_fails (rank 1's sampler raises a UserError at step 2),
-flaky_reward (a reward `flaky` that raises on rank 1's chains: counted, the run goes on).
+sampler_oom (rank 1's sampler runs out of memory at step 2),
+flaky_reward (a reward `flaky` that raises on rank 1's chains: counted, the run goes on),
+oom_once (rank 1's first loss micro-batch of 4 chains runs out of memory: both ranks retry at 2),
+oom_always (rank 1 runs out of memory on every loss micro-batch: both ranks stop, rank 0 saves).
 """
 import os
 import runpy
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import config  # noqa: E402
 import distributed  # noqa: E402
+import losses  # noqa: E402
 import rewards  # noqa: E402
 import samplers  # noqa: E402
 
 mode, argv = sys.argv[1], sys.argv[2:]
-if mode == "sampler_fails":
+if mode in ("sampler_fails", "sampler_oom"):
     make = samplers.make
 
     def failing_make(cfg, **kwargs):
         sample = make(cfg, **kwargs)
 
         def wrapped(model, tokenizer, batch, step):
+            if distributed.rank() == 1 and step == 2 and mode == "sampler_oom":
+                raise torch.OutOfMemoryError("CUDA out of memory (rank 1's test fault)")
             if distributed.rank() == 1 and step == 2:
                 raise config.UserError("the verifier server stopped answering (rank 1's test fault)")
             return sample(model, tokenizer, batch, step)
@@ -35,5 +43,14 @@ elif mode == "flaky_reward":
             raise ValueError("rank 1's test fault")
         return 1.0
     rewards.REWARDS["flaky"] = flaky
+elif mode in ("oom_once", "oom_always"):
+    token_logps, failed = losses.token_logps, []
+
+    def tight(model, input_ids, *args):  # GRPO's micro-batches (the warm start's batches are larger)
+        if distributed.rank() == 1 and input_ids.shape[0] <= 4 and (mode == "oom_always" or not failed):
+            failed.append(input_ids.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory (rank 1's test fault)")
+        return token_logps(model, input_ids, *args)
+    losses.token_logps = tight
 sys.argv = [os.path.join(ROOT, "train.py"), *argv]
 runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 from helpers import FAST, ROOT, read
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -37,10 +38,16 @@ def test_two_ranks_take_the_update_of_one_process(worker, case):
     norm (which Adam's first step would hide a wrong normaliser from), are those of one process."""
     one, two = (torch.load(worker / f"{case}_world{n}.pt", weights_only=False) for n in (1, 2))
     assert one["weights"].keys() == two["weights"].keys()
+    bf16 = dist_worker.CASES[case].get("dtype") == "bf16"
     for name, w in one["weights"].items():
-        assert torch.allclose(w, two["weights"][name], rtol=0, atol=2e-5), name
+        if bf16:  # bf16 gradients sum in another order; Adam's first step, lr * g / |g|, turns a rounding
+            # difference on a near-zero gradient into up to 2 lr: allowed on a few weights, never more
+            off = (w - two["weights"][name]).abs()
+            assert off.max() <= 2 * dist_worker.LR and (off > 1e-4).float().mean() < 0.02, name
+        else:
+            assert torch.allclose(w, two["weights"][name], rtol=0, atol=2e-5), name
     for key in ("loss", "grad_norm", "kl", "clip_frac"):
-        assert two["figures"][key] == pytest.approx(one["figures"][key], rel=1e-5, abs=1e-7), key
+        assert two["figures"][key] == pytest.approx(one["figures"][key], rel=1e-2 if bf16 else 1e-5, abs=1e-7), key
     assert one["figures"]["grad_norm"] > 1e-3
 
 
@@ -51,6 +58,22 @@ def test_the_train_line_is_over_every_rank(worker):
     assert (one["reward"], one["zero_adv_frac"], one["idea/rank"]) == (0.5, 0.0, 0.0)
     assert (two["reward"], two["zero_adv_frac"], two["idea/rank"]) == (0.75, 0.5, 0.5)
     assert two["reward_std"] == pytest.approx(torch.tensor([0.0, 1, 0, 1, 1, 1, 1, 1]).std().item())
+
+
+@pytest.mark.parametrize("idea", list(dist_worker.IDEAS))
+def test_every_sampling_idea_keeps_the_ranks_in_step(worker, idea):
+    """Each rank samples its questions with its own sampler (guided, GHPO, the rules verifier); the
+    update keeps every rank's weights equal, and the idea's own figures reach the train line."""
+    two = torch.load(worker / "ideas_world2.pt", weights_only=False)[idea]
+    assert two["in_sync"]
+    prefix = {"guided": "guide/", "ghpo": "ghpo/", "verifier": "verifier/"}[idea]
+    assert any(key.startswith(prefix) for key in two["figures"]) and two["figures"]["grad_norm"] > 0
+
+
+def test_a_greedy_evaluation_over_two_ranks_is_the_one_of_one_process(worker):
+    one, two = (torch.load(worker / f"ideas_world{n}.pt", weights_only=False)["eval"] for n in (1, 2))
+    assert one == two and one[0]["n"] == 7
+    assert len({rec["completions"][0] for rec in one[1]}) == 7  # a different completion for each question
 
 
 def test_a_torchrun_run_writes_once_and_resumes_on_two_ranks_and_on_one(tmp_path):
@@ -89,3 +112,24 @@ def test_a_reward_raising_on_one_rank_is_counted_over_both(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(r for r in read(tmp_path / "c" / "metrics.jsonl") if r["split"] == "train")
     assert line["reward_errors/flaky"] == 4 and line["reward/flaky"] == 0.5  # rank 1's 4 chains of 8
+
+
+def test_out_of_memory_on_one_rank_retries_or_stops_on_both(tmp_path):
+    """Rank 1 alone runs out of memory in the loss pass: both ranks retry with half the micro-batch (no
+    hang in the gradient all-reduce); when even one chain does not fit, both stop, the message is printed
+    once and rank 0 saves the last finished step's checkpoint, as one process would."""
+    done = run(TORCHRUN + ["tests/dist_train.py", "oom_once", *SHORT, "--max_steps", "2",
+                           "--out_dir", str(tmp_path / "once")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [r for r in read(tmp_path / "once" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["micro_batch_size"] for r in rows] == [2, 4]
+    out = tmp_path / "always"
+    done = run(TORCHRUN + ["tests/dist_train.py", "oom_always", *SHORT, "--max_steps", "2", "--out_dir", str(out)])
+    assert done.returncode != 0
+    assert done.stderr.count("stopped: out of memory at step 1") == 1, done.stderr[-3000:]
+    assert checkpoint.latest(str(out)).endswith("step_000000")
+    out = tmp_path / "sampling"  # while sampling: the same stop, and step 1's checkpoint
+    done = run(TORCHRUN + ["tests/dist_train.py", "sampler_oom", *SHORT, "--max_steps", "3", "--out_dir", str(out)])
+    assert done.returncode != 0
+    assert done.stderr.count("stopped: out of memory at step 2") == 1, done.stderr[-3000:]
+    assert checkpoint.latest(str(out)).endswith("step_000001")
