@@ -30,6 +30,7 @@ from tqdm import tqdm
 import config
 import distributed
 import tracking
+import vision
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -63,6 +64,8 @@ def save_model(path: str, model, tokenizer, state: dict | None = None, what: str
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if vision.is_vl(tokenizer):  # a VL model's image processor, which llms.load reads back
+            tokenizer.image_processor.save_pretrained(tmp)
         if state is not None:
             torch.save(state, os.path.join(tmp, "state.pt"))
     except OSError as e:

@@ -50,7 +50,8 @@ LOSS_DEFAULTS = {
 @dataclass
 class Config:
     # --- model (llms.py)
-    model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, local folder, or "tiny" (built in)
+    model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, local folder, "tiny" or "tiny_vl" (built in;
+    #                                    tiny_vl: a random Qwen2-VL); Qwen2-VL / Qwen2.5-VL load with their images
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (fp16 is refused:
     #                                    no loss scaler here)
     gradient_checkpointing: bool = True  # recompute activations in backward: less memory, more time
@@ -66,14 +67,21 @@ class Config:
     tiny_hidden: int = 128             # width of the built-in tiny model
     tiny_layers: int = 4               # layers of the built-in tiny model
     tiny_vocab_size: int = 512         # vocabulary of the tiny model's tokenizer (trained on the train set)
+    min_pixels: int = 0                # VL models: an image is resized to at least this many pixels (0: the
+    #                                    checkpoint's image processor setting); 28 x 28 pixels make one token
+    max_pixels: int = 0                # VL models: ... and at most this many, which bounds the visual tokens
+    train_vision: bool = False         # VL models, full fine-tuning: train the vision tower too (frozen by default)
     # --- data (data.py)
-    dataset: str = "openai/gsm8k"      # hub name, local jsonl/parquet file or folder, or "arithmetic"
+    dataset: str = "openai/gsm8k"      # hub name, local jsonl/parquet file or folder, "arithmetic" or "digits"
+    #                                    (built in; digits: the sum of two numbers drawn in an image, vision.py)
     dataset_config: str = "main"       # the hub dataset's configuration
     train_split: str = "train"         # split trained on
     test_split: str = "test"           # split evaluated on
     test_dataset: str = ""             # a separate held-out file, needed when `dataset` is one file
     question_field: str = "question"   # the column that holds the question
     answer_field: str = "answer"       # the column with the answer; GSM8K layout: solution steps, then "#### <answer>"
+    image_field: str = "images"        # the column with a row's images, if any (paths relative to the data file,
+    #                                    bytes, {bytes, path} dicts); the question's <image> marks where they go
     system_prompt: str = GSM8K_SYSTEM_PROMPT  # the system message of every prompt ("" = none)
     task: Literal["math", "judge_pointwise", "judge_pairwise"] = "math"  # math: checked by rewards.is_correct;
     #                                    judge_*: the verdict parsers of judge_rewards.py
@@ -85,6 +93,8 @@ class Config:
     arithmetic_min_steps: int = 2      # the built-in task: fewest steps per problem
     arithmetic_max_steps: int = 4      # the built-in task: most steps per problem
     arithmetic_max_value: int = 99     # no number in a problem exceeds it: smaller is easier
+    digits_train_size: int = 80        # the built-in visual task: train questions (of its 100)
+    digits_test_size: int = 20         # the built-in visual task: held-out questions
     # --- sampling (samplers.py picks the idea; rollout.py holds plain sampling)
     rollout: str = "plain"             # the sampling idea, a name in samplers.SAMPLERS: plain, guided, ghpo, verifier
     prompts_per_step: int = 4          # B questions per step
@@ -319,6 +329,9 @@ def validate(cfg: Config) -> None:
     if cfg.lora_r > 0 and cfg.train_only:
         raise UserError(f"lora_r {cfg.lora_r} and train_only {cfg.train_only} both pick the weights that train: "
                         f"for LoRA pass --train_only '' (configs/tiny.yaml sets it), else --lora_r 0")
+    if cfg.lora_r > 0 and cfg.train_vision:
+        raise UserError("train_vision trains the vision tower's own weights, which LoRA leaves frozen: set "
+                        "lora_r 0 (full fine-tuning) to train it, or drop train_vision")
     if cfg.lora_r > 0 and not cfg.lora_target_modules:
         raise UserError("lora_r > 0 needs lora_target_modules (e.g. q_proj,v_proj); or set lora_r 0 for "
                         "full fine-tuning")

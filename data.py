@@ -1,7 +1,7 @@
 """Datasets: GSM8K (hub or local file), judge data (OpenJudge layout), and the built-in arithmetic task.
 
 Every loader returns plain lists of examples, one dict per problem:
-    {"question": str, "answer": str, "solution": str}
+    {"question": str, "answer": str, "solution": str}  (+ "images": [PIL images] for a row with images)
 `answer` is the final answer (what rewards.is_correct compares against; a judge's label), `solution`
 is the worked solution without the answer line (what the SFT warm start imitates and GHPO hints are
 cut from). Judge examples add "target", the verdict the warm start imitates.
@@ -18,7 +18,7 @@ per response (answer "0".."4"), a pairwise record one example (answer "A" or "B"
 is an error naming its file, row and field; skip_bad_rows skips and counts such rows instead.
 
     python data.py                          # prints a few built-in problems and the target text
-    python data.py make-demo out/demo_data  # small judge and problem/answer files for the CPU demos
+    python data.py make-demo out/demo_data  # small judge, problem/answer and image files for the CPU demos
 """
 import json
 import os
@@ -26,6 +26,7 @@ import random
 import re
 
 import config
+import vision
 
 # ----------------------------------------------------------------------------------------------
 # The built-in arithmetic task
@@ -98,6 +99,11 @@ def is_local(name: str) -> bool:
 
 class BadRow(config.UserError):
     """A record that cannot be used; its message names the file, the row and what is wrong."""
+
+
+def _base_dir(name: str) -> str:
+    """Where a dataset's relative image paths start: the data file's folder (or the folder itself)."""
+    return name if os.path.isdir(name) else os.path.dirname(os.path.abspath(name)) if is_local(name) else os.getcwd()
 
 
 def _read_file(path: str) -> list[tuple[str, object]]:
@@ -190,13 +196,28 @@ def _get(value, path: list, where: str):
     return value
 
 
-def math_example(row, where: str, question_field: str, answer_field: str, template: str) -> list[dict]:
+def math_example(row, where: str, question_field: str, answer_field: str, template: str,
+                 image_field: str = "", base_dir: str = "") -> list[dict]:
     question = str(_get(row, [question_field], where)).strip()
     solution, final = split_gsm8k_answer(str(_get(row, [answer_field], where)))
     if not question or not final:
         raise BadRow(f"{where}: empty {'question' if not question else 'final answer'} in field "
                      f"{question_field if not question else answer_field!r}")
-    return [{"question": fill(template, question=question), "answer": final, "solution": solution}]
+    example = {"question": fill(template, question=question), "answer": final, "solution": solution}
+    images = row.get(image_field) if image_field else None
+    if images is not None:  # one image or a list of them; the question's <image> marks say where they go
+        images = images if isinstance(images, list) else [images]
+        example["images"] = []
+        for k, image in enumerate(images):
+            try:
+                example["images"].append(vision.to_image(image, base_dir))
+            except ValueError as e:
+                raise BadRow(f"{where} {image_field}[{k}]: {e}") from None
+        try:
+            example["question"] = vision.with_placeholders(example["question"], len(images))
+        except ValueError as e:
+            raise BadRow(f"{where}: {e}") from None
+    return [example]
 
 
 def _query(row, where: str) -> str:
@@ -245,7 +266,7 @@ def judge_examples(row, where: str, task: str, template: str) -> list[dict]:
 
 
 def to_examples(rows: list[tuple[str, object]], source: str, task: str, template: str, question_field: str,
-                answer_field: str, skip_bad_rows: bool) -> list[dict]:
+                answer_field: str, skip_bad_rows: bool, image_field: str = "") -> list[dict]:
     """Examples from (where, row) pairs. A bad row is an error naming it, or, with skip_bad_rows, is
     skipped and counted; a column missing from the first row is a config error, never skipped."""
     first = next((row for _, row in rows if isinstance(row, dict)), None)
@@ -263,8 +284,8 @@ def to_examples(rows: list[tuple[str, object]], source: str, task: str, template
         try:
             if isinstance(row, BadRow):
                 raise row
-            examples += (math_example(row, where, question_field, answer_field, template) if task == "math"
-                         else judge_examples(row, where, task, template))
+            examples += (math_example(row, where, question_field, answer_field, template, image_field,
+                                      _base_dir(source)) if task == "math" else judge_examples(row, where, task, template))
         except BadRow as e:
             if not skip_bad_rows:
                 raise BadRow(f"{e}. Fix the record, or pass --skip_bad_rows to skip and count such rows") from None
@@ -281,6 +302,10 @@ def load(cfg) -> tuple[list[dict], list[dict]]:
     file or folder; cfg.task says how rows become examples (math: question/answer columns; judge_*:
     the OpenJudge layout)."""
     template = load_template(cfg.prompt_template, cfg.task)
+    if cfg.dataset == "digits":
+        train, test = vision.digits_task(cfg.digits_train_size, cfg.digits_test_size, cfg.seed)
+        return ([{**ex, "question": fill(template, question=ex["question"])} for ex in train],
+                [{**ex, "question": fill(template, question=ex["question"])} for ex in test])
     if cfg.dataset == "arithmetic":
         if cfg.task != "math":
             raise config.UserError(f"the built-in arithmetic task is a math task; task {cfg.task!r} needs judge data: "
@@ -297,7 +322,7 @@ def load(cfg) -> tuple[list[dict], list[dict]]:
                                f"file with --test_dataset path/to/test.jsonl")
     else:
         test_rows, test_source = _load_rows(cfg.dataset, cfg.test_split, cfg.dataset_config), cfg.dataset
-    args = (cfg.task, template, cfg.question_field, cfg.answer_field, cfg.skip_bad_rows)
+    args = (cfg.task, template, cfg.question_field, cfg.answer_field, cfg.skip_bad_rows, cfg.image_field)
     return to_examples(train_rows, cfg.dataset, *args), to_examples(test_rows, test_source, *args)
 
 
@@ -393,6 +418,32 @@ def make_demo(out_dir: str, n_train: int = 200, n_test: int = 40, seed: int = 0)
             paths.append(os.path.join(out_dir, f"{name}_{split}.jsonl"))
             with open(paths[-1], "w") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
+    return paths + make_digits_demo(out_dir, seed=seed)
+
+
+def make_digits_demo(out_dir: str, n_train: int = 80, n_test: int = 20, seed: int = 0) -> list[str]:
+    """The built-in visual task as files, in the two layouts of image data: digits_{train,test}.jsonl
+    (problem, answer in GSM8K's layout, images as PNG paths relative to the file) and digits_{train,test}.parquet (images
+    as HF datasets' {"bytes", "path"} dicts). Returns their paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.join(out_dir, "digits_images"), exist_ok=True)
+    paths = []
+    for split, examples in zip(("train", "test"), vision.digits_task(n_train, n_test, seed)):
+        rows, png = [], []
+        for k, ex in enumerate(examples):
+            path = os.path.join("digits_images", f"{split}_{k}.png")
+            ex["images"][0].save(os.path.join(out_dir, path))
+            with open(os.path.join(out_dir, path), "rb") as f:
+                png.append(f.read())
+            rows.append({"problem": ex["question"], "answer": f"{ex['solution']}\n#### {ex['answer']}", "images": [path]})
+        paths.append(os.path.join(out_dir, f"digits_{split}.jsonl"))
+        with open(paths[-1], "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        paths.append(os.path.join(out_dir, f"digits_{split}.parquet"))
+        pq.write_table(pa.table({"problem": [r["problem"] for r in rows], "answer": [r["answer"] for r in rows],
+                                 "images": [[{"bytes": b, "path": None}] for b in png]}), paths[-1])
     return paths
 
 

@@ -88,7 +88,8 @@ def evaluate(model, tokenizer, examples: list[dict], cfg) -> tuple[dict, list[di
             batch = examples[i:i + cfg.eval_batch_size]
             r = rollout.sample(model, tokenizer, rollout.prompts_of(tokenizer, cfg.system_prompt, batch),
                                cfg.eval_samples, max_prompt_tokens=cfg.max_prompt_tokens,
-                               max_new_tokens=cfg.max_completion_tokens, temperature=cfg.eval_temperature)
+                               max_new_tokens=cfg.max_completion_tokens, temperature=cfg.eval_temperature,
+                               images=rollout.images_of(batch))
             mine[i] = []
             for j, ex in enumerate(batch):
                 texts = r.texts[j * cfg.eval_samples:(j + 1) * cfg.eval_samples]

@@ -108,7 +108,7 @@ def ghpo(model, tokenizer, examples: list[dict], num_chains: int, *, system_prom
         room = max(len(tokenizer(block, add_special_tokens=False)["input_ids"]) for block in blocks)
         r = rollout.sample(model, tokenizer, prompts, G, max_prompt_tokens=max_prompt_tokens + room,
                            max_new_tokens=max_completion_tokens, temperature=temperature, top_p=top_p,
-                           sampler=sampler)
+                           sampler=sampler, images=rollout.images_of([examples[b] for b in groups]))
         for i, d in enumerate(r.info):
             d["hint_ratio"], d["hint"] = ratio, hints[i // G]
         answers = [examples[b]["answer"] for b in groups for _ in range(G)]

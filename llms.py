@@ -14,23 +14,31 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer,
+                          GenerationConfig, PreTrainedTokenizerFast)
 
 import config
 import data
+import vision
 
 TINY = "tiny"
-TINY_CONTEXT = 1024  # positions of the built-in tiny model
+TINY_VL = vision.TINY_VL
+TINY_CONTEXT = 1024  # positions of the built-in tiny models
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Qwen's chat layout, so prompts of the tiny model look like those of the real one.
+# Qwen's chat layout, so prompts of the tiny model look like those of the real one; content given as
+# parts (a question with images) renders an image as Qwen2-VL's does.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %}" + vision.IMAGE_PART + "{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
-def build_tiny_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on `corpus`: any text encodes (bytes are the fallback), digits stay single."""
+def build_tiny_tokenizer(corpus: list[str], vocab_size: int, vl: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `corpus`: any text encodes (bytes are the fallback), digits stay single;
+    vl adds Qwen2-VL's vision tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -39,7 +47,7 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokeni
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + (vision.VISION_TOKENS if vl else []),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -60,14 +68,17 @@ def build_tiny_model(vocab_size: int, hidden: int, layers: int, seed: int):
 
 def context_length(model_name: str, trust_remote_code: bool = False) -> int | None:
     """The longest sequence the model takes (prompt + completion), from its config alone; None if unknown."""
-    if model_name == TINY:
+    if model_name in (TINY, TINY_VL):
         return TINY_CONTEXT
     cfg = _from_pretrained(AutoConfig, model_name, trust_remote_code=trust_remote_code)
-    return getattr(cfg, "max_position_embeddings", None)
+    return getattr(cfg.get_text_config(), "max_position_embeddings", None)  # a VL model: its language model's
 
 
 def chat_prompt(tokenizer, system_prompt: str, user: str) -> str:
-    """The prompt text for one question, ending where the assistant starts writing."""
+    """The prompt text for one question, ending where the assistant starts writing. For a VL model, the
+    question's <image> marks become image parts (vision.py)."""
+    if vision.is_vl(tokenizer) and vision.PLACEHOLDER in user:
+        user = vision.content_parts(user)
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -112,18 +123,24 @@ def _from_pretrained(cls, name: str, **kwargs):
 def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpointing: bool = False,
          liger: bool = False, trust_remote_code: bool = False, tiny_corpus: list[str] | None = None,
          tiny_vocab_size: int = 512, tiny_hidden: int = 128, tiny_layers: int = 4, seed: int = 0,
-         load_8bit: bool = False):
+         load_8bit: bool = False, min_pixels: int = 0, max_pixels: int = 0):
     """(model, tokenizer) on `device`, in train mode, all weights trainable (see add_lora).
+
+    A Qwen2-VL or Qwen2.5-VL checkpoint (read from its config.json, not its name) loads with
+    AutoModelForImageTextToText, and its image processor (min_pixels, max_pixels) rides on the
+    tokenizer as tokenizer.image_processor (vision.py); `tiny_vl` builds a random tiny Qwen2-VL.
 
     load_8bit: int8 weights through bitsandbytes (CUDA only), about half the memory of bf16; for
     models that only generate, such as a verifier (verifier.py), never for the trained policy.
     """
     torch_dtype = pick_dtype(dtype, device)
-    if model_name == TINY:
+    if model_name in (TINY, TINY_VL):
         if not tiny_corpus:
             raise config.UserError("the tiny model trains its tokenizer on the training text: pass tiny_corpus")
-        tokenizer = build_tiny_tokenizer(tiny_corpus, tiny_vocab_size)
-        model = build_tiny_model(len(tokenizer), tiny_hidden, tiny_layers, seed).to(torch_dtype)
+        tokenizer = build_tiny_tokenizer(tiny_corpus, tiny_vocab_size, vl=model_name == TINY_VL)
+        model = (vision.build_tiny(tokenizer, tiny_hidden, tiny_layers, seed, min_pixels, max_pixels)
+                 if model_name == TINY_VL else build_tiny_model(len(tokenizer), tiny_hidden, tiny_layers, seed))
+        model = model.to(torch_dtype)
     else:
         quantized = {}  # from_pretrained arguments for 8-bit weights
         if load_8bit:
@@ -133,8 +150,11 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
             from transformers import BitsAndBytesConfig
             quantized = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
         tokenizer = _from_pretrained(AutoTokenizer, model_name, trust_remote_code=trust_remote_code)
-        model = _from_pretrained(AutoModelForCausalLM, model_name, dtype=torch_dtype,
-                                 trust_remote_code=trust_remote_code, **quantized)
+        vl = _from_pretrained(AutoConfig, model_name, trust_remote_code=trust_remote_code).model_type in vision.VL_TYPES
+        if vl:
+            tokenizer.image_processor = vision.image_processor(model_name, min_pixels, max_pixels)
+        model = _from_pretrained(AutoModelForImageTextToText if vl else AutoModelForCausalLM, model_name,
+                                 dtype=torch_dtype, trust_remote_code=trust_remote_code, **quantized)
     return prepare(model, tokenizer, device, gradient_checkpointing, liger)
 
 
@@ -142,13 +162,14 @@ def from_config(cfg, name: str, device: str, train_set: list[dict], *, gradient_
     """`load` with the run's settings: the policy (name = model_name, a checkpoint or the warm-started
     base) or its frozen reference. The tiny model's tokenizer trains on the train set's chats."""
     corpus = None
-    if cfg.model_name == TINY:  # only the tiny tokenizer trains on it
+    if cfg.model_name in (TINY, TINY_VL):  # only the tiny tokenizer trains on it
         corpus = [f"system\n{cfg.system_prompt}\nuser\n{ex['question']}\nassistant\n{data.target_text(ex)}"
                   for ex in train_set]
     return load(name, device, dtype=cfg.dtype, liger=cfg.liger, trust_remote_code=cfg.trust_remote_code,
                 gradient_checkpointing=cfg.gradient_checkpointing if gradient_checkpointing is None
                 else gradient_checkpointing, tiny_corpus=corpus, tiny_vocab_size=cfg.tiny_vocab_size,
-                tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed)
+                tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed, min_pixels=cfg.min_pixels,
+                max_pixels=cfg.max_pixels)
 
 
 def check_context(cfg) -> None:
@@ -203,9 +224,12 @@ def for_training(model, tokenizer, cfg, *, load_reference, adapter_path: str = "
     the weights train_only names, or all of them; and with beta > 0 and full fine-tuning the reference,
     load_reference() -> a model with the starting weights, frozen here. train.py, bench.py and
     grad_agreement.py all set up their policy through this."""
+    if vision.is_vl(tokenizer) and not cfg.train_vision:
+        print(f"the vision tower is frozen ({vision.freeze_vision(model):,} weights; train_vision to train it)")
     if cfg.lora_r > 0:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                         adapter_path=adapter_path)
+        targets = vision.language_model_only(cfg.lora_target_modules) if vision.is_vl(tokenizer) else \
+            cfg.lora_target_modules
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, adapter_path=adapter_path)
     if cfg.train_only:  # e.g. the RMSNorm scales alone; a warm start before this trained every weight
         print(f"GRPO trains {train_only(model, cfg.train_only):,} weights: those named {cfg.train_only}")
     ref_model = None
@@ -214,7 +238,7 @@ def for_training(model, tokenizer, cfg, *, load_reference, adapter_path: str = "
     return Policy(model, tokenizer, ref_model)
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], adapter_path: str = ""):
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str] | str, adapter_path: str = ""):
     """Freeze the model and train LoRA adapters instead: new ones, or those saved at adapter_path."""
     from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -20,31 +20,45 @@ import distributed
 import kahan
 import llms
 import rollout
+import vision
 
 # ----------------------------------------------------------------------------------------------
 # Log-probs at the sampling temperature, never materialising the whole (n, L, vocab) fp32 logits
 
 
-def _chunk_logps(hidden, weight, bias, targets, temperature):
+def _chunk_logps(hidden, weight, bias, targets, temperature, banned=None):
     # contiguous: with a frozen head (LoRA), a sliced 3-D input makes torch's matmul expand the
     # weight once per chain (bmm) instead of one mm: 3.7 GB per chunk at Qwen2.5's vocab on CPU
     logits = F.linear(hidden.contiguous(), weight, bias).float() / temperature  # (n, c, V), one chunk only
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    # tokens that sampling never draws (a VL model's vision tokens: vision.banned_ids) leave the
+    # normaliser; a prompt's own vision tokens, which are never trained, keep a finite value
+    norm = logits if banned is None else logits.index_fill(-1, banned, float("-inf"))
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - norm.logsumexp(-1)
 
 
-def token_logps(model, input_ids, attention_mask, start: int, temperature: float, chunk: int):
+def hidden_states(body, input_ids, attention_mask, visual=None):
+    """The body's final hidden states (n, L, H). Text: positions that skip the left padding, as generate
+    used; a VL model's chains (visual, Rollout.visual_of) come with their images, and the model
+    computes its own 3-D positions from them."""
+    if visual is not None:
+        return body(input_ids=input_ids, attention_mask=attention_mask,
+                    **vision.model_inputs(body, input_ids, visual)).last_hidden_state
+    return body(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=rollout.position_ids(attention_mask)).last_hidden_state
+
+
+def token_logps(model, input_ids, attention_mask, start: int, temperature: float, chunk: int, visual=None):
     """log p(x_t | x_<t) for positions t >= start: (n, L - start) fp32.
 
     The body runs once; the output projection runs on `chunk` positions at a time and is recomputed
     in backward (activation checkpointing), so only one chunk of logits ever exists.
     """
     body, head = llms.decoder_and_head(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=rollout.position_ids(attention_mask)).last_hidden_state  # (n, L, H)
-    return head_logps(hidden, head, input_ids, start, temperature, chunk)
+    hidden = hidden_states(body, input_ids, attention_mask, visual)  # (n, L, H)
+    return head_logps(hidden, head, input_ids, start, temperature, chunk, vision.banned_ids(model))
 
 
-def head_logps(hidden, head, input_ids, start: int, temperature: float, chunk: int):
+def head_logps(hidden, head, input_ids, start: int, temperature: float, chunk: int, banned: list[int] | None = None):
     """token_logps from the final hidden states (n, L, H): the output projection, chunk by chunk.
 
     Its memory, beyond the weights and gradients, is one chunk's logits and their gradient: about 16
@@ -52,9 +66,10 @@ def head_logps(hidden, head, input_ids, start: int, temperature: float, chunk: i
     --logp_chunk N` (Qwen2.5's vocab of 151,936: 1.18 GB at 8 chains x 64 positions, 4.66 GB at 8 x 256).
     """
     out = []
+    banned = None if banned is None else torch.tensor(banned, device=input_ids.device)
     for s in range(start, input_ids.shape[1], chunk):
         e = min(s + chunk, input_ids.shape[1])
-        args = (hidden[:, s - 1:e - 1], head.weight, head.bias, input_ids[:, s:e], temperature)
+        args = (hidden[:, s - 1:e - 1], head.weight, head.bias, input_ids[:, s:e], temperature, banned)
         out.append(recompute(_chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
                    else _chunk_logps(*args))
     return torch.cat(out, 1)
@@ -127,12 +142,12 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, cfg, num_seqs, nu
 
 
 def liger_loss(model, ids, attn, mask, start, advantages, old_logps, ref_logps, cfg,
-               num_seqs, num_tokens, num_micro):
+               num_seqs, num_tokens, num_micro, visual=None):
     """The same loss through Liger's fused linear GRPO kernel: hidden states in, no logits tensor."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     body, head = llms.decoder_and_head(model)
-    hidden = body(input_ids=ids, attention_mask=attn, position_ids=rollout.position_ids(attn)).last_hidden_state
+    hidden = hidden_states(body, ids, attn, visual)
     loss_fn = LigerFusedLinearGRPOLoss(
         beta=cfg.beta, use_ref_model=cfg.beta > 0, compiled=ids.is_cuda,
         loss_type="grpo" if cfg.loss_type == "gspo" else cfg.loss_type,
@@ -213,7 +228,7 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
         return r.input_ids[rows, :end], r.attention_mask[rows, :end]
 
     def logps_of(m, mb):  # (n, end - start)
-        return token_logps(m, *inputs(mb), start, cfg.temperature, cfg.logp_chunk)
+        return token_logps(m, *inputs(mb), start, cfg.temperature, cfg.logp_chunk, r.visual_of(mb[0]))
 
     def all_logps(m):  # (N, T): every chain's log-probs in rollout order, 0 after a cropped chain's end
         out = torch.zeros(mask.shape, device=device)
@@ -266,7 +281,7 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
             rows, _ = mb
             if cfg.liger:
                 loss, st = liger_loss(model, *inputs(mb), pick(mask, mb), start, adv[rows], pick(old, mb),
-                                      pick(ref, mb), cfg, n, num_tokens, num_micro)
+                                      pick(ref, mb), cfg, n, num_tokens, num_micro, r.visual_of(rows))
             else:
                 logps = logps_of(model, mb)
                 old_mb = pick(old, mb) if old is not None else logps.detach()

@@ -10,6 +10,9 @@ A sampling idea only decides which tokens exist and which of them the policy is 
     info           N dicts       per-chain facts for rewards and logs ("truncated", "completion_len", ...)
     reward_weight  (N,) float or None   each chain's total reward is multiplied by it (None = 1)
     stats          dict          the idea's own figures for the step's train line (merged as they are)
+    visual         N tuples or None     a VL policy's images of each chain's question: (pixel_values
+                                 (p, D), image_grid_thw (k, 3)), computed once per question and shared
+                                 by its chains (vision.py); the forward passes take them with the ids
 
 N = B prompts x G chains, chains of one prompt are adjacent. Plain sampling is one batched HF
 `generate` call with every sampling setting passed explicitly. `sampler` picks its KV cache:
@@ -32,6 +35,7 @@ from transformers import GenerationConfig, StoppingCriteriaList
 
 import config
 import llms
+import vision
 
 
 @dataclass
@@ -44,9 +48,14 @@ class Rollout:
     info: list[dict] = field(default_factory=list)
     reward_weight: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
+    visual: list[tuple] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def visual_of(self, rows) -> list[tuple] | None:
+        """The visual inputs of the chains `rows` (a list or tensor of indices); None for text."""
+        return None if self.visual is None else [self.visual[i] for i in torch.as_tensor(rows).tolist()]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -65,8 +74,9 @@ def completion_mask(completions: torch.Tensor, eos_ids: list[int]) -> tuple[torc
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float, top_p: float = 1.0, sampler: str = "dynamic",
-             min_new_tokens: int = 0, stopping_criteria=None) -> torch.Tensor:
-    """New tokens (N, T) for already-tokenized, left-padded prompts; T <= max_new_tokens.
+             min_new_tokens: int = 0, stopping_criteria=None, visual: list[tuple] | None = None) -> torch.Tensor:
+    """New tokens (N, T) for already-tokenized, left-padded prompts; T <= max_new_tokens. `visual`: each
+    row's images for a VL model (Rollout.visual).
 
     Every setting is explicit: no top-k, no repetition penalty, all EOS ids, temperature 0 = greedy.
     The model samples in eval mode with its KV cache, and is put back in train mode afterwards; the
@@ -84,11 +94,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
         top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
         repetition_penalty=1.0, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, use_cache=True,
-        cache_implementation="static" if sampler == "static" else None,
+        cache_implementation="static" if sampler == "static" else None, suppress_tokens=vision.banned_ids(model),
         eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)
+    images = vision.model_inputs(model, input_ids, visual) if visual is not None else {}
     try:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                              stopping_criteria=StoppingCriteriaList(stopping_criteria or []))[:, input_ids.shape[1]:]
+                              stopping_criteria=StoppingCriteriaList(stopping_criteria or []),
+                              **images)[:, input_ids.shape[1]:]
     except torch.OutOfMemoryError:  # sample the rows in two halves (recursively), down to one row
         if len(input_ids) == 1:
             raise
@@ -97,7 +109,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         half = len(input_ids) // 2
         print(f"out of memory sampling {len(input_ids)} sequences: sampling them in two halves")
         parts = [generate(model, input_ids[s], attention_mask[s], max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, sampler=sampler, min_new_tokens=min_new_tokens)
+                          temperature=temperature, top_p=top_p, sampler=sampler, min_new_tokens=min_new_tokens,
+                          visual=None if visual is None else visual[s])
                  for s in (slice(0, half), slice(half, None))]
         width = max(p.shape[1] for p in parts)  # (n, T_i) -> (N, T): pad after the end, as generate does
         return torch.cat([F.pad(p, (0, width - p.shape[1]), value=gen.pad_token_id)
@@ -122,7 +135,23 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, devi
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
-def assemble(tokenizer, prompt_ids, prompt_mask, completions, eos_ids, group, info) -> Rollout:
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device, images: list[list] | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[tuple] | None]:
+    """tokenize_prompts, and with images (one list per prompt, for a VL model) each prompt's visual
+    inputs (vision.encode). A prompt with images is never cut: a cut could split an image's tokens."""
+    if images is None:
+        return *tokenize_prompts(tokenizer, prompts, max_prompt_tokens, device), None
+    prompts, visual = vision.encode(tokenizer, prompts, images)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device), visual
+
+
+def images_of(batch: list[dict]) -> list[list] | None:
+    """Each example's images (a list per example), or None when no example has any."""
+    return [ex.get("images", []) for ex in batch] if any(ex.get("images") for ex in batch) else None
+
+
+def assemble(tokenizer, prompt_ids, prompt_mask, completions, eos_ids, group, info, visual=None) -> Rollout:
     """Join prompts (N, P) and sampled completions (N, T) into a Rollout trained on the completions."""
     comp_mask, truncated = completion_mask(completions, eos_ids)
     for d, t, n in zip(info, truncated.tolist(), comp_mask.sum(1).tolist()):
@@ -134,21 +163,23 @@ def assemble(tokenizer, prompt_ids, prompt_mask, completions, eos_ids, group, in
         input_ids=torch.cat([prompt_ids, completions], 1),
         attention_mask=torch.cat([prompt_mask, comp_mask], 1),
         loss_mask=torch.cat([torch.zeros_like(prompt_mask), comp_mask], 1).float(),
-        group=group, texts=texts, info=info)
+        group=group, texts=texts, info=info, visual=visual)
 
 
 def sample(model, tokenizer, prompts: list[str], num_chains: int, *, max_prompt_tokens: int,
            max_new_tokens: int, temperature: float, top_p: float = 1.0, sampler: str = "dynamic",
-           min_new_tokens: int = 0) -> Rollout:
-    """Plain GRPO sampling: B prompts x G chains in one batched generate call."""
+           min_new_tokens: int = 0, images: list[list] | None = None) -> Rollout:
+    """Plain GRPO sampling: B prompts x G chains in one batched generate call; `images`: each prompt's
+    (images_of), for a VL model."""
     device = next(model.parameters()).device
-    ids, mask = tokenize_prompts(tokenizer, prompts, max_prompt_tokens, device)
+    ids, mask, visual = encode_prompts(tokenizer, prompts, max_prompt_tokens, device, images)
     ids, mask = ids.repeat_interleave(num_chains, 0), mask.repeat_interleave(num_chains, 0)  # (N, P)
+    visual = None if visual is None else [v for v in visual for _ in range(num_chains)]  # shared, not copied
     completions = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,  # (N, T)
-                           top_p=top_p, sampler=sampler, min_new_tokens=min_new_tokens)
+                           top_p=top_p, sampler=sampler, min_new_tokens=min_new_tokens, visual=visual)
     group = torch.arange(len(prompts), device=device).repeat_interleave(num_chains)
     info = [{} for _ in range(len(group))]
-    return assemble(tokenizer, ids, mask, completions, model.generation_config.eos_token_id, group, info)
+    return assemble(tokenizer, ids, mask, completions, model.generation_config.eos_token_id, group, info, visual)
 
 
 def prompts_of(tokenizer, system_prompt: str, batch: list[dict]) -> list[str]:
@@ -181,7 +212,7 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
     def sample_plain(model, tokenizer, batch: list[dict], step: int) -> Rollout:
         return sample(model, tokenizer, prompts_of(tokenizer, cfg.system_prompt, batch), cfg.num_chains,
                       max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_completion_tokens,
-                      temperature=cfg.temperature, top_p=cfg.top_p, sampler=cfg.sampler)
+                      temperature=cfg.temperature, top_p=cfg.top_p, sampler=cfg.sampler, images=images_of(batch))
     return sample_plain
 
 
@@ -202,23 +233,24 @@ def concat(parts: list[tuple[Rollout, list[int]]], group: torch.Tensor, pad_id: 
     if any(r.reward_weight is not None for r, _ in parts):
         weights = torch.cat([(r.reward_weight if r.reward_weight is not None else torch.ones(len(r)))[list(rows)]
                              for r, rows in parts])
+    visual = None if parts[0][0].visual is None else [r.visual[i] for r, rows in parts for i in rows]
     return Rollout(input_ids=stack("input_ids", pad_id), attention_mask=stack("attention_mask", 0),
                    loss_mask=stack("loss_mask", 0.0), group=group,
                    texts=[r.texts[i] for r, rows in parts for i in rows],
-                   info=[r.info[i] for r, rows in parts for i in rows], reward_weight=weights)
+                   info=[r.info[i] for r, rows in parts for i in rows], reward_weight=weights, visual=visual)
 
 
 def teacher_forced(tokenizer, prompts: list[str], completions: list[str], max_prompt_tokens: int,
-                   max_new_tokens: int) -> Rollout:
+                   max_new_tokens: int, images: list[list] | None = None) -> Rollout:
     """A Rollout of given completions (each followed by EOS): the SFT warm start and tests use it."""
-    ids, mask = tokenize_prompts(tokenizer, prompts, max_prompt_tokens, "cpu")
+    ids, mask, visual = encode_prompts(tokenizer, prompts, max_prompt_tokens, "cpu", images)
     rows = [tokenizer(c, add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [tokenizer.eos_token_id]
             for c in completions]
     width = max(len(r) for r in rows)
     completions_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
     group = torch.arange(len(prompts))
     return assemble(tokenizer, ids, mask, completions_ids, [tokenizer.eos_token_id], group,
-                    [{} for _ in prompts])
+                    [{} for _ in prompts], visual)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import data
 import llms
 import losses
 import rollout
+import vision
 
 # Config keys read only after the warm start (by the sampling ideas, rewards, the GRPO loss and
 # optimizer, evaluation and the run's bookkeeping): cache_key leaves them out, so that recipes
@@ -47,7 +48,7 @@ AFTER_WARM_START = {
     "log_samples", "resume", "report_to", "wandb_project", "sft_cache"}
 AFTER_WARM_START_PREFIXES = ("guide_", "ghpo_", "verifier_", "eval_", "lora_", "think_", "answer_", "overlong_")
 # the code that builds the warm start: an edit to any of these files makes a new key
-WARM_START_CODE = (arithmetic, data, llms, losses, rollout)
+WARM_START_CODE = (arithmetic, data, llms, losses, rollout, vision)
 
 
 def warm_start(model, tokenizer, examples: list[dict], cfg, probe=None, probe_every: int = 0) -> None:
@@ -70,11 +71,12 @@ def warm_start(model, tokenizer, examples: list[dict], cfg, probe=None, probe_ev
         prompts = rollout.prompts_of(tokenizer, cfg.system_prompt, batch)
         targets = [data.target_text(ex, rng.random() < cfg.sft_answer_only_frac, cfg.sft_slip_rate, rng)
                    for ex in batch]
-        r = rollout.teacher_forced(tokenizer, prompts, targets, cfg.max_prompt_tokens, cfg.max_completion_tokens)
+        r = rollout.teacher_forced(tokenizer, prompts, targets, cfg.max_prompt_tokens, cfg.max_completion_tokens,
+                                   images=rollout.images_of(batch))
         start = losses.first_trained_column(r.loss_mask)
         mask = r.loss_mask[:, start:].to(device)
         logps = losses.token_logps(model, r.input_ids.to(device), r.attention_mask.to(device), start, 1.0,
-                                   cfg.logp_chunk)
+                                   cfg.logp_chunk, r.visual)
         nll = -(logps * mask).sum() / mask.sum()  # mean over the target tokens
         nll.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

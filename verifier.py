@@ -191,19 +191,20 @@ class Conversation:
 def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: list[str], num_chains: int, *,
            backend, max_prompt_tokens: int, max_completion_tokens: int, temperature: float, top_p: float,
            turn_tokens: int, max_turns: int, step_end: str, train_on: str, nudge: str,
-           sampler: str = "dynamic") -> rollout.Rollout:
+           sampler: str = "dynamic", images: list[list] | None = None) -> rollout.Rollout:
     """B prompts x G conversations with a verifier (module docstring); one generate call per turn.
 
     backend(jobs, model, tokenizer) -> one reply string per Job, None where the call failed
     (verifier_backends.make). The policy's tokens over all turns stay within max_completion_tokens.
-    step_end: a key of STEP_ENDS; train_on: "all" or "last_turn".
+    step_end: a key of STEP_ENDS; train_on: "all" or "last_turn". images: each prompt's images (a VL
+    policy), which the policy sees every turn and the verifier gets with each job.
     """
     device = next(model.parameters()).device
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     ends = guidance.boundary_ids(tokenizer, STEP_ENDS[step_end]) if STEP_ENDS[step_end] else frozenset()
     decode, pad = functools.partial(tokenizer.decode, skip_special_tokens=True), tokenizer.pad_token_id
-    prompt_ids, prompt_mask = rollout.tokenize_prompts(tokenizer, prompts, max_prompt_tokens, device)
+    prompt_ids, prompt_mask, visual = rollout.encode_prompts(tokenizer, prompts, max_prompt_tokens, device, images)
     prompt_rows = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask)]  # B lists, unpadded
     convs = [Conversation(b) for b in range(len(prompts)) for _ in range(num_chains)]
 
@@ -215,7 +216,8 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
         steps = torch.tensor([not c.nudged for c in live], device=device)
         stop = [StepEnd(ends, decode, ids.shape[1], steps)] if ends else None
         out = rollout.generate(model, ids, mask, max_new_tokens=max(room), temperature=temperature, top_p=top_p,
-                               sampler=sampler, stopping_criteria=stop).tolist()
+                               sampler=sampler, stopping_criteria=stop,
+                               visual=None if visual is None else [visual[c.group] for c in live]).tolist()
         for c, row, n in zip(live, out, room):
             turn, c.eos = cut_turn(row, n, eos, frozenset() if c.nudged else ends, decode)
             c.add(turn, len(c.turns))
@@ -225,8 +227,8 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
 
         # 2. the verifier: one job per conversation that just wrote a step, all sent at once
         asking = [c for c in live if not c.done]
-        jobs = [Job(questions[c.group], answers[c.group], tokenizer.batch_decode(c.turns, skip_special_tokens=True))
-                for c in asking]
+        jobs = [Job(questions[c.group], answers[c.group], tokenizer.batch_decode(c.turns, skip_special_tokens=True),
+                    images[c.group] if images else []) for c in asking]
         t0 = time.perf_counter()
         replies = backend(jobs, model, tokenizer) if jobs else []
         waited = time.perf_counter() - t0
@@ -275,7 +277,7 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
                      "verifier_replies": c.replies, "conversation": tokenizer.decode(c.seq)})
     group = torch.tensor([c.group for c in convs], dtype=torch.long, device=device)
     return rollout.Rollout(input_ids=ids, attention_mask=attn, loss_mask=loss_mask, group=group,
-                           texts=texts, info=info)
+                           texts=texts, info=info, visual=None if visual is None else [visual[c.group] for c in convs])
 
 
 def summary(info: list[dict]) -> dict:
@@ -312,7 +314,7 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
                    max_completion_tokens=cfg.max_completion_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                    turn_tokens=cfg.verifier_turn_tokens, max_turns=cfg.verifier_max_turns,
                    step_end=cfg.verifier_step_end, train_on=cfg.verifier_train_on, nudge=cfg.verifier_nudge,
-                   sampler=cfg.sampler)
+                   sampler=cfg.sampler, images=rollout.images_of(batch))
         r.stats = summary(r.info)  # verifier/turns, stop_rate, latency_s, failed_calls, ...
         return r
     return sample_verifier

@@ -37,6 +37,7 @@ import config
 import llms
 import rewards
 import rollout
+import vision
 
 STOP = "###STOP###"
 DEFAULT_PROMPT = """You are a careful math teacher. A student solves the problem below one step at a time, \
@@ -57,10 +58,12 @@ unsupported claim, else [SCORE] hallucination_detect=0."""
 
 
 class Job(NamedTuple):
-    """What a verifier judges: one conversation's problem, reference answer and policy turns so far."""
+    """What a verifier judges: one conversation's problem, reference answer, policy turns so far, and
+    the problem's images (PIL, a VL policy's)."""
     question: str
     answer: str
     steps: list[str]
+    images: list = []
 
 # ----------------------------------------------------------------------------------------------
 # rules: a programmatic verifier for the arithmetic of the work (arithmetic.py) and its final answer
@@ -108,19 +111,26 @@ def load_prompt(prompt: str) -> str:
     return prompt
 
 
-def messages(template: str, job) -> list[dict]:
+def messages(template: str, job, image_part=None) -> list[dict]:
+    """The verifier's chat for a job; with image_part (image -> a content part), the problem's images
+    come first in the user message."""
     steps = "\n".join(f"Step {k}: {s.strip()}" for k, s in enumerate(job.steps, 1))
+    user = f"The student's steps so far:\n{steps}\n\nJudge step {len(job.steps)}."
+    if job.images and image_part is not None:
+        user = [image_part(image) for image in job.images] + [{"type": "text", "text": user}]
     return [{"role": "system", "content": template.format(question=job.question, answer=job.answer,
                                                           stop=STOP)},
-            {"role": "user", "content": f"The student's steps so far:\n{steps}\n\nJudge step {len(job.steps)}."}]
+            {"role": "user", "content": user}]
 
 
-def hf_chat(model, tokenizer, chats: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
-    """One batched generate call: the assistant's reply to each chat (list of role/content messages)."""
+def hf_chat(model, tokenizer, chats: list[list[dict]], max_tokens: int, temperature: float,
+            images: list[list] | None = None) -> list[str]:
+    """One batched generate call: the assistant's reply to each chat (list of role/content messages);
+    images: each chat's, in the order of its image parts (a VL verifier)."""
     prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
-    room = getattr(model.config, "max_position_embeddings", 32768) - max_tokens  # long prompts keep their end
-    ids, mask = rollout.tokenize_prompts(tokenizer, prompts, room, next(model.parameters()).device)
-    out = rollout.generate(model, ids, mask, max_new_tokens=max_tokens, temperature=temperature)
+    room = getattr(model.config.get_text_config(), "max_position_embeddings", 32768) - max_tokens  # prompts keep their end
+    ids, mask, visual = rollout.encode_prompts(tokenizer, prompts, room, next(model.parameters()).device, images)
+    out = rollout.generate(model, ids, mask, max_new_tokens=max_tokens, temperature=temperature, visual=visual)
     return tokenizer.batch_decode(out, skip_special_tokens=True)  # padding after EOS is a special token
 
 
@@ -138,9 +148,11 @@ class HFVerifier:
     def __call__(self, jobs, policy, policy_tokenizer) -> list[str]:
         model, tok = (self.model, self.tokenizer) if self.model is not None else (policy, policy_tokenizer)
         off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        sees = vision.is_vl(tok) and any(job.images for job in jobs)  # a text verifier reads the text alone
+        chats = [messages(self.template, job, (lambda image: {"type": "image"}) if sees else None) for job in jobs]
         with off:
-            return hf_chat(model, tok, [messages(self.template, job) for job in jobs], self.max_tokens,
-                           self.temperature)
+            return hf_chat(model, tok, chats, self.max_tokens, self.temperature,
+                           [list(job.images) for job in jobs] if sees else None)
 
 
 class HTTPVerifier:
@@ -191,7 +203,8 @@ class HTTPVerifier:
             return None
 
     def __call__(self, jobs, policy=None, policy_tokenizer=None) -> list[str | None]:
-        chats = [messages(self.template, job) for job in jobs]
+        chats = [messages(self.template, job, lambda image: {"type": "image_url", "image_url": {
+            "url": vision.data_url(image)}}) for job in jobs]  # OpenAI's image part: a base64 data URL
         pool = concurrent.futures.ThreadPoolExecutor(max(1, min(self.concurrency, len(chats))))
         futures = [pool.submit(self.ask, chat) for chat in chats]
         # the turn's deadline: without it a hanging server costs (retries + 1) x timeout per round of

@@ -1,0 +1,247 @@
+"""Vision-language policies (vision.py): tiny random Qwen2-VL and Qwen2.5-VL checkpoints built from configs
+here, saved and reloaded through from_pretrained like real ones; image data in its layouts and its errors."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import GenerationConfig
+
+import config
+import data
+import llms
+import losses
+import rollout
+import vision
+from helpers import read, run_train
+
+MIN_PIXELS, MAX_PIXELS = 28 * 28, 28 * 28 * 8
+
+
+def build_checkpoint(family: str, path: str) -> str:
+    """A tiny random checkpoint of `family` in `path`: weights, tokenizer, chat template, image processor."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+
+    train, _ = vision.digits_task(80, 20, seed=0)
+    tok = llms.build_tiny_tokenizer([ex["question"] + ex["solution"] for ex in train], 300, vl=True)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in vision.VISION_TOKENS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    if family == "qwen2_vl":
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(
+            text_config=text, tie_word_embeddings=True, **special, vision_config=dict(
+                depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2)))
+    else:  # Qwen2.5-VL names the vision width hidden_size and the merger's output out_hidden_size
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=text, tie_word_embeddings=True, **special, vision_config=dict(
+                depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0])))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def vl(request, tmp_path_factory):
+    """(model, tokenizer) reloaded with llms.load from a saved tiny checkpoint of each family."""
+    path = build_checkpoint(request.param, str(tmp_path_factory.mktemp(request.param)))
+    model, tok = llms.load(path, "cpu")
+    assert model.config.model_type == request.param
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+    """digits_{train,test}.jsonl (PNG paths) and .parquet (PNG bytes), as `python data.py make-demo` writes."""
+    out = tmp_path_factory.mktemp("demo")
+    data.make_digits_demo(str(out))
+    return out
+
+
+def prompts_and_images(tok, n: int = 2):
+    """n questions whose images differ in size (2 and 3 digits: 2 and 3 image tokens)."""
+    images = [vision.number_image([3, 4]), vision.number_image([1, 5, 2])][:n]
+    questions = [vision.PLACEHOLDER + "What is the sum of the numbers in the image?"] * n
+    return [llms.chat_prompt(tok, "", q) for q in questions], [[im] for im in images]
+
+
+def test_a_saved_vl_checkpoint_loads_with_its_image_processor(vl):
+    model, tok = vl
+    assert vision.is_vl(tok) and dict(tok.image_processor.size) == {"shortest_edge": MIN_PIXELS,
+                                                                    "longest_edge": MAX_PIXELS}
+    prompts, images = prompts_and_images(tok)
+    assert prompts[0].count(vision.IMAGE_PART) == 1
+    ids, mask, visual = rollout.encode_prompts(tok, prompts, 64, "cpu", images)
+    image_tokens = (ids == model.config.image_token_id).sum(1).tolist()
+    assert image_tokens == [2, 3]  # one per 28 x 28 cell: the image processor's grid, merged 2 x 2
+    assert [tuple(g.tolist()[0]) for _, g in visual] == [(1, 2, 4), (1, 2, 6)]
+
+
+def test_training_log_probs_equal_those_generate_sampled_with(vl):
+    """Sampled chains with images, left padded: the loss's forward pass (with the model's own 3-D rope
+    positions) gives the log-probs generate sampled the tokens with. Swapping the two questions' images
+    changes them: the test sees the images."""
+    model, tok = vl
+    prompts, images = prompts_and_images(tok)
+    ids, mask, visual = rollout.encode_prompts(tok, prompts, 64, "cpu", images)
+    G = 2
+    ids, mask, visual = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), [v for v in visual for _ in range(G)]
+    model.eval()
+    torch.manual_seed(0)
+    out = model.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True,
+                         generation_config=GenerationConfig(
+                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6,
+                             suppress_tokens=vision.banned_ids(model), eos_token_id=model.generation_config.eos_token_id,
+                             pad_token_id=tok.pad_token_id), **vision.model_inputs(model, ids, visual))
+    completions = out.sequences[:, ids.shape[1]:]
+    sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    r = rollout.assemble(tok, ids, mask, completions, model.generation_config.eos_token_id, torch.arange(4) // 2,
+                         [{} for _ in range(4)], visual)
+    start = ids.shape[1]
+    with torch.no_grad():
+        trained = losses.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4, r.visual_of(range(4)))
+    keep = r.loss_mask[:, start:].bool()
+    assert (trained[keep] - sampled[keep]).abs().max() < 1e-4
+    # the same prompts with other images of the same sizes
+    other = [[vision.number_image([9, 9])], [vision.number_image([7, 7, 7])]]
+    o_ids, _, o_visual = rollout.encode_prompts(tok, prompts, 64, "cpu", other)
+    with torch.no_grad():
+        swapped = losses.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4,
+                                     [v for v in o_visual for _ in range(G)])
+    assert torch.equal(o_ids.repeat_interleave(G, 0), ids)
+    assert (swapped[keep] - sampled[keep]).abs().max() > 1e-3
+    model.train()
+
+
+def test_the_loss_takes_no_gradient_from_the_prompt_or_its_image_tokens(vl):
+    model, tok = vl
+    prompts, images = prompts_and_images(tok)
+    r = rollout.teacher_forced(tok, prompts, ["3 + 4 = 7.", "1 + 5 + 2 = 8."], 64, 16, images=images)
+    image = r.input_ids == model.config.image_token_id
+    assert image.any() and not r.loss_mask[image].any()
+    start = losses.first_trained_column(r.loss_mask)
+    logps = losses.token_logps(model, r.input_ids, r.attention_mask, 1, 1.0, 8, r.visual)  # every column
+    logps.retain_grad()
+    cfg = config.Config(loss_type="grpo")
+    loss, _ = losses.policy_loss(logps, logps.detach(), None, torch.tensor([1.0, -1.0]), r.loss_mask[:, 1:], cfg,
+                                 2, int(r.loss_mask.sum()), 1)
+    loss.backward()
+    assert logps.grad[:, :start - 1].abs().max() == 0 and logps.grad[image[:, 1:]].abs().max() == 0
+    assert logps.grad.abs().max() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def vl_run(tmp_path, dataset: str, test_dataset: str, *extra: str) -> list[str]:
+    return ["--model_name", "tiny_vl", "--dataset", dataset, "--test_dataset", test_dataset, "--question_field",
+            "problem", "--device", "cpu", "--optimizer", "adamw", "--gradient_checkpointing", "false",
+            "--tiny_hidden", "32", "--tiny_layers", "1", "--system_prompt", "", "--sft_steps", "2",
+            "--prompts_per_step", "2", "--num_chains", "2", "--max_prompt_tokens", "48", "--max_completion_tokens",
+            "12", "--eval_every", "2", "--eval_n", "4", "--eval_samples", "1", "--eval_temperature", "0",
+            "--rewards", "correctness=1", "--max_steps", "2", "--out_dir", str(tmp_path / "run"), *extra]
+
+
+@pytest.mark.parametrize("rollout_name, layout", [("plain", "jsonl"), ("ghpo", "parquet"), ("verifier", "jsonl")])
+def test_two_steps_of_training_with_images(tmp_path, demo_files, rollout_name, layout):
+    extra = {"plain": [], "ghpo": ["--ghpo_start_step", "1", "--ghpo_accuracy_reward", "correctness"],
+             "verifier": ["--verifier_backend", "rules", "--verifier_turn_tokens", "6", "--verifier_max_turns", "2"]}
+    run_train(vl_run(tmp_path, str(demo_files / f"digits_train.{layout}"), str(demo_files / f"digits_test.{layout}"),
+                     "--rollout", rollout_name, *extra[rollout_name]))
+    lines = read(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2]
+    assert [r["step"] for r in lines if r["split"] == "eval"] == [0, 2]
+    if rollout_name == "ghpo":
+        assert any(k.startswith("ghpo/") for k in lines[1])
+
+
+def test_a_vl_run_resumes_from_its_checkpoint_and_evaluates_the_same(tmp_path, demo_files):
+    argv = vl_run(tmp_path, str(demo_files / "digits_train.parquet"), str(demo_files / "digits_test.parquet"),
+                  "--save_every", "2")
+    run_train(argv)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert (ckpt / "preprocessor_config.json").exists()
+    run_train(["--resume", str(tmp_path / "run"), "--max_steps", "3"])
+    lines = read(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3]
+
+
+def test_a_hub_style_checkpoint_trains_from_its_folder(tmp_path, demo_files):
+    """--model_name a saved Qwen2.5-VL folder: loaded with from_pretrained, trained with LoRA on its
+    language model (the vision tower untouched)."""
+    path = build_checkpoint("qwen2_5_vl", str(tmp_path / "qwen2_5_vl"))
+    argv = vl_run(tmp_path, str(demo_files / "digits_train.jsonl"), str(demo_files / "digits_test.jsonl"),
+                  "--model_name", path, "--sft_steps", "0", "--lora_r", "4", "--lora_alpha", "8")
+    run_train(argv)
+    adapter = json.load(open(tmp_path / "run" / "checkpoints" / "step_000002" / "adapter_config.json"))
+    assert "language_model" in adapter["target_modules"]
+
+
+def write_rows(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(path)
+
+
+@pytest.mark.parametrize("images, error", [
+    (["missing.png"], r"line 1 images\[0\]: unreadable image: no file"),
+    ([{"bytes": None, "path": None}], r"line 1 images\[0\]: unreadable image: an image dict needs"),
+    ([3], r"line 1 images\[0\]: unreadable image: a int is not an image"),
+    (["not_png.png"], r"line 1 images\[0\]: unreadable image: cannot identify image file"),
+    (["ok.png", "ok.png"], r"line 1: the question has 1 <image> placeholders for 2 images"),
+])
+def test_a_bad_image_is_an_error_naming_the_row_or_is_skipped_and_counted(tmp_path, images, error, capsys):
+    vision.number_image([1, 2]).save(tmp_path / "ok.png")
+    (tmp_path / "not_png.png").write_bytes(b"this is no image")
+    train = write_rows(tmp_path / "train.jsonl", [{"problem": "<image>Sum?", "answer": "3", "images": images},
+                                                   {"problem": "Sum?", "answer": "3", "images": ["ok.png"]}])
+    cfg = config.Config(dataset=train, test_dataset=train, question_field="problem")
+    with pytest.raises(data.BadRow, match=error + ".*--skip_bad_rows"):
+        data.load(cfg)
+    cfg = config.Config(dataset=train, test_dataset=train, question_field="problem", skip_bad_rows=True)
+    examples, _ = data.load(cfg)
+    assert len(examples) == 1 and examples[0]["question"] == "<image>Sum?"  # the placeholder inserted
+    assert examples[0]["images"][0].size == (56, 28) and "skipped 1 of 2 rows" in capsys.readouterr().out
+
+
+def test_images_load_from_paths_bytes_dicts_and_pil(tmp_path):
+    image = vision.number_image([4, 2])
+    image.save(tmp_path / "a.png")
+    png = (tmp_path / "a.png").read_bytes()
+    for value in ("a.png", str(tmp_path / "a.png"), png, {"bytes": png, "path": None}, {"bytes": None, "path": "a.png"},
+                  image):
+        loaded = vision.to_image(value, str(tmp_path))
+        assert loaded.mode == "RGB" and list(loaded.getdata()) == list(image.getdata())
+
+
+def test_images_with_a_text_model_or_guided_sampling_are_refused(tmp_path, demo_files):
+    argv = vl_run(tmp_path, str(demo_files / "digits_train.jsonl"), str(demo_files / "digits_test.jsonl"))
+    with pytest.raises(config.UserError, match="the data has images, and 'tiny' is a text model"):
+        run_train(argv + ["--model_name", "tiny"])
+    with pytest.raises(config.UserError, match="guided sampling re-tokenizes"):
+        run_train(argv + ["--rollout", "guided", "--out_dir", str(tmp_path / "guided")])
+
+
+def test_the_digits_task_needs_the_image():
+    train, test = vision.digits_task(80, 20, seed=0)
+    assert len({ex["question"] for ex in train + test}) == 1  # the text is the same for every problem
+    seen = {ex["solution"] for ex in train}
+    assert not any(ex["solution"] in seen for ex in test)
+    a, b = (int(n) for n in train[0]["solution"].split(" =")[0].split(" + "))
+    assert list(train[0]["images"][0].getdata()) == list(vision.number_image([a, b]).getdata())
+    assert train[0]["answer"] == str(a + b)
+
+
+def test_the_lora_targets_of_a_vl_model_stay_in_its_language_model():
+    import re
+    pattern = vision.language_model_only(["q_proj", "gate_proj"])
+    assert re.fullmatch(pattern, "model.language_model.layers.0.self_attn.q_proj")
+    assert not re.fullmatch(pattern, "model.visual.blocks.0.mlp.gate_proj")

@@ -1,0 +1,298 @@
+"""Images: vision-language policies (Qwen2-VL, Qwen2.5-VL), rows with images, and a built-in visual task.
+
+Guided-GRPO's multimodal setting. A question may carry images; its text holds one `<image>` placeholder
+per image (inserted at the start when the row has none; a count that disagrees with the images is an
+error). The pieces, in the order a run meets them:
+
+    data      to_image: a row's image (a path relative to the data file, raw bytes, HF datasets'
+              {"bytes", "path"} dict, a PIL image) -> an RGB PIL image; with_placeholders
+    prompts   content_parts: "<image>What is ..." -> chat content parts, which the chat template
+              renders as <|vision_start|><|image_pad|><|vision_end|>
+    encode    once per question: the image processor -> pixel_values (patches, D) and image_grid_thw
+              (images, 3); each prompt's one <|image_pad|> per image is expanded to the image's token
+              count (what transformers' processor does), so no video processor (and no torchvision) is
+              needed; the pair is shared by the question's G chains (Rollout.visual holds references)
+    forward   model_inputs: the visual inputs of a batch of chains, and mm_token_type_ids, from which
+              the model computes its own 3-D rope positions (the 1-D cumsum of text models is wrong here)
+    load      a checkpoint whose config.json says qwen2_vl or qwen2_5_vl loads with
+              AutoModelForImageTextToText; its image processor rides on the tokenizer (`image_processor`)
+              and is saved beside it in checkpoints; `tiny_vl` is a random tiny Qwen2-VL built here
+
+The built-in visual task (`dataset: digits`) draws two numbers as seven-segment digits and asks for
+their sum; the text never says them, so only a policy that reads the image can solve it.
+
+    python vision.py     # a few built-in visual problems, written as PNGs to out/digits_demo/
+"""
+import base64
+import io
+import os
+import random
+
+import torch
+from PIL import Image, ImageDraw
+
+import config
+
+PLACEHOLDER = "<image>"
+VL_TYPES = ("qwen2_vl", "qwen2_5_vl")  # config.json model_type of the families supported
+TINY_VL = "tiny_vl"
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+IMAGE_PART = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows with images
+
+
+def to_image(value, base_dir: str) -> Image.Image:
+    """One image of a row as an RGB PIL image; ValueError("unreadable image: ...") for a value that is
+    not a readable image (data.py names the row)."""
+    try:
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        if isinstance(value, dict):  # HF datasets' Image column, as parquet stores it
+            if value.get("bytes"):
+                value = value["bytes"]
+            elif value.get("path"):
+                value = value["path"]
+            else:
+                raise ValueError("an image dict needs 'bytes' or 'path'")
+        if isinstance(value, (bytes, bytearray)):
+            return Image.open(io.BytesIO(value)).convert("RGB")
+        if isinstance(value, str):
+            path = value if os.path.isabs(value) else os.path.join(base_dir, value)
+            if not os.path.isfile(path):
+                raise ValueError(f"no file {path}")
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        raise ValueError(f"a {type(value).__name__} is not an image (a path, bytes, a {{'bytes', 'path'}} dict "
+                         f"or a PIL image)")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unreadable image: {e}") from None
+
+
+def with_placeholders(question: str, n_images: int) -> str:
+    """The question with one <image> per image: inserted at the start when it has none; ValueError when
+    its count disagrees with the images."""
+    found = question.count(PLACEHOLDER)
+    if found == 0:
+        return PLACEHOLDER * n_images + question
+    if found != n_images:
+        raise ValueError(f"the question has {found} {PLACEHOLDER} placeholders for {n_images} images")
+    return question
+
+
+def content_parts(text: str) -> list[dict]:
+    """'<image>What is shown?' -> [{"type": "image"}, {"type": "text", "text": "What is shown?"}]."""
+    parts = []
+    for k, piece in enumerate(text.split(PLACEHOLDER)):
+        if k:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def data_url(image: Image.Image) -> str:
+    """An image as a base64 PNG data URL, for an OpenAI-style image_url content part."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts with images, for a VL model
+
+
+def is_vl(tokenizer) -> bool:
+    """A vision-language policy's tokenizer carries its image processor (load)."""
+    return getattr(tokenizer, "image_processor", None) is not None
+
+
+def encode(tokenizer, prompts: list[str], images: list[list]) -> tuple[list[str], list[tuple]]:
+    """(prompts with each image's tokens expanded, visual inputs per prompt: (pixel_values (p, D),
+    image_grid_thw (k, 3))). Each prompt's images go through the image processor once."""
+    processor = tokenizer.image_processor
+    expanded, visual = [], []
+    for prompt, imgs in zip(prompts, images, strict=True):
+        if prompt.count(IMAGE_PAD) != len(imgs):
+            raise ValueError(f"a prompt has {prompt.count(IMAGE_PAD)} image tokens for {len(imgs)} images")
+        if not imgs:
+            expanded.append(prompt)
+            visual.append((torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.long)))
+            continue
+        out = processor(images=imgs, return_tensors="pt")
+        grid = out["image_grid_thw"]  # (k, 3): t, h, w in patches
+        pieces = prompt.split(IMAGE_PAD)
+        counts = (grid.prod(-1) // processor.merge_size ** 2).tolist()  # language-model tokens per image
+        expanded.append(pieces[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(counts, pieces[1:])))
+        visual.append((out["pixel_values"], grid))
+    return expanded, visual
+
+
+def banned_ids(model) -> list[int] | None:
+    """A VL model's vision tokens, which it must never sample: an <|image_pad|> in a completion has no
+    image behind it, and the forward pass would refuse the chain. Sampling suppresses them
+    (rollout.generate) and log-probs leave them out (losses.head_logps), so both use one distribution.
+    None for a text model."""
+    cfg = model.config
+    if getattr(cfg, "image_token_id", None) is None:
+        return None
+    return [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+
+
+def model_inputs(model, input_ids: torch.Tensor, visual: list[tuple]) -> dict:
+    """The keyword arguments that give a VL model its chains' images: one (pixel_values, grid) per row
+    of input_ids (n, L). With mm_token_type_ids the model computes its 3-D rope positions itself."""
+    grids = [g for _, g in visual if len(g)]
+    kwargs = {"mm_token_type_ids": (input_ids == model.config.image_token_id).long()}
+    if grids:
+        kwargs["pixel_values"] = torch.cat([p for p, g in visual if len(g)]).to(input_ids.device)
+        kwargs["image_grid_thw"] = torch.cat(grids).to(input_ids.device)
+    return kwargs
+
+
+def check(tokenizer, cfg, examples: list[dict]) -> None:
+    """Images need a VL policy; a VL policy works with plain, GHPO and verifier sampling, not guided
+    sampling (its three phases re-tokenize prompts as text) nor Liger (its fused loss cannot leave out
+    the vision tokens that sampling forbids: banned_ids)."""
+    if any(ex.get("images") for ex in examples) and not is_vl(tokenizer):
+        raise config.UserError(f"the data has images, and {cfg.model_name!r} is a text model: train a Qwen2-VL or "
+                               f"Qwen2.5-VL checkpoint (or tiny_vl), or use data without the {cfg.image_field!r} column")
+    if is_vl(tokenizer) and cfg.rollout == "guided":
+        raise config.UserError("guided sampling re-tokenizes its prompts as text in each of its three phases, "
+                               "without the images: with a VL model use rollout plain, ghpo or verifier")
+    if is_vl(tokenizer) and cfg.liger:
+        raise config.UserError("--liger's fused loss takes log-probs over the whole vocabulary, and a VL model "
+                               "never samples its vision tokens: drop --liger for a VL model")
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def family(name: str, trust_remote_code: bool = False) -> str:
+    """The config.json model_type of a hub name or folder ("" for tiny)."""
+    from transformers import AutoConfig
+
+    if name in ("tiny", TINY_VL):
+        return "qwen2_vl" if name == TINY_VL else ""
+    return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
+
+
+def image_processor(name: str, min_pixels: int, max_pixels: int):
+    """The checkpoint's image processor (AutoImageProcessor: the PIL one without torchvision, the fast
+    one with it), its pixel bounds set where the config gives them (0: the checkpoint's own)."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(name)
+    return bounded(processor, min_pixels, max_pixels)
+
+
+def bounded(processor, min_pixels: int, max_pixels: int):
+    size = dict(processor.size)
+    if min_pixels:
+        size["shortest_edge"] = min_pixels
+    if max_pixels:
+        size["longest_edge"] = max_pixels
+    if size["shortest_edge"] > size["longest_edge"]:
+        raise config.UserError(f"min_pixels {size['shortest_edge']} is above max_pixels {size['longest_edge']}")
+    processor.size = size
+    return processor
+
+
+def build_tiny(tokenizer, hidden: int, layers: int, seed: int, min_pixels: int, max_pixels: int):
+    """A random Qwen2-VL: a one-block vision tower (14-pixel patches, 2x2 merged into one token) and a
+    small Qwen2 language model over `tokenizer`, which holds VISION_TOKENS. Returns the model and sets
+    tokenizer.image_processor."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    heads = max(1, hidden // 32)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, hidden // 64),
+                max_position_embeddings=1024, bos_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                # the 3 rope sections (time, height, width) split head_dim / 2 frequencies
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": rope_sections(hidden // heads)})
+    cfg = Qwen2VLConfig(text_config=text, tie_word_embeddings=True,
+                        vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+                                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg)
+    tokenizer.image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels or 28 * 28,
+                                                         max_pixels=max_pixels or 28 * 28 * 64)
+    return model
+
+
+def rope_sections(head_dim: int) -> list[int]:
+    """Qwen2-VL's split of head_dim / 2 rope frequencies into time, height and width (16, 24, 24 of 64)."""
+    half = head_dim // 2
+    t = half // 4
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
+def freeze_vision(model) -> int:
+    """Freeze the vision tower (its weights keep their values); returns how many weights that froze."""
+    tower = model.get_base_model() if hasattr(model, "get_base_model") else model
+    frozen = sum(p.numel() for p in tower.model.visual.parameters())
+    tower.model.visual.requires_grad_(False)
+    return frozen
+
+
+def language_model_only(target_modules: list[str]) -> str:
+    """LoRA's target modules restricted to the language model (Qwen2.5-VL's vision MLP shares names)."""
+    return rf".*language_model.*\.({'|'.join(target_modules)})"
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in visual task: two numbers drawn as seven-segment digits, the question asks for their sum
+
+SEGMENTS = {0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg", 5: "acdfg", 6: "acdefg", 7: "abc",
+            8: "abcdefg", 9: "abcdfg"}
+
+
+def draw_digit(draw: ImageDraw.ImageDraw, digit: int, x: int, y: int, w: int = 16, h: int = 24) -> None:
+    """A seven-segment digit in the box (x, y, w, h): no font, so it draws alike on every machine."""
+    t = max(2, w // 5)  # stroke
+    boxes = {"a": (x, y, x + w, y + t), "g": (x, y + h // 2 - t // 2, x + w, y + h // 2 + t // 2),
+             "d": (x, y + h - t, x + w, y + h), "f": (x, y, x + t, y + h // 2), "b": (x + w - t, y, x + w, y + h // 2),
+             "e": (x, y + h // 2, x + t, y + h), "c": (x + w - t, y + h // 2, x + w, y + h)}
+    for s in SEGMENTS[digit]:
+        draw.rectangle(boxes[s], fill=(255, 255, 255))
+
+
+def number_image(numbers: list[int]) -> Image.Image:
+    """Each one-digit number in its own 28 x 28 cell (one image token of a 2x2-merged 14-pixel grid)."""
+    image = Image.new("RGB", (28 * len(numbers), 28), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    for k, n in enumerate(numbers):
+        draw_digit(draw, n, 28 * k + 6, 2)
+    return image
+
+
+def digits_task(n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Train and test problems {"question", "answer", "solution", "images"}: 100 possible pairs, so the
+    test split holds pairs the train split never shows when n_train + n_test <= 100."""
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    random.Random(seed).shuffle(pairs)
+    if n_train + n_test > len(pairs):
+        raise config.UserError(f"the digits task has {len(pairs)} problems: lower digits_train_size and "
+                               f"digits_test_size ({n_train} + {n_test})")
+    examples = [{"question": PLACEHOLDER + "What is the sum of the two numbers in the image?",
+                 "answer": str(a + b), "solution": f"{a} + {b} = {a + b}.", "images": [number_image([a, b])]}
+                for a, b in pairs[:n_train + n_test]]
+    return examples[n_test:], examples[:n_test]
+
+
+if __name__ == "__main__":
+    train, _ = digits_task(90, 10, seed=0)
+    os.makedirs("out/digits_demo", exist_ok=True)
+    for k, ex in enumerate(train[:4]):
+        path = f"out/digits_demo/{k}.png"
+        ex["images"][0].save(path)
+        print(path, ex["question"], "->", ex["solution"], "####", ex["answer"])
