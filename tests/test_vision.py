@@ -245,3 +245,24 @@ def test_the_lora_targets_of_a_vl_model_stay_in_its_language_model():
     pattern = vision.language_model_only(["q_proj", "gate_proj"])
     assert re.fullmatch(pattern, "model.language_model.layers.0.self_attn.q_proj")
     assert not re.fullmatch(pattern, "model.visual.blocks.0.mlp.gate_proj")
+
+
+def test_a_verifier_gets_the_problem_images(vl):
+    """hf: a VL verifier (here the policy itself) reads them through its image processor; http: OpenAI
+    image_url parts with a base64 PNG data URL."""
+    import base64
+    import io
+
+    import verifier_backends
+    model, tok = vl
+    image = vision.number_image([2, 5])
+    job = verifier_backends.Job("<image>What is the sum?", "7", ["2 + 5 = 7."], [image])
+    hf = verifier_backends.HFVerifier(None, None, verifier_backends.DEFAULT_PROMPT, 6, 0.0)
+    replies = hf([job, job._replace(images=[vision.number_image([1, 1, 1])])], model, tok)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    chat = verifier_backends.messages("{question}", job, lambda im: {"type": "image_url", "image_url": {
+        "url": vision.data_url(im)}})
+    part = chat[1]["content"][0]
+    png = base64.b64decode(part["image_url"]["url"].removeprefix("data:image/png;base64,"))
+    assert list(Image.open(io.BytesIO(png)).convert("RGB").getdata()) == list(image.getdata())
+    assert verifier_backends.messages("{question}", job)[1]["content"].startswith("The student's steps")
