@@ -176,10 +176,11 @@ def test_a_vl_run_resumes_from_its_checkpoint_and_evaluates_the_same(tmp_path, d
 
 def test_a_hub_style_checkpoint_trains_from_its_folder(tmp_path, demo_files):
     """--model_name a saved Qwen2.5-VL folder: loaded with from_pretrained, trained with LoRA on its
-    language model (the vision tower untouched)."""
+    language model (the vision tower untouched), with gradient checkpointing."""
     path = build_checkpoint("qwen2_5_vl", str(tmp_path / "qwen2_5_vl"))
     argv = vl_run(tmp_path, str(demo_files / "digits_train.jsonl"), str(demo_files / "digits_test.jsonl"),
-                  "--model_name", path, "--sft_steps", "0", "--lora_r", "4", "--lora_alpha", "8")
+                  "--model_name", path, "--sft_steps", "0", "--lora_r", "4", "--lora_alpha", "8",
+                  "--gradient_checkpointing", "true")
     run_train(argv)
     adapter = json.load(open(tmp_path / "run" / "checkpoints" / "step_000002" / "adapter_config.json"))
     assert "language_model" in adapter["target_modules"]
