@@ -93,7 +93,8 @@ class Config:
     arithmetic_min_steps: int = 2      # the built-in task: fewest steps per problem
     arithmetic_max_steps: int = 4      # the built-in task: most steps per problem
     arithmetic_max_value: int = 99     # no number in a problem exceeds it: smaller is easier
-    digits_train_size: int = 80        # the built-in visual task: train questions (of its 100)
+    digits_count: int = 2              # the built-in visual task: one-digit numbers per image (10**count problems)
+    digits_train_size: int = 80        # the built-in visual task: train questions
     digits_test_size: int = 20         # the built-in visual task: held-out questions
     # --- sampling (samplers.py picks the idea; rollout.py holds plain sampling)
     rollout: str = "plain"             # the sampling idea, a name in samplers.SAMPLERS: plain, guided, ghpo, verifier

@@ -303,7 +303,7 @@ def load(cfg) -> tuple[list[dict], list[dict]]:
     the OpenJudge layout)."""
     template = load_template(cfg.prompt_template, cfg.task)
     if cfg.dataset == "digits":
-        train, test = vision.digits_task(cfg.digits_train_size, cfg.digits_test_size, cfg.seed)
+        train, test = vision.digits_task(cfg.digits_train_size, cfg.digits_test_size, cfg.seed, cfg.digits_count)
         return ([{**ex, "question": fill(template, question=ex["question"])} for ex in train],
                 [{**ex, "question": fill(template, question=ex["question"])} for ex in test])
     if cfg.dataset == "arithmetic":

@@ -18,13 +18,14 @@ error). The pieces, in the order a run meets them:
               AutoModelForImageTextToText; its image processor rides on the tokenizer (`image_processor`)
               and is saved beside it in checkpoints; `tiny_vl` is a random tiny Qwen2-VL built here
 
-The built-in visual task (`dataset: digits`) draws two numbers as seven-segment digits and asks for
-their sum; the text never says them, so only a policy that reads the image can solve it.
+The built-in visual task (`dataset: digits`) draws `digits_count` one-digit numbers as seven-segment
+digits and asks for their sum; the text never says them, so only a policy that reads the image can solve it.
 
     python vision.py     # a few built-in visual problems, written as PNGs to out/digits_demo/
 """
 import base64
 import io
+import itertools
 import os
 import random
 
@@ -250,7 +251,7 @@ def language_model_only(target_modules: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The built-in visual task: two numbers drawn as seven-segment digits, the question asks for their sum
+# The built-in visual task: numbers drawn as seven-segment digits, the question asks for their sum
 
 SEGMENTS = {0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg", 5: "acdfg", 6: "acdefg", 7: "abc",
             8: "abcdefg", 9: "abcdfg"}
@@ -275,17 +276,18 @@ def number_image(numbers: list[int]) -> Image.Image:
     return image
 
 
-def digits_task(n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Train and test problems {"question", "answer", "solution", "images"}: 100 possible pairs, so the
-    test split holds pairs the train split never shows when n_train + n_test <= 100."""
-    pairs = [(a, b) for a in range(10) for b in range(10)]
-    random.Random(seed).shuffle(pairs)
-    if n_train + n_test > len(pairs):
-        raise config.UserError(f"the digits task has {len(pairs)} problems: lower digits_train_size and "
-                               f"digits_test_size ({n_train} + {n_test})")
-    examples = [{"question": PLACEHOLDER + "What is the sum of the two numbers in the image?",
-                 "answer": str(a + b), "solution": f"{a} + {b} = {a + b}.", "images": [number_image([a, b])]}
-                for a, b in pairs[:n_train + n_test]]
+def digits_task(n_train: int, n_test: int, seed: int, count: int = 2) -> tuple[list[dict], list[dict]]:
+    """Train and test problems {"question", "answer", "solution", "images"}: `count` one-digit numbers in
+    the image, 10**count problems, none in both splits. The solution adds them left to right."""
+    problems = list(itertools.product(range(10), repeat=count))
+    random.Random(seed).shuffle(problems)
+    if n_train + n_test > len(problems):
+        raise config.UserError(f"the digits task with {count} numbers has {len(problems)} problems: lower "
+                               f"digits_train_size and digits_test_size ({n_train} + {n_test}), or raise digits_count")
+    words = {2: "two", 3: "three", 4: "four"}.get(count, str(count))
+    examples = [{"question": PLACEHOLDER + f"What is the sum of the {words} numbers in the image?",
+                 "answer": str(sum(p)), "solution": f"{' + '.join(map(str, p))} = {sum(p)}.",
+                 "images": [number_image(list(p))]} for p in problems[:n_train + n_test]]
     return examples[n_test:], examples[:n_test]
 
 
