@@ -284,8 +284,11 @@ def to_examples(rows: list[tuple[str, object]], source: str, task: str, template
         try:
             if isinstance(row, BadRow):
                 raise row
-            examples += (math_example(row, where, question_field, answer_field, template, image_field,
-                                      _base_dir(source)) if task == "math" else judge_examples(row, where, task, template))
+            if task == "math":
+                examples += math_example(row, where, question_field, answer_field, template, image_field,
+                                         _base_dir(source))
+            else:
+                examples += judge_examples(row, where, task, template)
         except BadRow as e:
             if not skip_bad_rows:
                 raise BadRow(f"{e}. Fix the record, or pass --skip_bad_rows to skip and count such rows") from None
@@ -423,8 +426,8 @@ def make_demo(out_dir: str, n_train: int = 200, n_test: int = 40, seed: int = 0)
 
 def make_digits_demo(out_dir: str, n_train: int = 80, n_test: int = 20, seed: int = 0) -> list[str]:
     """The built-in visual task as files, in the two layouts of image data: digits_{train,test}.jsonl
-    (problem, answer in GSM8K's layout, images as PNG paths relative to the file) and digits_{train,test}.parquet (images
-    as HF datasets' {"bytes", "path"} dicts). Returns their paths."""
+    (problem, answer in GSM8K's layout, images as PNG paths relative to the file) and
+    digits_{train,test}.parquet (images as HF datasets' {"bytes", "path"} dicts). Returns their paths."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -437,7 +440,8 @@ def make_digits_demo(out_dir: str, n_train: int = 80, n_test: int = 20, seed: in
             ex["images"][0].save(os.path.join(out_dir, path))
             with open(os.path.join(out_dir, path), "rb") as f:
                 png.append(f.read())
-            rows.append({"problem": ex["question"], "answer": f"{ex['solution']}\n#### {ex['answer']}", "images": [path]})
+            rows.append({"problem": ex["question"], "answer": f"{ex['solution']}\n#### {ex['answer']}",
+                         "images": [path]})
         paths.append(os.path.join(out_dir, f"digits_{split}.jsonl"))
         with open(paths[-1], "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)

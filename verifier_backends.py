@@ -128,7 +128,8 @@ def hf_chat(model, tokenizer, chats: list[list[dict]], max_tokens: int, temperat
     """One batched generate call: the assistant's reply to each chat (list of role/content messages);
     images: each chat's, in the order of its image parts (a VL verifier)."""
     prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
-    room = getattr(model.config.get_text_config(), "max_position_embeddings", 32768) - max_tokens  # prompts keep their end
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", 32768)  # a VL model: its LM's
+    room = context - max_tokens  # long prompts keep their end
     ids, mask, visual = rollout.encode_prompts(tokenizer, prompts, room, next(model.parameters()).device, images)
     out = rollout.generate(model, ids, mask, max_new_tokens=max_tokens, temperature=temperature, visual=visual)
     return tokenizer.batch_decode(out, skip_special_tokens=True)  # padding after EOS is a special token

@@ -159,8 +159,9 @@ def check(tokenizer, cfg, examples: list[dict]) -> None:
     sampling (its three phases re-tokenize prompts as text) nor Liger (its fused loss cannot leave out
     the vision tokens that sampling forbids: banned_ids)."""
     if any(ex.get("images") for ex in examples) and not is_vl(tokenizer):
-        raise config.UserError(f"the data has images, and {cfg.model_name!r} is a text model: train a Qwen2-VL or "
-                               f"Qwen2.5-VL checkpoint (or tiny_vl), or use data without the {cfg.image_field!r} column")
+        raise config.UserError(f"the data has images, and {cfg.model_name!r} is a text model: train a Qwen2-VL "
+                               f"or Qwen2.5-VL checkpoint (or tiny_vl), or use data without the "
+                               f"{cfg.image_field!r} column")
     if is_vl(tokenizer) and cfg.rollout == "guided":
         raise config.UserError("guided sampling re-tokenizes its prompts as text in each of its three phases, "
                                "without the images: with a VL model use rollout plain, ghpo or verifier")
@@ -171,15 +172,6 @@ def check(tokenizer, cfg, examples: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Models
-
-
-def family(name: str, trust_remote_code: bool = False) -> str:
-    """The config.json model_type of a hub name or folder ("" for tiny)."""
-    from transformers import AutoConfig
-
-    if name in ("tiny", TINY_VL):
-        return "qwen2_vl" if name == TINY_VL else ""
-    return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
 
 
 def image_processor(name: str, min_pixels: int, max_pixels: int):

@@ -97,7 +97,8 @@ def figures(out: str) -> None:
         torch.save(step.figures, os.path.join(out, f"figures_world{distributed.world()}.pt"))
 
 
-IDEAS = {"guided": {"min_guide_tokens": 2, "max_guide_tokens": 4, "guide_min_prefix_tokens": 4, "guide_max_prefix_tokens": 8},
+IDEAS = {"guided": {"min_guide_tokens": 2, "max_guide_tokens": 4, "guide_min_prefix_tokens": 4,
+                    "guide_max_prefix_tokens": 8},
          "ghpo": {"ghpo_start_step": 1, "ghpo_hint_ratios": [0.5], "ghpo_accuracy_reward": "correctness",
                   "rewards": {"correctness": 1.0, "length_mod_3": 1.0}},
          "verifier": {"verifier_backend": "rules", "verifier_turn_tokens": 8, "verifier_max_turns": 3}}

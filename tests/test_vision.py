@@ -98,11 +98,11 @@ def test_training_log_probs_equal_those_generate_sampled_with(vl):
     ids, mask, visual = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), [v for v in visual for _ in range(G)]
     model.eval()
     torch.manual_seed(0)
+    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6,
+                                suppress_tokens=vision.banned_ids(model), pad_token_id=tok.pad_token_id,
+                                eos_token_id=model.generation_config.eos_token_id)  # as rollout.generate's
     out = model.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True,
-                         generation_config=GenerationConfig(
-                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6,
-                             suppress_tokens=vision.banned_ids(model), eos_token_id=model.generation_config.eos_token_id,
-                             pad_token_id=tok.pad_token_id), **vision.model_inputs(model, ids, visual))
+                         generation_config=settings, **vision.model_inputs(model, ids, visual))
     completions = out.sequences[:, ids.shape[1]:]
     sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)  # (N, T)
     r = rollout.assemble(tok, ids, mask, completions, model.generation_config.eos_token_id, torch.arange(4) // 2,
