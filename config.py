@@ -342,9 +342,9 @@ def validate(cfg: Config) -> None:
     for key in ("sft_answer_only_frac", "sft_slip_rate"):
         if not 0 <= getattr(cfg, key) <= 1:
             raise UserError(f"{key} is a share of the warm-start targets, between 0 and 1; got {getattr(cfg, key)}")
-    if cfg.sft_slip_rate > 0 and cfg.dataset != "arithmetic":
-        raise UserError("sft_slip_rate reworks the built-in task's solutions (dataset arithmetic); set it to 0 "
-                        f"for {cfg.dataset!r}")
+    if cfg.sft_slip_rate > 0 and cfg.dataset not in ("arithmetic", "digits"):
+        raise UserError("sft_slip_rate reworks the built-in tasks' solutions (dataset arithmetic or digits); set it "
+                        f"to 0 for {cfg.dataset!r}")
     if cfg.dataset == "arithmetic" and cfg.arithmetic_max_value < 12:
         raise UserError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "
                         f"got {cfg.arithmetic_max_value}")

@@ -270,7 +270,8 @@ def number_image(numbers: list[int]) -> Image.Image:
 
 def digits_task(n_train: int, n_test: int, seed: int, count: int = 2) -> tuple[list[dict], list[dict]]:
     """Train and test problems {"question", "answer", "solution", "images"}: `count` one-digit numbers in
-    the image, 10**count problems, none in both splits. The solution adds them left to right."""
+    the image, 10**count problems, none in both splits. The solution adds them left to right, one
+    equation per line like the arithmetic task's (so sft_slip_rate works on it: data.with_slips)."""
     problems = list(itertools.product(range(10), repeat=count))
     random.Random(seed).shuffle(problems)
     if n_train + n_test > len(problems):
@@ -278,9 +279,18 @@ def digits_task(n_train: int, n_test: int, seed: int, count: int = 2) -> tuple[l
                                f"digits_train_size and digits_test_size ({n_train} + {n_test}), or raise digits_count")
     words = {2: "two", 3: "three", 4: "four"}.get(count, str(count))
     examples = [{"question": PLACEHOLDER + f"What is the sum of the {words} numbers in the image?",
-                 "answer": str(sum(p)), "solution": f"{' + '.join(map(str, p))} = {sum(p)}.",
-                 "images": [number_image(list(p))]} for p in problems[:n_train + n_test]]
+                 "answer": str(sum(p)), "solution": running_sums(p), "images": [number_image(list(p))]}
+                for p in problems[:n_train + n_test]]
     return examples[n_test:], examples[:n_test]
+
+
+def running_sums(numbers) -> str:
+    """(3, 4, 5) -> '3 + 4 = 7.\n7 + 5 = 12.'"""
+    lines, total = [], numbers[0]
+    for n in numbers[1:]:
+        lines.append(f"{total} + {n} = {total + n}.")
+        total += n
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
