@@ -84,16 +84,22 @@ def pick_prefix(candidates: list[list[int]], budgets: list[int], boundaries, eos
 def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_prompt_tokens: int,
                 max_completion_tokens: int, temperature: float, top_p: float, min_prefix_tokens: int,
                 max_prefix_tokens: int, prefix_retries: int, min_guide_tokens: int, max_guide_tokens: int,
-                loss_on: str = "guidance", sampler: str = "dynamic") -> rollout.Rollout:
+                loss_on: str = "guidance", sampler: str = "dynamic",
+                images: list[list] | None = None) -> rollout.Rollout:
     """B prompts x G chains sampled in three phases (module docstring); one generate call per phase.
-    loss_on: "guidance", "guidance+postfix" or "all"; the budgets as make_sampler checks them."""
+    loss_on: "guidance", "guidance+postfix" or "all"; the budgets as make_sampler checks them. images:
+    each prompt's (a VL policy), shown with it in every phase."""
     device = next(model.parameters()).device
     eos = model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos]
     pad, boundaries = tokenizer.pad_token_id, boundary_ids(tokenizer)
     B, G, M, C = len(prompts), num_chains, max_completion_tokens, 1 + prefix_retries
-    prompt_ids, prompt_mask = rollout.tokenize_prompts(tokenizer, prompts, max_prompt_tokens, device)  # (B, P)
+    prompt_ids, prompt_mask, visual = rollout.encode_prompts(tokenizer, prompts, max_prompt_tokens, device,
+                                                             images)  # (B, P)
     prompt_rows = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask)]  # B lists, unpadded
+
+    def visual_of(rows: list[int]):  # the images of each row's prompt (None for text)
+        return None if visual is None else [visual[b] for b in rows]
 
     # budgets, drawn from torch's CPU generator (restored on resume): guidance k per prompt, then a
     # prefix budget n per prompt that leaves room for k, so prefix + guidance <= M before the postfix
@@ -107,7 +113,8 @@ def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_pr
     budgets = [n >> j for n in prefix_n for j in range(C)]
     ids, mask = rollout.left_pad([row for row in prompt_rows for _ in range(C)], pad, device)
     out = rollout.generate(model, ids, mask, max_new_tokens=max(1, max(budgets)), temperature=temperature,
-                           top_p=top_p, sampler=sampler).tolist()
+                           top_p=top_p, sampler=sampler,
+                           visual=visual_of([b for b in range(B) for _ in range(C)])).tolist()
     picked = [pick_prefix(out[b * C:(b + 1) * C], budgets[b * C:(b + 1) * C], boundaries, eos) for b in range(B)]
     prefixes = [p for p, _ in picked]
 
@@ -115,14 +122,14 @@ def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_pr
     chains = [b for b in range(B) for _ in range(G)]  # chains of one prompt are adjacent
     ids, mask = rollout.left_pad([prompt_rows[b] + prefixes[b] for b in chains], pad, device)  # (N, P + prefix)
     out = rollout.generate(model, ids, mask, max_new_tokens=max(guide_k), temperature=temperature,  # (N, <= max k)
-                           top_p=top_p, sampler=sampler).tolist()
+                           top_p=top_p, sampler=sampler, visual=visual_of(chains)).tolist()
     guides = [until_eos(out[i][:guide_k[b]], eos) for i, b in enumerate(chains)]  # (tokens, finished)
 
     # 3. postfix: the rest of the budget; a chain finished in the guidance phase keeps nothing of it
     ids, mask = rollout.left_pad([prompt_rows[b] + prefixes[b] + g for b, (g, _) in zip(chains, guides)], pad, device)
     room = [M - len(prefixes[b]) - len(g) for b, (g, _) in zip(chains, guides)]
     out = rollout.generate(model, ids, mask, max_new_tokens=max(1, max(room)), temperature=temperature,
-                           top_p=top_p, sampler=sampler).tolist()  # (N, <= max room)
+                           top_p=top_p, sampler=sampler, visual=visual_of(chains)).tolist()  # (N, <= max room)
     posts = [[] if done else until_eos(out[i][:room[i]], eos)[0] for i, (_, done) in enumerate(guides)]
 
     # the Rollout: prompt (N, P) left padded + completion (N, T) right padded, T <= M
@@ -136,7 +143,7 @@ def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_pr
             for b, (g, _), p in zip(chains, guides, posts)]
     group = torch.tensor(chains, dtype=torch.long, device=device)
     r = rollout.assemble(tokenizer, prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0),
-                         completions, eos, group, info)
+                         completions, eos, group, info, visual_of(chains))
 
     # narrow the loss to completion columns [start, end) of each chain, as loss_on says
     start = [0 if loss_on == "all" else d["prefix_len"] for d in info]
@@ -199,7 +206,7 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
                         temperature=cfg.temperature, top_p=cfg.top_p, min_prefix_tokens=cfg.guide_min_prefix_tokens,
                         max_prefix_tokens=cfg.guide_max_prefix_tokens, prefix_retries=cfg.guide_prefix_retries,
                         min_guide_tokens=cfg.min_guide_tokens, max_guide_tokens=cfg.max_guide_tokens,
-                        loss_on=cfg.guide_loss_on, sampler=cfg.sampler)
+                        loss_on=cfg.guide_loss_on, sampler=cfg.sampler, images=rollout.images_of(batch))
         r.stats = summary(r.info)  # guide/prefix_len, guidance_len, postfix_len, prefix_fallback_frac
         if cfg.guide_position_weight:
             r.reward_weight = position_weights(r.info)

@@ -155,16 +155,12 @@ def model_inputs(model, input_ids: torch.Tensor, visual: list[tuple]) -> dict:
 
 
 def check(tokenizer, cfg, examples: list[dict]) -> None:
-    """Images need a VL policy; a VL policy works with plain, GHPO and verifier sampling, not guided
-    sampling (its three phases re-tokenize prompts as text) nor Liger (its fused loss cannot leave out
-    the vision tokens that sampling forbids: banned_ids)."""
+    """Images need a VL policy; a VL policy works with every sampler, not with Liger (its fused loss
+    cannot leave out the vision tokens that sampling forbids: banned_ids)."""
     if any(ex.get("images") for ex in examples) and not is_vl(tokenizer):
         raise config.UserError(f"the data has images, and {cfg.model_name!r} is a text model: train a Qwen2-VL "
                                f"or Qwen2.5-VL checkpoint (or tiny_vl), or use data without the "
                                f"{cfg.image_field!r} column")
-    if is_vl(tokenizer) and cfg.rollout == "guided":
-        raise config.UserError("guided sampling re-tokenizes its prompts as text in each of its three phases, "
-                               "without the images: with a VL model use rollout plain, ghpo or verifier")
     if is_vl(tokenizer) and cfg.liger:
         raise config.UserError("--liger's fused loss takes log-probs over the whole vocabulary, and a VL model "
                                "never samples its vision tokens: drop --liger for a VL model")

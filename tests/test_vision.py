@@ -150,10 +150,12 @@ def vl_run(tmp_path, dataset: str, test_dataset: str, *extra: str) -> list[str]:
             "--rewards", "correctness=1", "--max_steps", "2", "--out_dir", str(tmp_path / "run"), *extra]
 
 
-@pytest.mark.parametrize("rollout_name, layout", [("plain", "jsonl"), ("ghpo", "parquet"), ("verifier", "jsonl")])
+@pytest.mark.parametrize("rollout_name, layout", [("plain", "jsonl"), ("ghpo", "parquet"), ("verifier", "jsonl"),
+                                                  ("guided", "parquet")])
 def test_two_steps_of_training_with_images(tmp_path, demo_files, rollout_name, layout):
     extra = {"plain": [], "ghpo": ["--ghpo_start_step", "1", "--ghpo_accuracy_reward", "correctness"],
-             "verifier": ["--verifier_backend", "rules", "--verifier_turn_tokens", "6", "--verifier_max_turns", "2"]}
+             "verifier": ["--verifier_backend", "rules", "--verifier_turn_tokens", "6", "--verifier_max_turns", "2"],
+             "guided": ["--guide_min_prefix_tokens", "2", "--guide_max_prefix_tokens", "6", "--max_guide_tokens", "4"]}
     run_train(vl_run(tmp_path, str(demo_files / f"digits_train.{layout}"), str(demo_files / f"digits_test.{layout}"),
                      "--rollout", rollout_name, *extra[rollout_name]))
     lines = read(tmp_path / "run" / "metrics.jsonl")
@@ -223,12 +225,12 @@ def test_images_load_from_paths_bytes_dicts_and_pil(tmp_path):
         assert loaded.mode == "RGB" and list(loaded.getdata()) == list(image.getdata())
 
 
-def test_images_with_a_text_model_or_guided_sampling_are_refused(tmp_path, demo_files):
+def test_images_with_a_text_model_or_liger_are_refused(tmp_path, demo_files):
     argv = vl_run(tmp_path, str(demo_files / "digits_train.jsonl"), str(demo_files / "digits_test.jsonl"))
     with pytest.raises(config.UserError, match="the data has images, and 'tiny' is a text model"):
         run_train(argv + ["--model_name", "tiny"])
-    with pytest.raises(config.UserError, match="guided sampling re-tokenizes"):
-        run_train(argv + ["--rollout", "guided", "--out_dir", str(tmp_path / "guided")])
+    with pytest.raises(config.UserError, match="drop --liger for a VL model"):
+        run_train(argv + ["--liger", "--out_dir", str(tmp_path / "liger")])
 
 
 def test_the_digits_task_needs_the_image():
