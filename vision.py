@@ -176,10 +176,6 @@ def image_processor(name: str, min_pixels: int, max_pixels: int):
     from transformers import AutoImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(name)
-    return bounded(processor, min_pixels, max_pixels)
-
-
-def bounded(processor, min_pixels: int, max_pixels: int):
     size = dict(processor.size)
     if min_pixels:
         size["shortest_edge"] = min_pixels

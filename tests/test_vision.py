@@ -87,6 +87,16 @@ def test_a_saved_vl_checkpoint_loads_with_its_image_processor(vl):
     assert [tuple(g.tolist()[0]) for _, g in visual] == [(1, 2, 4), (1, 2, 6)]
 
 
+def test_max_pixels_bounds_the_visual_tokens(tmp_path):
+    path = build_checkpoint("qwen2_vl", str(tmp_path / "ckpt"))
+    model, tok = llms.load(path, "cpu", max_pixels=28 * 28 * 2)
+    prompts, images = prompts_and_images(tok)
+    ids, _, _ = rollout.encode_prompts(tok, prompts, 64, "cpu", images)
+    assert (ids == model.config.image_token_id).sum(1).tolist() == [2, 2]  # the 3-digit image shrunk
+    with pytest.raises(config.UserError, match="min_pixels 3136 is above max_pixels 1568"):
+        llms.load(path, "cpu", min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 2)
+
+
 def test_training_log_probs_equal_those_generate_sampled_with(vl):
     """Sampled chains with images, left padded: the loss's forward pass (with the model's own 3-D rope
     positions) gives the log-probs generate sampled the tokens with. Swapping the two questions' images
