@@ -193,10 +193,11 @@ def test_one_generate_call_per_phase(sft, task, monkeypatch):
     calls = []
     real = rollout.generate
 
-    def counting(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p=1.0, sampler="dynamic"):
+    def counting(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p=1.0, sampler="dynamic",
+                 visual=None):
         calls.append((input_ids.shape[0], max_new_tokens, sampler))
         return real(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p)
+                    top_p=top_p, visual=visual)
 
     monkeypatch.setattr(rollout, "generate", counting)
     sample(model, tok, prompts_of(tok, task, 2), num_chains=3, prefix_retries=1, max_guide_tokens=4, sampler="static")
