@@ -11,6 +11,7 @@ from transformers import GenerationConfig
 
 import config
 import data
+import evaluator
 import llms
 import losses
 import rollout
@@ -184,6 +185,10 @@ def test_a_vl_run_resumes_from_its_checkpoint_and_evaluates_the_same(tmp_path, d
     run_train(["--resume", str(tmp_path / "run"), "--max_steps", "3"])
     lines = read(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3]
+    # python evaluator.py --model RUN: the same images, prompts and greedy completions as the run's last eval
+    results = evaluator.main(["--model", str(tmp_path / "run"), "--out", str(tmp_path / "eval.jsonl")])
+    run_records = read(tmp_path / "run" / "eval" / "step_000003.jsonl")
+    assert [r["completions"] for r in results["model"]["records"]] == [r["completions"] for r in run_records]
 
 
 def test_a_hub_style_checkpoint_trains_from_its_folder(tmp_path, demo_files):
