@@ -73,7 +73,7 @@ class Config:
     train_vision: bool = False         # VL models, full fine-tuning: train the vision tower too (frozen by default)
     # --- data (data.py)
     dataset: str = "openai/gsm8k"      # hub name, local jsonl/parquet file or folder, "arithmetic" or "digits"
-    #                                    (built in; digits: the sum of two numbers drawn in an image, vision.py)
+    #                                    (built in; digits: the sum of the numbers drawn in an image)
     dataset_config: str = "main"       # the hub dataset's configuration
     train_split: str = "train"         # split trained on
     test_split: str = "test"           # split evaluated on

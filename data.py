@@ -279,14 +279,14 @@ def to_examples(rows: list[tuple[str, object]], source: str, task: str, template
             hint = f"set --{key} to the column that holds it" if key else (
                 "judge data needs the OpenJudge layout: 'input' (chat messages) and 'output' (labelled answers)")
             raise config.UserError(f"dataset {source!r} has no field {column!r} (its columns: {list(first)}); {hint}")
-    examples, bad = [], []
+    examples, bad, base_dir = [], [], _base_dir(source)
     for where, row in rows:
         try:
             if isinstance(row, BadRow):
                 raise row
             if task == "math":
                 examples += math_example(row, where, question_field, answer_field, template, image_field,
-                                         _base_dir(source))
+                                         base_dir)
             else:
                 examples += judge_examples(row, where, task, template)
         except BadRow as e:

@@ -98,9 +98,6 @@ def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_pr
                                                              images)  # (B, P)
     prompt_rows = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask)]  # B lists, unpadded
 
-    def visual_of(rows: list[int]):  # the images of each row's prompt (None for text)
-        return None if visual is None else [visual[b] for b in rows]
-
     # budgets, drawn from torch's CPU generator (restored on resume): guidance k per prompt, then a
     # prefix budget n per prompt that leaves room for k, so prefix + guidance <= M before the postfix
     guide_k = torch.randint(min_guide_tokens, max_guide_tokens + 1, (B,)).tolist()
@@ -114,22 +111,23 @@ def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_pr
     ids, mask = rollout.left_pad([row for row in prompt_rows for _ in range(C)], pad, device)
     out = rollout.generate(model, ids, mask, max_new_tokens=max(1, max(budgets)), temperature=temperature,
                            top_p=top_p, sampler=sampler,
-                           visual=visual_of([b for b in range(B) for _ in range(C)])).tolist()
+                           visual=rollout.visual_rows(visual, [b for b in range(B) for _ in range(C)])).tolist()
     picked = [pick_prefix(out[b * C:(b + 1) * C], budgets[b * C:(b + 1) * C], boundaries, eos) for b in range(B)]
     prefixes = [p for p, _ in picked]
 
     # 2. guidance: chain i of N = B * G continues prompt + prefix of prompt chains[i] for k tokens
     chains = [b for b in range(B) for _ in range(G)]  # chains of one prompt are adjacent
+    chain_visual = rollout.visual_rows(visual, chains)  # each chain: its prompt's images (None for text)
     ids, mask = rollout.left_pad([prompt_rows[b] + prefixes[b] for b in chains], pad, device)  # (N, P + prefix)
     out = rollout.generate(model, ids, mask, max_new_tokens=max(guide_k), temperature=temperature,  # (N, <= max k)
-                           top_p=top_p, sampler=sampler, visual=visual_of(chains)).tolist()
+                           top_p=top_p, sampler=sampler, visual=chain_visual).tolist()
     guides = [until_eos(out[i][:guide_k[b]], eos) for i, b in enumerate(chains)]  # (tokens, finished)
 
     # 3. postfix: the rest of the budget; a chain finished in the guidance phase keeps nothing of it
     ids, mask = rollout.left_pad([prompt_rows[b] + prefixes[b] + g for b, (g, _) in zip(chains, guides)], pad, device)
     room = [M - len(prefixes[b]) - len(g) for b, (g, _) in zip(chains, guides)]
     out = rollout.generate(model, ids, mask, max_new_tokens=max(1, max(room)), temperature=temperature,
-                           top_p=top_p, sampler=sampler, visual=visual_of(chains)).tolist()  # (N, <= max room)
+                           top_p=top_p, sampler=sampler, visual=chain_visual).tolist()  # (N, <= max room)
     posts = [[] if done else until_eos(out[i][:room[i]], eos)[0] for i, (_, done) in enumerate(guides)]
 
     # the Rollout: prompt (N, P) left padded + completion (N, T) right padded, T <= M
@@ -143,7 +141,7 @@ def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_pr
             for b, (g, _), p in zip(chains, guides, posts)]
     group = torch.tensor(chains, dtype=torch.long, device=device)
     r = rollout.assemble(tokenizer, prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0),
-                         completions, eos, group, info, visual_of(chains))
+                         completions, eos, group, info, chain_visual)
 
     # narrow the loss to completion columns [start, end) of each chain, as loss_on says
     start = [0 if loss_on == "all" else d["prefix_len"] for d in info]

@@ -55,7 +55,13 @@ class Rollout:
 
     def visual_of(self, rows) -> list[tuple] | None:
         """The visual inputs of the chains `rows` (a list or tensor of indices); None for text."""
-        return None if self.visual is None else [self.visual[i] for i in torch.as_tensor(rows).tolist()]
+        return visual_rows(self.visual, torch.as_tensor(rows).tolist())
+
+
+def visual_rows(visual: list[tuple] | None, rows: list[int]) -> list[tuple] | None:
+    """visual[i] for each i of rows (a chain's, or its prompt's: the same tensors, never copied); None
+    for text (visual None)."""
+    return None if visual is None else [visual[i] for i in rows]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -110,7 +116,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         print(f"out of memory sampling {len(input_ids)} sequences: sampling them in two halves")
         parts = [generate(model, input_ids[s], attention_mask[s], max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, sampler=sampler, min_new_tokens=min_new_tokens,
-                          visual=None if visual is None else visual[s])
+                          visual=visual_rows(visual, range(len(input_ids))[s]))
                  for s in (slice(0, half), slice(half, None))]
         width = max(p.shape[1] for p in parts)  # (n, T_i) -> (N, T): pad after the end, as generate does
         return torch.cat([F.pad(p, (0, width - p.shape[1]), value=gen.pad_token_id)
@@ -174,10 +180,10 @@ def sample(model, tokenizer, prompts: list[str], num_chains: int, *, max_prompt_
     device = next(model.parameters()).device
     ids, mask, visual = encode_prompts(tokenizer, prompts, max_prompt_tokens, device, images)
     ids, mask = ids.repeat_interleave(num_chains, 0), mask.repeat_interleave(num_chains, 0)  # (N, P)
-    visual = None if visual is None else [v for v in visual for _ in range(num_chains)]  # shared, not copied
+    group = torch.arange(len(prompts), device=device).repeat_interleave(num_chains)
+    visual = visual_rows(visual, group.tolist())  # each chain: its prompt's images
     completions = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,  # (N, T)
                            top_p=top_p, sampler=sampler, min_new_tokens=min_new_tokens, visual=visual)
-    group = torch.arange(len(prompts), device=device).repeat_interleave(num_chains)
     info = [{} for _ in range(len(group))]
     return assemble(tokenizer, ids, mask, completions, model.generation_config.eos_token_id, group, info, visual)
 

@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
         #    its latest checkpoint; then LoRA or train_only, and the frozen reference when beta > 0
         model, tokenizer = llms.from_config(cfg, run.model_path, device, train_set)
         rollout.check_prompts_fit(tokenizer, cfg, train_set + eval_set)  # a judge prompt must keep its instructions
-        vision.check(tokenizer, cfg, train_set + eval_set)  # images need a VL model, and a sampler that shows them
+        vision.check(tokenizer, cfg, train_set + eval_set)  # images need a VL model (and no Liger)
         if run.fresh and cfg.sft_steps > 0:
             sft.warm_start_cached(model, tokenizer, train_set, cfg)
     if run.fresh and (cfg.sft_steps > 0 or cfg.model_name in (llms.TINY, llms.TINY_VL)):

@@ -217,7 +217,7 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
         stop = [StepEnd(ends, decode, ids.shape[1], steps)] if ends else None
         out = rollout.generate(model, ids, mask, max_new_tokens=max(room), temperature=temperature, top_p=top_p,
                                sampler=sampler, stopping_criteria=stop,
-                               visual=None if visual is None else [visual[c.group] for c in live]).tolist()
+                               visual=rollout.visual_rows(visual, [c.group for c in live])).tolist()
         for c, row, n in zip(live, out, room):
             turn, c.eos = cut_turn(row, n, eos, frozenset() if c.nudged else ends, decode)
             c.add(turn, len(c.turns))
@@ -277,7 +277,7 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
                      "verifier_replies": c.replies, "conversation": tokenizer.decode(c.seq)})
     group = torch.tensor([c.group for c in convs], dtype=torch.long, device=device)
     return rollout.Rollout(input_ids=ids, attention_mask=attn, loss_mask=loss_mask, group=group,
-                           texts=texts, info=info, visual=None if visual is None else [visual[c.group] for c in convs])
+                           texts=texts, info=info, visual=rollout.visual_rows(visual, group.tolist()))
 
 
 def summary(info: list[dict]) -> dict:
