@@ -43,6 +43,7 @@ from transformers.utils import logging as hf_logging
 
 import bench_trl
 import config
+import builtin_tasks
 import data
 import grpo
 import llms
@@ -97,7 +98,7 @@ def build(cfg, device: str, gradient_checkpointing: bool, lengths: list[int] | N
 
 def build_model(cfg, device: str, gradient_checkpointing: bool):
     if cfg.model_name == llms.TINY:
-        train_set, _ = data.arithmetic_task(500, 10, seed=cfg.seed)
+        train_set, _ = builtin_tasks.arithmetic_task(500, 10, seed=cfg.seed)
         corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in train_set]
         return llms.load(llms.TINY, device, dtype=cfg.dtype, gradient_checkpointing=gradient_checkpointing,
                          liger=cfg.liger, tiny_corpus=corpus, tiny_vocab_size=cfg.tiny_vocab_size,

@@ -1,4 +1,5 @@
-"""Datasets: GSM8K (hub or local file), judge data (OpenJudge layout), and the built-in arithmetic task.
+"""Datasets: GSM8K (hub or local file), judge data (OpenJudge layout), rows with images, and the built-in
+tasks (builtin_tasks.py) by name.
 
 Every loader returns plain lists of examples, one dict per problem:
     {"question": str, "answer": str, "solution": str}  (+ "images": [PIL images] for a row with images)
@@ -6,8 +7,8 @@ Every loader returns plain lists of examples, one dict per problem:
 is the worked solution without the answer line (what the SFT warm start imitates and GHPO hints are
 cut from). Judge examples add "target", the verdict the warm start imitates.
 
-The built-in task is GSM8K-shaped: a word problem of 2 to 4 steps, a solution with one equation per
-sentence, and the answer after `####`. It needs no download, so the CPU demo and the tests use it.
+`dataset: arithmetic` and `dataset: digits` are the built-in tasks (builtin_tasks.py), which need no
+download. A row's images (`image_field`) are read as vision.to_image reads them.
 
 Other tasks are other files and a prompt template: `question` is the template filled with the row
 (configs/prompts/*.txt; `{question}` for math, `{query}` and `{response}` or `{response_a}` and
@@ -17,70 +18,16 @@ Other tasks are other files and a prompt template: `question` is the template fi
 per response (answer "0".."4"), a pairwise record one example (answer "A" or "B"). A malformed record
 is an error naming its file, row and field; skip_bad_rows skips and counts such rows instead.
 
-    python data.py                          # prints a few built-in problems and the target text
-    python data.py make-demo out/demo_data  # small judge, problem/answer and image files for the CPU demos
+    python data.py --config configs/tiny.yaml   # a run's train and test examples: counts and the first two
 """
 import json
 import os
 import random
 import re
 
+import builtin_tasks
 import config
 import vision
-
-# ----------------------------------------------------------------------------------------------
-# The built-in arithmetic task
-
-NAMES = [("Tom", "He"), ("Ann", "She"), ("Sam", "He"), ("Mia", "She"), ("Ben", "He"), ("Eva", "She"),
-         ("Max", "He"), ("Zoe", "She"), ("Leo", "He"), ("Ivy", "She")]
-ITEMS = ["apples", "pens", "books", "cards", "coins", "shells", "stamps", "marbles", "cookies", "toys"]
-
-
-def arithmetic_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4, max_value: int = 99) -> dict:
-    """One word problem; each step is one sentence in the question and one equation in the solution."""
-    name, pronoun = rng.choice(NAMES)
-    item = rng.choice(ITEMS)
-    x = rng.randint(2, 12)
-    sentences = [f"{name} has {x} {item}."]
-    equations = []
-    for _ in range(rng.randint(min_steps, max_steps)):
-        ops = ["+"] if x < max_value - 1 else []
-        ops += ["-"] if x > 1 else []
-        ops += ["*"] if 2 * x <= max_value and x <= 12 else []
-        op = rng.choice(ops)
-        if op == "+":
-            b = rng.randint(1, min(9, max_value - x))
-            sentences.append(f"{pronoun} gets {b} more.")
-            y = x + b
-        elif op == "-":
-            b = rng.randint(1, min(9, x - 1))
-            sentences.append(f"{pronoun} gives away {b}.")
-            y = x - b
-        else:
-            b = rng.randint(2, max(2, min(4, max_value // x)))
-            sentences.append(f"{pronoun} gets {b} times as many.")
-            y = x * b
-        equations.append(f"{x} {op} {b} = {y}.")
-        x = y
-    sentences.append(f"How many {item} does {name} have now?")
-    return {"question": " ".join(sentences), "answer": str(x), "solution": "\n".join(equations)}
-
-
-def arithmetic_task(n_train: int, n_test: int, seed: int, min_steps: int = 2, max_steps: int = 4,
-                    max_value: int = 99) -> tuple[list[dict], list[dict]]:
-    """Deterministic train/test splits from one seed; no test question appears in train."""
-    rng = random.Random(seed)
-    seen, examples = set(), []
-    for _ in range(50 * (n_train + n_test)):  # bounded: a tiny problem space raises below, never hangs
-        ex = arithmetic_problem(rng, min_steps, max_steps, max_value)
-        if ex["question"] not in seen:
-            seen.add(ex["question"])
-            examples.append(ex)
-        if len(examples) == n_train + n_test:
-            return examples[n_test:], examples[:n_test]
-    raise config.UserError(f"only {len(examples)} distinct problems exist for these settings; "
-                           f"lower arithmetic_train_size / arithmetic_test_size")
-
 
 # ----------------------------------------------------------------------------------------------
 # Hub and local datasets (GSM8K layout: the answer text ends with "#### <final answer>")
@@ -301,19 +248,20 @@ def to_examples(rows: list[tuple[str, object]], source: str, task: str, template
 
 
 def load(cfg) -> tuple[list[dict], list[dict]]:
-    """(train, test) examples of cfg.dataset: "arithmetic" (the built-in task), a hub name, or a local
+    """(train, test) examples of cfg.dataset: "arithmetic" or "digits" (builtin_tasks.py), a hub name, or a local
     file or folder; cfg.task says how rows become examples (math: question/answer columns; judge_*:
     the OpenJudge layout)."""
     template = load_template(cfg.prompt_template, cfg.task)
     if cfg.dataset == "digits":
-        train, test = vision.digits_task(cfg.digits_train_size, cfg.digits_test_size, cfg.seed, cfg.digits_count)
-        return ([{**ex, "question": fill(template, question=ex["question"])} for ex in train],
-                [{**ex, "question": fill(template, question=ex["question"])} for ex in test])
+        train, test = builtin_tasks.digits_task(cfg.digits_train_size, cfg.digits_test_size, cfg.seed,
+                                                cfg.digits_count)
+        return tuple([{**ex, "question": vision.with_placeholders(fill(template, question=ex["question"]), 1)}
+                      for ex in split] for split in (train, test))
     if cfg.dataset == "arithmetic":
         if cfg.task != "math":
             raise config.UserError(f"the built-in arithmetic task is a math task; task {cfg.task!r} needs judge data: "
-                                   f"make a small set with `python data.py make-demo out/demo_data`")
-        train, test = arithmetic_task(cfg.arithmetic_train_size, cfg.arithmetic_test_size, cfg.seed,
+                                   f"make a small set with `python builtin_tasks.py make-demo out/demo_data`")
+        train, test = builtin_tasks.arithmetic_task(cfg.arithmetic_train_size, cfg.arithmetic_test_size, cfg.seed,
                                       cfg.arithmetic_min_steps, cfg.arithmetic_max_steps, cfg.arithmetic_max_value)
         return ([{**ex, "question": fill(template, question=ex["question"])} for ex in train],
                 [{**ex, "question": fill(template, question=ex["question"])} for ex in test])
@@ -352,115 +300,23 @@ def target_text(example: dict, answer_only: bool = False, slip_rate: float = 0.0
     """What the SFT warm start teaches: a judge example's verdict in its output format (its "target",
     with an empty think), else the worked solution (left out when answer_only), then '#### answer'.
     slip_rate > 0 (needs rng): each equation's result is off by one with that probability, and the slip
-    carries into the later steps and the final answer (see with_slips)."""
+    carries into the later steps and the final answer (builtin_tasks.with_slips)."""
     if "target" in example:
         return example["target"]
     if answer_only or not example["solution"]:
         return f"#### {example['answer']}"
     solution, answer = example["solution"], example["answer"]
     if slip_rate > 0:
-        solution, answer = with_slips(solution, slip_rate, rng)
+        solution, answer = builtin_tasks.with_slips(solution, slip_rate, rng)
     return f"{solution}\n#### {answer}"
-
-
-EQUATION_RE = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)\.$")
-
-
-def with_slips(solution: str, rate: float, rng: random.Random) -> tuple[str, str]:
-    """(solution, final answer) of a built-in problem worked the way imperfect human-written data is:
-    each result is one more or one less than right with probability `rate`, and every later step starts
-    from the slipped value. Lines that are not `a op b = c.` equations are kept as they are."""
-    lines, value = [], None
-    for line in solution.split("\n"):
-        m = EQUATION_RE.match(line)
-        if not m:
-            lines.append(line)
-            continue
-        a, op, b = int(m[1]) if value is None else value, m[2], int(m[3])
-        value = a + b if op == "+" else a - b if op == "-" else a * b
-        if rng.random() < rate:
-            value = value + 1 if value == 0 or rng.random() < 0.5 else value - 1
-        lines.append(f"{a} {op} {b} = {value}.")
-    return "\n".join(lines), str(value)
-
-
-# ----------------------------------------------------------------------------------------------
-# Small demo files for the judge and problem/answer recipes, made from the built-in task
-
-def _demo_responses(ex: dict, rng: random.Random) -> dict[int, str]:
-    """Responses to one problem by helpfulness: 4 worked and right, 3 right without work, 1 worked
-    with a wrong last step, 0 no attempt."""
-    wrong = str(int(ex["answer"]) + rng.choice([-2, -1, 1, 2]))
-    steps = ex["solution"].split("\n")
-    steps[-1] = steps[-1].rsplit("= ", 1)[0] + f"= {wrong}."
-    return {4: target_text(ex), 3: f"The answer is {ex['answer']}.", 1: "\n".join(steps) + f"\n#### {wrong}",
-            0: "I do not know."}
-
-
-def make_demo(out_dir: str, n_train: int = 200, n_test: int = 40, seed: int = 0) -> list[str]:
-    """Writes judge_pointwise_{train,test}.jsonl and judge_pairwise_{train,test}.jsonl (OpenJudge layout)
-    and problems_{train,test}.jsonl (problem/answer columns) into out_dir; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    rng = random.Random(seed)
-    paths = []
-    for split, examples in zip(("train", "test"), arithmetic_task(n_train, n_test, seed)):
-        files = {name: [] for name in ("judge_pointwise", "judge_pairwise", "problems")}
-        for ex in examples:
-            query = [{"role": "user", "content": ex["question"]}]
-            responses = _demo_responses(ex, rng)
-            label = rng.choice(list(responses))
-            files["judge_pointwise"].append({"input": query, "output": [{"answer": {
-                "role": "assistant", "content": responses[label], "label": {"helpfulness": label}}}]})
-            pair, better = [responses[4], responses[rng.choice([0, 1])]], rng.choice("AB")
-            if better == "B":
-                pair.reverse()
-            files["judge_pairwise"].append({"input": query, "output": [{"answer": {
-                "role": "assistant", "content": text, "label": {"preference": better}}} for text in pair]})
-            files["problems"].append({"problem": ex["question"], "answer": ex["answer"]})
-        for name, rows in files.items():
-            paths.append(os.path.join(out_dir, f"{name}_{split}.jsonl"))
-            with open(paths[-1], "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
-    return paths + make_digits_demo(out_dir, seed=seed)
-
-
-def make_digits_demo(out_dir: str, n_train: int = 80, n_test: int = 20, seed: int = 0) -> list[str]:
-    """The built-in visual task as files, in the two layouts of image data: digits_{train,test}.jsonl
-    (problem, answer in GSM8K's layout, images as PNG paths relative to the file) and
-    digits_{train,test}.parquet (images as HF datasets' {"bytes", "path"} dicts). Returns their paths."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    os.makedirs(os.path.join(out_dir, "digits_images"), exist_ok=True)
-    paths = []
-    for split, examples in zip(("train", "test"), vision.digits_task(n_train, n_test, seed)):
-        rows, png = [], []
-        for k, ex in enumerate(examples):
-            path = os.path.join("digits_images", f"{split}_{k}.png")
-            ex["images"][0].save(os.path.join(out_dir, path))
-            with open(os.path.join(out_dir, path), "rb") as f:
-                png.append(f.read())
-            rows.append({"problem": ex["question"], "answer": f"{ex['solution']}\n#### {ex['answer']}",
-                         "images": [path]})
-        paths.append(os.path.join(out_dir, f"digits_{split}.jsonl"))
-        with open(paths[-1], "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        paths.append(os.path.join(out_dir, f"digits_{split}.parquet"))
-        pq.write_table(pa.table({"problem": [r["problem"] for r in rows], "answer": [r["answer"] for r in rows],
-                                 "images": [[{"bytes": b, "path": None}] for b in png]}), paths[-1])
-    return paths
 
 
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] == ["make-demo"]:  # python data.py make-demo OUT_DIR [N_TRAIN N_TEST]
-        if len(sys.argv) not in (3, 5):
-            sys.exit("usage: python data.py make-demo OUT_DIR [N_TRAIN N_TEST]")
-        sizes = [int(n) for n in sys.argv[3:5]]
-        print("\n".join(make_demo(sys.argv[2], *sizes)))
-        sys.exit()
-    train, test = arithmetic_task(1000, 100, seed=0)
-    for ex in train[:3]:
-        print(ex["question"], "\n---\n" + target_text(ex), "\n")
-    print(f"{len(train)} train / {len(test)} test problems")
+    cfg = config.load(sys.argv[1:] or ["--dataset", "arithmetic"])
+    train, test = load(cfg)
+    for ex in train[:2]:
+        print({k: v for k, v in ex.items() if k != "images"}, f"({len(ex.get('images', []))} images)")
+        print("---\n" + target_text(ex), "\n")
+    print(f"{cfg.dataset}: {len(train)} train / {len(test)} test examples")

@@ -32,6 +32,7 @@ import torch
 
 import checkpoint
 import config
+import builtin_tasks
 import data
 import distributed
 import judge_rewards
@@ -182,7 +183,7 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--demo"]:
-        train, test = data.arithmetic_task(500, 20, seed=0)
+        train, test = builtin_tasks.arithmetic_task(500, 20, seed=0)
         m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] for ex in train])
         cfg = config.Config(system_prompt="", max_prompt_tokens=128, max_completion_tokens=16, eval_temperature=1.0,
                             eval_samples=2, eval_batch_size=20)

@@ -191,9 +191,10 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
 
 
 if __name__ == "__main__":
+    import builtin_tasks
     import data
 
-    train, _ = data.arithmetic_task(500, 10, seed=0)
+    train, _ = builtin_tasks.arithmetic_task(500, 10, seed=0)
     m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] + "\n" + data.target_text(ex) for ex in train])
     torch.manual_seed(0)
     # the untrained model fails every question, so each group goes through every stage that gives it a new hint

@@ -158,13 +158,14 @@ def mean_of(parts: list[dict], key: str, weight: str = "") -> float:
 
 if __name__ == "__main__":
     import config
+    import builtin_tasks
     import data
     import llms
     import samplers
 
     cfg = config.Config(model_name=llms.TINY, device="cpu", optimizer="adamw", system_prompt="", num_chains=4,
                         max_completion_tokens=16, max_prompt_tokens=96, rewards={"integer_answer": 1.0})
-    train, _ = data.arithmetic_task(200, 10, seed=0)
+    train, _ = builtin_tasks.arithmetic_task(200, 10, seed=0)
     model, tok = llms.from_config(cfg, llms.TINY, "cpu", train)
     policy = llms.for_training(model, tok, cfg, load_reference=lambda: None)
     optimizer, _ = losses.make_optimizer(model, cfg)

@@ -213,9 +213,10 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
 
 
 if __name__ == "__main__":
+    import builtin_tasks
     import data
 
-    train, _ = data.arithmetic_task(500, 10, seed=0)
+    train, _ = builtin_tasks.arithmetic_task(500, 10, seed=0)
     corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in train]
     m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=corpus)
     torch.manual_seed(0)

@@ -289,7 +289,9 @@ def decoder_and_head(model):
 
 
 if __name__ == "__main__":
-    train, _ = data.arithmetic_task(2000, 100, seed=0)
+    import builtin_tasks
+
+    train, _ = builtin_tasks.arithmetic_task(2000, 100, seed=0)
     tok_corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in train]
     m, tok = load(TINY, "cpu", tiny_corpus=tok_corpus)
     prompt = chat_prompt(tok, "Solve step by step.", train[0]["question"])

@@ -260,9 +260,9 @@ def teacher_forced(tokenizer, prompts: list[str], completions: list[str], max_pr
 
 
 if __name__ == "__main__":
-    import data
+    import builtin_tasks
 
-    train, _ = data.arithmetic_task(500, 10, seed=0)
+    train, _ = builtin_tasks.arithmetic_task(500, 10, seed=0)
     m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] for ex in train])
     r = sample(m, tok, [llms.chat_prompt(tok, "", train[0]["question"])], num_chains=2,
                max_prompt_tokens=128, max_new_tokens=12, temperature=1.0)

@@ -30,6 +30,7 @@ import transformers
 from tqdm import tqdm
 
 import arithmetic
+import builtin_tasks
 import data
 import llms
 import losses
@@ -48,7 +49,7 @@ AFTER_WARM_START = {
     "log_samples", "resume", "report_to", "wandb_project", "sft_cache"}
 AFTER_WARM_START_PREFIXES = ("guide_", "ghpo_", "verifier_", "eval_", "lora_", "think_", "answer_", "overlong_")
 # the code that builds the warm start: an edit to any of these files makes a new key
-WARM_START_CODE = (arithmetic, data, llms, losses, rollout, vision)
+WARM_START_CODE = (arithmetic, builtin_tasks, data, llms, losses, rollout, vision)
 
 
 def warm_start(model, tokenizer, examples: list[dict], cfg, probe=None, probe_every: int = 0) -> None:
@@ -56,7 +57,7 @@ def warm_start(model, tokenizer, examples: list[dict], cfg, probe=None, probe_ev
 
     Learning rate: linear warmup over sft_warmup_steps, then cosine decay to 0 at sft_steps. A share
     sft_answer_only_frac of the targets is the final answer alone, without the worked steps;
-    sft_slip_rate puts carried one-off slips into the built-in task's solutions (data.with_slips).
+    sft_slip_rate puts carried one-off slips into the built-in tasks' solutions (builtin_tasks.with_slips).
     probe(step, nll) is called every probe_every steps, nll a running mean of the target NLL.
     """
     device = next(model.parameters()).device

@@ -325,11 +325,12 @@ if __name__ == "__main__":
         verifier_backends.serve_main(sys.argv[2:])
         sys.exit()
     import config
+    import builtin_tasks
     import data
     import llms
     import sft
 
-    examples, _ = data.arithmetic_task(2000, 10, seed=0)
+    examples, _ = builtin_tasks.arithmetic_task(2000, 10, seed=0)
     m, tok = llms.load(llms.TINY, "cpu", tiny_corpus=[ex["question"] + "\n" + data.target_text(ex) for ex in examples])
     print("a short warm start, so that the tiny model writes equations ...")
     cfg = config.Config(system_prompt="", sft_steps=60, sft_batch_size=32, sft_learning_rate=3e-3,

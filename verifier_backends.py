@@ -296,8 +296,9 @@ def serve_main(argv: list[str]) -> None:
     device = llms.pick_device(args.device)
     corpus = None
     if args.model == llms.TINY:  # its tokenizer trains on the built-in task's text
+        import builtin_tasks
         import data
-        corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in data.arithmetic_task(1000, 10, seed=0)[0]]
+        corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in builtin_tasks.arithmetic_task(1000, 10, seed=0)[0]]
     model, tokenizer = llms.load(args.model, device, dtype=args.dtype, tiny_corpus=corpus, load_8bit=args.load_8bit)
     model.eval().requires_grad_(False)
     server = serve(model, tokenizer, args.model, args.port)

@@ -18,19 +18,16 @@ error). The pieces, in the order a run meets them:
               AutoModelForImageTextToText; its image processor rides on the tokenizer (`image_processor`)
               and is saved beside it in checkpoints; `tiny_vl` is a random tiny Qwen2-VL built here
 
-The built-in visual task (`dataset: digits`) draws `digits_count` one-digit numbers as seven-segment
-digits and asks for their sum; the text never says them, so only a policy that reads the image can solve it.
+The built-in visual task, `dataset: digits`, is in builtin_tasks.py.
 
-    python vision.py     # a few built-in visual problems, written as PNGs to out/digits_demo/
+    python vision.py     # a question's image parts, and what the image processor makes of one image
 """
 import base64
 import io
-import itertools
 import os
-import random
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import config
 
@@ -234,61 +231,13 @@ def language_model_only(target_modules: list[str]) -> str:
     return rf".*language_model.*\.({'|'.join(target_modules)})"
 
 
-# ----------------------------------------------------------------------------------------------
-# The built-in visual task: numbers drawn as seven-segment digits, the question asks for their sum
-
-SEGMENTS = {0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg", 5: "acdfg", 6: "acdefg", 7: "abc",
-            8: "abcdefg", 9: "abcdfg"}
-
-
-def draw_digit(draw: ImageDraw.ImageDraw, digit: int, x: int, y: int, w: int = 16, h: int = 24) -> None:
-    """A seven-segment digit in the box (x, y, w, h): no font, so it draws alike on every machine."""
-    t = max(2, w // 5)  # stroke
-    boxes = {"a": (x, y, x + w, y + t), "g": (x, y + h // 2 - t // 2, x + w, y + h // 2 + t // 2),
-             "d": (x, y + h - t, x + w, y + h), "f": (x, y, x + t, y + h // 2), "b": (x + w - t, y, x + w, y + h // 2),
-             "e": (x, y + h // 2, x + t, y + h), "c": (x + w - t, y + h // 2, x + w, y + h)}
-    for s in SEGMENTS[digit]:
-        draw.rectangle(boxes[s], fill=(255, 255, 255))
-
-
-def number_image(numbers: list[int]) -> Image.Image:
-    """Each one-digit number in its own 28 x 28 cell (one image token of a 2x2-merged 14-pixel grid)."""
-    image = Image.new("RGB", (28 * len(numbers), 28), (0, 0, 0))
-    draw = ImageDraw.Draw(image)
-    for k, n in enumerate(numbers):
-        draw_digit(draw, n, 28 * k + 6, 2)
-    return image
-
-
-def digits_task(n_train: int, n_test: int, seed: int, count: int = 2) -> tuple[list[dict], list[dict]]:
-    """Train and test problems {"question", "answer", "solution", "images"}: `count` one-digit numbers in
-    the image, 10**count problems, none in both splits. The solution adds them left to right, one
-    equation per line like the arithmetic task's (so sft_slip_rate works on it: data.with_slips)."""
-    problems = list(itertools.product(range(10), repeat=count))
-    random.Random(seed).shuffle(problems)
-    if n_train + n_test > len(problems):
-        raise config.UserError(f"the digits task with {count} numbers has {len(problems)} problems: lower "
-                               f"digits_train_size and digits_test_size ({n_train} + {n_test}), or raise digits_count")
-    words = {2: "two", 3: "three", 4: "four"}.get(count, str(count))
-    examples = [{"question": PLACEHOLDER + f"What is the sum of the {words} numbers in the image?",
-                 "answer": str(sum(p)), "solution": running_sums(p), "images": [number_image(list(p))]}
-                for p in problems[:n_train + n_test]]
-    return examples[n_test:], examples[:n_test]
-
-
-def running_sums(numbers) -> str:
-    """(3, 4, 5) -> '3 + 4 = 7.\n7 + 5 = 12.'"""
-    lines, total = [], numbers[0]
-    for n in numbers[1:]:
-        lines.append(f"{total} + {n} = {total + n}.")
-        total += n
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    train, _ = digits_task(90, 10, seed=0)
-    os.makedirs("out/digits_demo", exist_ok=True)
-    for k, ex in enumerate(train[:4]):
-        path = f"out/digits_demo/{k}.png"
-        ex["images"][0].save(path)
-        print(path, ex["question"], "->", ex["solution"], "####", ex["answer"])
+    from transformers import Qwen2VLImageProcessorPil
+
+    question = with_placeholders("What is the sum of the three numbers in the image?", 1)
+    print(repr(question), "->", content_parts(question))
+    processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=28 * 28 * 64)
+    out = processor(images=[Image.new("RGB", (84, 28))], return_tensors="pt")  # three 28 x 28 cells
+    print(f"an 84 x 28 image: pixel_values {tuple(out['pixel_values'].shape)}, image_grid_thw "
+          f"{out['image_grid_thw'].tolist()}, {int(out['image_grid_thw'].prod()) // processor.merge_size ** 2} "
+          f"image tokens in the prompt")

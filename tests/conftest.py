@@ -8,13 +8,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(2)
 
+import builtin_tasks  # noqa: E402
 import data  # noqa: E402
 import llms  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def task():
-    return data.arithmetic_task(300, 20, seed=0)
+    return builtin_tasks.arithmetic_task(300, 20, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
+import builtin_tasks  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
 import evaluator  # noqa: E402
@@ -49,7 +50,7 @@ def chains(tokenizer, examples):
 
 
 def exact(out: str) -> None:
-    train, _ = data.arithmetic_task(64, 4, seed=0)
+    train, _ = builtin_tasks.arithmetic_task(64, 4, seed=0)
     corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in train]
     base, tokenizer = llms.load(llms.TINY, "cpu", tiny_corpus=corpus, tiny_hidden=32, tiny_layers=2, seed=0)
     r, totals = chains(tokenizer, train)
@@ -76,7 +77,7 @@ def exact(out: str) -> None:
 
 def figures(out: str) -> None:
     """grpo.step's train line under two ranks: rank 0's chains score 0, rank 1's score 1."""
-    train, _ = data.arithmetic_task(64, 4, seed=0)
+    train, _ = builtin_tasks.arithmetic_task(64, 4, seed=0)
     corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in train]
     model, tokenizer = llms.load(llms.TINY, "cpu", tiny_corpus=corpus, tiny_hidden=32, tiny_layers=2, seed=0)
     cfg = config.Config(optimizer="adamw", kahan_updates=False, micro_batch_size=4, system_prompt="",
@@ -107,7 +108,7 @@ IDEAS = {"guided": {"min_guide_tokens": 2, "max_guide_tokens": 4, "guide_min_pre
 def ideas(out: str) -> None:
     """One grpo.step of each sampling idea on the untrained tiny model (rank k: its 2 of the 4 questions),
     then whether every rank holds the same weights; and a greedy evaluation sharded over the ranks."""
-    train, test = data.arithmetic_task(64, 8, seed=0)
+    train, test = builtin_tasks.arithmetic_task(64, 8, seed=0)
     corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in train]
     base, tokenizer = llms.load(llms.TINY, "cpu", tiny_corpus=corpus, tiny_hidden=32, tiny_layers=2, seed=0)
     rewards.REWARDS["length_mod_3"] = lambda completion, answer, **info: len(completion) % 3  # never all equal

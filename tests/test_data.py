@@ -6,6 +6,7 @@ import re
 import pytest
 
 import config
+import builtin_tasks
 import data
 import llms
 import rewards
@@ -23,8 +24,8 @@ def write_gsm8k(path, n):
 
 
 def test_arithmetic_task_is_deterministic_and_disjoint():
-    train, test = data.arithmetic_task(300, 50, seed=3)
-    assert (train, test) == data.arithmetic_task(300, 50, seed=3)
+    train, test = builtin_tasks.arithmetic_task(300, 50, seed=3)
+    assert (train, test) == builtin_tasks.arithmetic_task(300, 50, seed=3)
     assert not {ex["question"] for ex in train} & {ex["question"] for ex in test}
     for ex in train[:50]:
         steps = ex["solution"].split("\n")
@@ -37,11 +38,11 @@ def test_arithmetic_task_is_deterministic_and_disjoint():
 
 
 def test_slipped_targets_carry_the_slip_to_the_answer():
-    train, _ = data.arithmetic_task(100, 5, seed=2)
+    train, _ = builtin_tasks.arithmetic_task(100, 5, seed=2)
     rng = random.Random(0)
     for ex in train:
         assert data.target_text(ex, slip_rate=0.0, rng=rng) == data.target_text(ex)
-        solution, answer = data.with_slips(ex["solution"], 1.0, rng)  # every step slips
+        solution, answer = builtin_tasks.with_slips(ex["solution"], 1.0, rng)  # every step slips
         value = None
         for ours, right in zip(solution.split("\n"), ex["solution"].split("\n")):
             a, op, b, c = re.fullmatch(r"(-?\d+) (.) (\d+) = (-?\d+)\.", ours).groups()
@@ -51,14 +52,14 @@ def test_slipped_targets_carry_the_slip_to_the_answer():
             assert abs(int(c) - true) == 1
             value = int(c)
         assert answer == str(value)
-    slips = [data.with_slips(ex["solution"], 0.2, random.Random(i)) != (ex["solution"], ex["answer"])
+    slips = [builtin_tasks.with_slips(ex["solution"], 0.2, random.Random(i)) != (ex["solution"], ex["answer"])
              for i, ex in enumerate(train)]
     assert 0.2 < sum(slips) / len(slips) < 0.8  # about 1 - 0.8^3 of the 2-4 step targets
 
 
 @pytest.mark.parametrize("max_value", [12, 20, 99])
 def test_arithmetic_max_value_bounds_every_number(max_value):
-    train, _ = data.arithmetic_task(200, 10, seed=1, max_value=max_value)
+    train, _ = builtin_tasks.arithmetic_task(200, 10, seed=1, max_value=max_value)
     numbers = [int(n) for ex in train for n in re.findall(r"\d+", ex["solution"])]
     assert max(numbers) <= max_value and min(numbers) >= 1
     if max_value == 99:  # the bound is reached, not just respected

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import config
+import builtin_tasks
 import data
 import grpo
 import llms
@@ -103,7 +104,7 @@ def test_callers_without_more_questions_are_refused(policy):
 
 
 def test_refill_is_seeded_and_skips_the_steps_own_questions():
-    train, _ = data.arithmetic_task(50, 5, seed=0)
+    train, _ = builtin_tasks.arithmetic_task(50, 5, seed=0)
     taken = train[:10]
     a = data.refill(train, 3, 1, 8, 0, taken)
     assert a == data.refill(train, 3, 1, 8, 0, taken) and len(a) == 8

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import config
+import builtin_tasks
 import data
 import evaluator
 from helpers import run_train
@@ -41,7 +42,7 @@ def pairwise(query, a, b, better):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    data.make_demo(str(out), n_train=40, n_test=8)
+    builtin_tasks.make_demo(str(out), n_train=40, n_test=8)
     return out
 
 

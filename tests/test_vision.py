@@ -1,15 +1,14 @@
 """Vision-language policies (vision.py): tiny random Qwen2-VL and Qwen2.5-VL checkpoints built from configs
 here, saved and reloaded through from_pretrained like real ones; image data in its layouts and its errors."""
 import json
-import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import GenerationConfig
 
 import config
+import builtin_tasks
 import data
 import evaluator
 import llms
@@ -26,7 +25,7 @@ def build_checkpoint(family: str, path: str) -> str:
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
-    train, _ = vision.digits_task(80, 20, seed=0)
+    train, _ = builtin_tasks.digits_task(80, 20, seed=0)
     tok = llms.build_tiny_tokenizer([ex["question"] + ex["solution"] for ex in train], 300, vl=True)
     ids = {t: tok.convert_tokens_to_ids(t) for t in vision.VISION_TOKENS}
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -63,15 +62,15 @@ def vl(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_files(tmp_path_factory):
-    """digits_{train,test}.jsonl (PNG paths) and .parquet (PNG bytes), as `python data.py make-demo` writes."""
+    """digits_{train,test}.jsonl (PNG paths) and .parquet (PNG bytes), as `python builtin_tasks.py make-demo` writes."""
     out = tmp_path_factory.mktemp("demo")
-    data.make_digits_demo(str(out))
+    builtin_tasks.make_digits_demo(str(out))
     return out
 
 
 def prompts_and_images(tok, n: int = 2):
     """n questions whose images differ in size (2 and 3 digits: 2 and 3 image tokens)."""
-    images = [vision.number_image([3, 4]), vision.number_image([1, 5, 2])][:n]
+    images = [builtin_tasks.number_image([3, 4]), builtin_tasks.number_image([1, 5, 2])][:n]
     questions = [vision.PLACEHOLDER + "What is the sum of the numbers in the image?"] * n
     return [llms.chat_prompt(tok, "", q) for q in questions], [[im] for im in images]
 
@@ -124,7 +123,7 @@ def test_training_log_probs_equal_those_generate_sampled_with(vl):
     keep = r.loss_mask[:, start:].bool()
     assert (trained[keep] - sampled[keep]).abs().max() < 1e-4
     # the same prompts with other images of the same sizes
-    other = [[vision.number_image([9, 9])], [vision.number_image([7, 7, 7])]]
+    other = [[builtin_tasks.number_image([9, 9])], [builtin_tasks.number_image([7, 7, 7])]]
     o_ids, _, o_visual = rollout.encode_prompts(tok, prompts, 64, "cpu", other)
     with torch.no_grad():
         swapped = losses.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4,
@@ -217,7 +216,7 @@ def write_rows(path, rows):
     (["ok.png", "ok.png"], r"line 1: the question has 1 <image> placeholders for 2 images"),
 ])
 def test_a_bad_image_is_an_error_naming_the_row_or_is_skipped_and_counted(tmp_path, images, error, capsys):
-    vision.number_image([1, 2]).save(tmp_path / "ok.png")
+    builtin_tasks.number_image([1, 2]).save(tmp_path / "ok.png")
     (tmp_path / "not_png.png").write_bytes(b"this is no image")
     train = write_rows(tmp_path / "train.jsonl", [{"problem": "<image>Sum?", "answer": "3", "images": images},
                                                    {"problem": "Sum?", "answer": "3", "images": ["ok.png"]}])
@@ -231,7 +230,7 @@ def test_a_bad_image_is_an_error_naming_the_row_or_is_skipped_and_counted(tmp_pa
 
 
 def test_images_load_from_paths_bytes_dicts_and_pil(tmp_path):
-    image = vision.number_image([4, 2])
+    image = builtin_tasks.number_image([4, 2])
     image.save(tmp_path / "a.png")
     png = (tmp_path / "a.png").read_bytes()
     for value in ("a.png", str(tmp_path / "a.png"), png, {"bytes": png, "path": None}, {"bytes": None, "path": "a.png"},
@@ -249,12 +248,12 @@ def test_images_with_a_text_model_or_liger_are_refused(tmp_path, demo_files):
 
 
 def test_the_digits_task_needs_the_image():
-    train, test = vision.digits_task(80, 20, seed=0)
+    train, test = builtin_tasks.digits_task(80, 20, seed=0)
     assert len({ex["question"] for ex in train + test}) == 1  # the text is the same for every problem
     seen = {ex["solution"] for ex in train}
     assert not any(ex["solution"] in seen for ex in test)
     a, b = (int(n) for n in train[0]["solution"].split(" =")[0].split(" + "))
-    assert list(train[0]["images"][0].getdata()) == list(vision.number_image([a, b]).getdata())
+    assert list(train[0]["images"][0].getdata()) == list(builtin_tasks.number_image([a, b]).getdata())
     assert train[0]["answer"] == str(a + b)
 
 
@@ -273,10 +272,10 @@ def test_a_verifier_gets_the_problem_images(vl):
 
     import verifier_backends
     model, tok = vl
-    image = vision.number_image([2, 5])
+    image = builtin_tasks.number_image([2, 5])
     job = verifier_backends.Job("<image>What is the sum?", "7", ["2 + 5 = 7."], [image])
     hf = verifier_backends.HFVerifier(None, None, verifier_backends.DEFAULT_PROMPT, 6, 0.0)
-    replies = hf([job, job._replace(images=[vision.number_image([1, 1, 1])])], model, tok)
+    replies = hf([job, job._replace(images=[builtin_tasks.number_image([1, 1, 1])])], model, tok)
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
     chat = verifier_backends.messages("{question}", job, lambda im: {"type": "image_url", "image_url": {
         "url": vision.data_url(im)}})
