@@ -63,7 +63,7 @@ class Job(NamedTuple):
     question: str
     answer: str
     steps: list[str]
-    images: list = []
+    images: tuple | list = ()  # empty for a text problem; never a shared mutable default
 
 # ----------------------------------------------------------------------------------------------
 # rules: a programmatic verifier for the arithmetic of the work (arithmetic.py) and its final answer
