@@ -50,8 +50,11 @@ LOSS_DEFAULTS = {
 @dataclass
 class Config:
     # --- model (llms.py)
-    model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, local folder, "tiny" or "tiny_vl" (built in;
-    #                                    tiny_vl: a random Qwen2-VL); Qwen2-VL / Qwen2.5-VL load with their images
+    model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, local folder, a .gguf file (or a folder holding
+    #                                    one), a shipped real model (gemma-3-270m, smollm2-135m-instruct: see
+    #                                    gguf_models.py), "tiny" or "tiny_vl" (built in; tiny_vl: a random Qwen2-VL);
+    #                                    Qwen2-VL / Qwen2.5-VL load with their images
+    model_cache: str = "~/.cache/grpo-workbench"  # where GGUF models are converted (once) to HF folders
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (fp16 is refused:
     #                                    no loss scaler here)
     gradient_checkpointing: bool = True  # recompute activations in backward: less memory, more time
@@ -82,7 +85,14 @@ class Config:
     answer_field: str = "answer"       # the column with the answer; GSM8K layout: solution steps, then "#### <answer>"
     image_field: str = "images"        # the column with a row's images, if any (paths relative to the data file,
     #                                    bytes, {bytes, path} dicts); the question's <image> marks where they go
-    system_prompt: str = GSM8K_SYSTEM_PROMPT  # the system message of every prompt ("" = none)
+    system_prompt: str = GSM8K_SYSTEM_PROMPT  # the system message of every prompt ("" = none, also for a chat
+    #                                    template that would add its own default one)
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"  # chat: the tokenizer's chat template; plain: the
+    #                                    system prompt as text, then "Question: ...\nAnswer:" (for a base model,
+    #                                    no special tokens but its own BOS and EOS); auto: chat where the
+    #                                    tokenizer has a template, else plain
+    few_shot: int = 0                  # plain format: this many solved training examples (seeded) open every
+    #                                    prompt, each ending with the model's EOS, so a base model learns to stop
     task: Literal["math", "judge_pointwise", "judge_pairwise"] = "math"  # math: checked by rewards.is_correct;
     #                                    judge_*: the verdict parsers of judge_rewards.py
     prompt_template: str = ""          # file whose {placeholders} make the user message (data.py); "" = the
@@ -175,8 +185,11 @@ class Config:
     micro_batch_size: int = 8          # chains per forward/backward; gradients accumulate over the step
     sort_micro_batches: bool = True    # chains of similar length share a micro-batch, cropped after its longest
     #                                    (faster; the same loss, except bnpo's per-micro-batch normaliser)
-    logp_chunk: int = 64               # positions per log-prob chunk: the logits memory is about 16 bytes x
+    logp_chunk: int = 64               # positions per log-prob chunk, at most: the logits memory is about 16 bytes x
     #                                    micro_batch_size x this x vocab (BENCHMARKS.md)
+    logp_chunk_mb: float = 256.0       # ... and fewer positions where one chunk's fp32 logits (chains x positions x
+    #                                    vocab x 4 bytes) would pass this many MB: a wide vocabulary (Gemma 3's
+    #                                    262,144) keeps the same peak; 0 = no cap
     # --- optimizer (losses.make_optimizer)
     optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"  # adamw8bit (bitsandbytes) or adamw (torch)
     kahan_updates: bool = True         # bf16 weights keep each step's rounding error (kahan.py): lr 5e-6 counts
@@ -327,6 +340,11 @@ def validate(cfg: Config) -> None:
     if cfg.dtype == "fp16":
         raise UserError("dtype fp16 would train without a loss scaler, and small gradients underflow to 0 in "
                         "fp16: use bf16 (GPUs since Ampere: RTX 30xx/40xx, A100, H100) or fp32")
+    if cfg.few_shot < 0:
+        raise UserError(f"few_shot must be at least 0, got {cfg.few_shot}")
+    if cfg.few_shot and cfg.prompt_format == "chat":
+        raise UserError("few_shot examples are part of the plain prompt format: set prompt_format plain (or auto "
+                        "for a model without a chat template), or few_shot 0")
     if cfg.lora_r > 0 and cfg.train_only:
         raise UserError(f"lora_r {cfg.lora_r} and train_only {cfg.train_only} both pick the weights that train: "
                         f"for LoRA pass --train_only '' (configs/tiny.yaml sets it), else --lora_r 0")
@@ -336,7 +354,7 @@ def validate(cfg: Config) -> None:
     if cfg.lora_r > 0 and not cfg.lora_target_modules:
         raise UserError("lora_r > 0 needs lora_target_modules (e.g. q_proj,v_proj); or set lora_r 0 for "
                         "full fine-tuning")
-    for key in ("think_min_chars", "overlong_buffer_tokens"):
+    for key in ("think_min_chars", "overlong_buffer_tokens", "logp_chunk_mb"):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key} must be at least 0, got {getattr(cfg, key)}")
     for key in ("sft_answer_only_frac", "sft_slip_rate"):

@@ -1,8 +1,10 @@
-"""Models and tokenizers: a hub name, a local folder, or the built-in tiny model.
+"""Models and tokenizers: a hub name, a local folder, a GGUF file or shipped real model (converted
+once to a cached HF folder by gguf_models.py), or the built-in tiny model.
 
 `load` returns a ready (model, tokenizer) pair: dtype chosen for the device, a pad token, left padding
-(generation appends on the right), a chat template, a neutral generation config, gradient
-checkpointing, and optionally Liger kernels. `add_lora` then swaps full fine-tuning for LoRA (peft).
+(generation appends on the right), the prompt layout (the chat template, or the plain format for a
+model without one), a neutral generation config, gradient checkpointing, and optionally Liger
+kernels. `add_lora` then swaps full fine-tuning for LoRA (peft).
 
 The tiny model is a randomly initialised Qwen2 (the same architecture as Qwen2.5) with a byte-level
 BPE tokenizer trained in a second on the run's own training text, so nothing is downloaded. Like
@@ -11,6 +13,7 @@ Qwen's, the tokenizer splits numbers into single digits.
     python llms.py     # builds the tiny model and prints its size and a tokenized prompt
 """
 import os
+import random
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
 
 import config
 import data
+import gguf_models
 import vision
 
 TINY = "tiny"
@@ -67,27 +71,65 @@ def build_tiny_model(vocab_size: int, hidden: int, layers: int, seed: int):
     return Qwen2ForCausalLM(config)
 
 
-def context_length(model_name: str, trust_remote_code: bool = False) -> int | None:
+def context_length(model_name: str, trust_remote_code: bool = False,
+                   model_cache: str = config.Config.model_cache) -> int | None:
     """The longest sequence the model takes (prompt + completion), from its config alone; None if unknown."""
     if model_name in (TINY, TINY_VL):
         return TINY_CONTEXT
-    cfg = _from_pretrained(AutoConfig, model_name, trust_remote_code=trust_remote_code)
+    cfg = _from_pretrained(AutoConfig, gguf_models.resolve(model_name, model_cache),
+                           trust_remote_code=trust_remote_code)
     return getattr(cfg.get_text_config(), "max_position_embeddings", None)  # a VL model: its language model's
 
 
 def chat_prompt(tokenizer, system_prompt: str, user: str) -> str:
-    """The prompt text for one question, ending where the assistant starts writing. For a VL model, the
-    question's <image> marks become image parts (vision.py)."""
+    """The prompt text for one question in the tokenizer's layout (its chat template, or the plain one
+    prepare installs), ending where the assistant starts writing. For a VL model, the question's
+    <image> marks become image parts (vision.py). With no system prompt, a template that would add its
+    own default one (SmolLM2's, Qwen2.5's) gets an empty system message instead: the model sees no
+    system text the run did not ask for."""
     if vision.is_vl(tokenizer) and vision.PLACEHOLDER in user:
         user = vision.content_parts(user)
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": user}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def render(system: list[dict]) -> str:
+        return tokenizer.apply_chat_template(system + [{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    if system_prompt:
+        return render([{"role": "system", "content": system_prompt}])
+    bare, empty = render([]), render([{"role": "system", "content": ""}])
+    return empty if len(bare) > len(empty) else bare  # longer with no system message: a default was added
 
 
-def eos_ids(tokenizer, model) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS, the model's (Qwen2.5 lists two), chat ends."""
+PLAIN_STOP = "\n\n"  # in the plain format an answer ends at a blank line, where the next "Question:" would start
+
+
+def plain_template(tokenizer, shots: list[tuple[str, str]]) -> str:
+    """The plain prompt format as a chat template, for a model without one (a base model): the model's
+    own BOS where its tokenizer adds one, the system prompt as text, the solved examples `shots`
+    (question, answer), then "Question: ...\nAnswer:". No other family's special tokens appear. Each
+    answer ends with a blank line: a base model goes on to write the next "Question:" rather than its
+    EOS, so the blank line is a stop token in this format (eos_ids)."""
+    def raw(text: str) -> str:  # text used as it is, never read as template syntax
+        if "{% endraw %}" in text:
+            raise config.UserError(f"a few-shot example holds the text '{{% endraw %}}', which the plain prompt "
+                                   f"format cannot quote: drop that example or set few_shot 0")
+        return "{% raw %}" + text + "{% endraw %}"
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("1")["input_ids"][:1] == [tokenizer.bos_token_id]
+    solved = "".join(f"Question: {q}\nAnswer: {a}{PLAIN_STOP}" for q, a in shots)
+    return (raw(tokenizer.bos_token if adds_bos else "")
+            + "{% for m in messages if m['role'] == 'system' and m['content'] %}{{ m['content'] }}\n\n{% endfor %}"
+            + raw(solved)
+            + "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
+              "Question: {{ m['content'] }}\nAnswer:{% else %} {{ m['content'] }}" + raw(PLAIN_STOP)
+            + "{% endif %}{% endfor %}")
+
+
+def eos_ids(tokenizer, model, plain: bool = False) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS, the model's (Qwen2.5 lists two), chat ends;
+    in the plain format also the blank line, where the tokenizer has it as one token."""
     ids = {tokenizer.eos_token_id}
+    stop = tokenizer(PLAIN_STOP, add_special_tokens=False)["input_ids"]
+    if plain and len(stop) == 1:
+        ids.add(stop[0])
     model_eos = model.generation_config.eos_token_id
     ids.update(model_eos if isinstance(model_eos, list) else [model_eos])
     for tok in ("<|im_end|>", "<|endoftext|>"):
@@ -124,8 +166,14 @@ def _from_pretrained(cls, name: str, **kwargs):
 def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpointing: bool = False,
          liger: bool = False, trust_remote_code: bool = False, tiny_corpus: list[str] | None = None,
          tiny_vocab_size: int = 512, tiny_hidden: int = 128, tiny_layers: int = 4, seed: int = 0,
-         load_8bit: bool = False, min_pixels: int = 0, max_pixels: int = 0):
+         load_8bit: bool = False, min_pixels: int = 0, max_pixels: int = 0,
+         model_cache: str = config.Config.model_cache, prompt_format: str = "auto",
+         shots: list[tuple[str, str]] = ()):
     """(model, tokenizer) on `device`, in train mode, all weights trainable (see add_lora).
+
+    A GGUF file or shipped real model (gguf_models.py) is converted once into model_cache and loaded
+    from there. prompt_format and shots (solved examples, plain format only) set the prompt layout
+    (prepare).
 
     A Qwen2-VL or Qwen2.5-VL checkpoint (read from its config.json, not its name) loads with
     AutoModelForImageTextToText, and its image processor (min_pixels, max_pixels) rides on the
@@ -143,6 +191,7 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
                  if model_name == TINY_VL else build_tiny_model(len(tokenizer), tiny_hidden, tiny_layers, seed))
         model = model.to(torch_dtype)
     else:
+        model_name = gguf_models.resolve(model_name, model_cache)
         quantized = {}  # from_pretrained arguments for 8-bit weights
         if load_8bit:
             if not device.startswith("cuda"):
@@ -156,7 +205,7 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
             tokenizer.image_processor = vision.image_processor(model_name, min_pixels, max_pixels)
         model = _from_pretrained(AutoModelForImageTextToText if vl else AutoModelForCausalLM, model_name,
                                  dtype=torch_dtype, trust_remote_code=trust_remote_code, **quantized)
-    return prepare(model, tokenizer, device, gradient_checkpointing, liger)
+    return prepare(model, tokenizer, device, gradient_checkpointing, liger, prompt_format, shots)
 
 
 def from_config(cfg, name: str, device: str, train_set: list[dict], *, gradient_checkpointing: bool | None = None):
@@ -170,29 +219,48 @@ def from_config(cfg, name: str, device: str, train_set: list[dict], *, gradient_
                 gradient_checkpointing=cfg.gradient_checkpointing if gradient_checkpointing is None
                 else gradient_checkpointing, tiny_corpus=corpus, tiny_vocab_size=cfg.tiny_vocab_size,
                 tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed, min_pixels=cfg.min_pixels,
-                max_pixels=cfg.max_pixels)
+                max_pixels=cfg.max_pixels, model_cache=cfg.model_cache, prompt_format=cfg.prompt_format,
+                shots=few_shot_examples(train_set, cfg.few_shot, cfg.seed))
+
+
+def few_shot_examples(train_set: list[dict], k: int, seed: int) -> list[tuple[str, str]]:
+    """k solved training examples (question, worked solution), the same for a seed in every process."""
+    return [(ex["question"], data.target_text(ex)) for ex in random.Random(seed).sample(train_set, min(k, len(train_set)))]
 
 
 def check_context(cfg) -> None:
     """prompt + completion budgets must fit the model's context (read from its config.json alone)."""
-    context = context_length(cfg.model_name, cfg.trust_remote_code)
+    context = context_length(cfg.model_name, cfg.trust_remote_code, cfg.model_cache)
     if context and cfg.max_prompt_tokens + cfg.max_completion_tokens > context:
         raise config.UserError(f"max_prompt_tokens + max_completion_tokens = {cfg.max_prompt_tokens} + "
                                f"{cfg.max_completion_tokens} exceeds {cfg.model_name}'s context of {context} tokens: "
                                f"lower one of them")
 
 
-def prepare(model, tokenizer, device: str, gradient_checkpointing: bool = False, liger: bool = False):
-    """Set up a built (model, tokenizer) pair as `load` returns it; bench.py builds its own model."""
+def prepare(model, tokenizer, device: str, gradient_checkpointing: bool = False, liger: bool = False,
+            prompt_format: str = "auto", shots: list[tuple[str, str]] = ()):
+    """Set up a built (model, tokenizer) pair as `load` returns it; bench.py builds its own model.
+    prompt_format "plain" (or "auto" for a tokenizer without a chat template) installs plain_template
+    as the chat template, so every prompt of the run (and the checkpoints' tokenizers) use it."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # prompts end where generation starts
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHAT_TEMPLATE
+    if prompt_format == "chat" and not tokenizer.chat_template:
+        raise config.UserError(f"prompt_format chat: the tokenizer of {model.name_or_path or 'this model'} has no "
+                               f"chat template (a base model): use prompt_format plain (optionally few_shot N)")
+    plain = plain_template(tokenizer, list(shots))
+    # a checkpoint of a plain-format run saved this template: it is still the plain format
+    use_plain = prompt_format == "plain" or not tokenizer.chat_template or tokenizer.chat_template == plain
+    if shots and not use_plain:
+        raise config.UserError(f"few_shot examples are part of the plain prompt format, and the tokenizer of "
+                               f"{model.name_or_path or 'this model'} has a chat template: set prompt_format plain, "
+                               f"or few_shot 0")
+    if use_plain:
+        tokenizer.chat_template = plain
     # transformers fills every sampling setting we leave unset from the model's own generation config
     # (Qwen2.5: repetition_penalty 1.05, top_k 20, top_p 0.8). Replace it with a neutral one so that
     # only the settings rollout.py passes apply.
-    model.generation_config = GenerationConfig(eos_token_id=eos_ids(tokenizer, model),
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids(tokenizer, model, use_plain),
                                                pad_token_id=tokenizer.pad_token_id)
     model.config.use_cache = True
     # generate feeds the output projection a slice of the last positions; with a frozen head (LoRA)
