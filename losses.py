@@ -47,25 +47,32 @@ def hidden_states(body, input_ids, attention_mask, visual=None):
                 position_ids=rollout.position_ids(attention_mask)).last_hidden_state
 
 
-def token_logps(model, input_ids, attention_mask, start: int, temperature: float, chunk: int, visual=None):
+def token_logps(model, input_ids, attention_mask, start: int, temperature: float, chunk: int, visual=None, *,
+                chunk_mb: float = 0.0):
     """log p(x_t | x_<t) for positions t >= start: (n, L - start) fp32.
 
-    The body runs once; the output projection runs on `chunk` positions at a time and is recomputed
-    in backward (activation checkpointing), so only one chunk of logits ever exists.
+    The body runs once; the output projection runs on `chunk` positions at a time (fewer under
+    chunk_mb, see head_logps) and is recomputed in backward (activation checkpointing), so only one
+    chunk of logits ever exists.
     """
     body, head = llms.decoder_and_head(model)
     hidden = hidden_states(body, input_ids, attention_mask, visual)  # (n, L, H)
-    return head_logps(hidden, head, input_ids, start, temperature, chunk, vision.banned_ids(model))
+    return head_logps(hidden, head, input_ids, start, temperature, chunk, vision.banned_ids(model), chunk_mb=chunk_mb)
 
 
-def head_logps(hidden, head, input_ids, start: int, temperature: float, chunk: int, banned: list[int] | None = None):
+def head_logps(hidden, head, input_ids, start: int, temperature: float, chunk: int, banned: list[int] | None = None,
+               *, chunk_mb: float = 0.0):
     """token_logps from the final hidden states (n, L, H): the output projection, chunk by chunk.
 
     Its memory, beyond the weights and gradients, is one chunk's logits and their gradient: about 16
     bytes x n x chunk x vocab, measured on CPU in bf16 by `python bench_head.py --device cpu --dtype bf16
-    --logp_chunk N` (Qwen2.5's vocab of 151,936: 1.18 GB at 8 chains x 64 positions, 4.66 GB at 8 x 256).
+    --logp_chunk N` (figures in BENCHMARKS.md). chunk_mb > 0 caps one chunk's fp32 logits (n x positions x
+    vocab x 4 bytes) at that many MB by taking fewer positions, so that a wide vocabulary (Gemma 3's
+    262,144) or many chains do not raise the peak; 0 = `chunk` positions whatever their size.
     """
     out = []
+    if chunk_mb > 0:
+        chunk = max(1, min(chunk, int(chunk_mb * 2 ** 20) // (4 * input_ids.shape[0] * head.weight.shape[0])))
     banned = None if banned is None else torch.tensor(banned, device=input_ids.device)
     for s in range(start, input_ids.shape[1], chunk):
         e = min(s + chunk, input_ids.shape[1])
@@ -228,7 +235,8 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
         return r.input_ids[rows, :end], r.attention_mask[rows, :end]
 
     def logps_of(m, mb):  # (n, end - start)
-        return token_logps(m, *inputs(mb), start, cfg.temperature, cfg.logp_chunk, r.visual_of(mb[0]))
+        return token_logps(m, *inputs(mb), start, cfg.temperature, cfg.logp_chunk, r.visual_of(mb[0]),
+                           chunk_mb=cfg.logp_chunk_mb)
 
     def all_logps(m):  # (N, T): every chain's log-probs in rollout order, 0 after a cropped chain's end
         out = torch.zeros(mask.shape, device=device)

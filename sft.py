@@ -77,7 +77,7 @@ def warm_start(model, tokenizer, examples: list[dict], cfg, probe=None, probe_ev
         start = losses.first_trained_column(r.loss_mask)
         mask = r.loss_mask[:, start:].to(device)
         logps = losses.token_logps(model, r.input_ids.to(device), r.attention_mask.to(device), start, 1.0,
-                                   cfg.logp_chunk, r.visual)
+                                   cfg.logp_chunk, r.visual, chunk_mb=cfg.logp_chunk_mb)
         nll = -(logps * mask).sum() / mask.sum()  # mean over the target tokens
         nll.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
