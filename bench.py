@@ -6,9 +6,11 @@
     python bench.py --tiny                   # CPU: the built-in tiny model, same workload shape
     python bench.py --ragged                 # chains of unequal length, as real ones are
     python bench.py --rollout guided --systems ours   # any sampling idea (samplers.py); TRL samples plainly
+    python bench.py --model_name gemma-3-270m --device cpu   # a real model (a folder, a GGUF file, gguf_models.py)
 
 The workload: a model of the exact Qwen2.5-1.5B architecture (vocab 151,936, tied embeddings) with
-random weights, built from its config on the device (nothing is downloaded), bf16 on GPU; one
+random weights, built from its config on the device (nothing is downloaded), bf16 on GPU (or the real
+model --model_name names, with its own tokenizer; the prompt is random ordinary tokens); one
 prompt of about 150 tokens x 16 chains, every chain forced to the full 786 new tokens (EOS is
 forbidden until then), a reward that varies between chains (distinct words), and `warmup` steps
 before `steps` measured ones. --ragged then cuts each chain (EOS, padding after) to a length spread
@@ -103,6 +105,9 @@ def build_model(cfg, device: str, gradient_checkpointing: bool):
         return llms.load(llms.TINY, device, dtype=cfg.dtype, gradient_checkpointing=gradient_checkpointing,
                          liger=cfg.liger, tiny_corpus=corpus, tiny_vocab_size=cfg.tiny_vocab_size,
                          tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed)
+    if cfg.model_name != config.Config.model_name:  # a real model (a folder, a GGUF file, a shipped name)
+        return llms.load(cfg.model_name, device, dtype=cfg.dtype, gradient_checkpointing=gradient_checkpointing,
+                         liger=cfg.liger, trust_remote_code=cfg.trust_remote_code, model_cache=cfg.model_cache)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(cfg.seed)
@@ -161,8 +166,8 @@ def cut_chains(model, lengths: list[int], new_tokens: int, eos_id: int, pad_id: 
 def reward(text: str) -> float:
     """Distinct words w<i> / 100: varies between chains, so advantages (and gradients) are not zero.
     Read without spaces: a checkpoint folder of the word tokenizer reloads as Qwen2's tokenizer, whose
-    byte-level decoder joins the words ("w5w6w7")."""
-    return len(set(re.findall(r"w\d+", text))) / 100
+    byte-level decoder joins the words ("w5w6w7"). A real model's text: its distinct words."""
+    return len(set(re.findall(r"w\d+", text) or text.split())) / 100
 
 
 def distinct_words(completion: str, answer: str, **info) -> float:
@@ -261,7 +266,8 @@ PHASES = {"sample": "sampling", "logp": "log-prob forward", "rest": "backward an
 
 def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_params: int, argv: list[str]) -> str:
     cap = f", capped at {bench['cap_gb']:g} GB" if bench["cap_gb"] else ""
-    model = "tiny" if cfg.model_name == llms.TINY else "Qwen2.5-1.5B architecture, random weights"
+    model = {llms.TINY: "tiny", config.Config.model_name: "Qwen2.5-1.5B architecture, random weights"}.get(
+        cfg.model_name, cfg.model_name)
     memory = ("GPU memory (torch's allocator)" if device.startswith("cuda")
               else "the process's peak resident memory during each system's run (CPU)")
     ragged = (f" (--ragged: then cut to {min(bench['lengths'])}..{max(bench['lengths'])}, "
@@ -303,8 +309,6 @@ def main(argv: list[str]) -> list[dict]:
     config.validate(cfg)
     rewards.REWARDS["bench_distinct_words"] = distinct_words  # the workload's reward, for our side
     device = llms.pick_device(cfg.device)
-    if cfg.model_name not in (llms.TINY, config.Config.model_name):
-        raise ValueError("bench.py measures the Qwen2.5-1.5B architecture (the default) or --tiny")
     if "trl" in systems and cfg.rollout != "plain":
         raise ValueError(f"TRL samples plain chains only: --rollout {cfg.rollout} needs --systems ours")
     if "trl" in systems and cfg.loss_type not in bench_trl.TRL_LOSS:
