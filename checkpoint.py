@@ -43,16 +43,24 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def rng_state() -> dict:
+    """The random streams a resumed run continues. CUDA: the current device's generator alone (one
+    process uses one GPU; under torchrun seed_step reseeds every step), so that a checkpoint restores
+    on a machine with fewer visible GPUs."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda_device": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if state.get("cuda_device") is not None:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif state.get("cuda"):  # an older checkpoint: one state per GPU visible when it was saved
+        saved = state["cuda"]
+        torch.cuda.set_rng_state(saved[min(torch.cuda.current_device(), len(saved) - 1)])
 
 
 def save_model(path: str, model, tokenizer, state: dict | None = None, what: str = "model",

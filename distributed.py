@@ -17,7 +17,9 @@ costs nothing, so `python train.py` is unchanged. Under torchrun:
 - the weights start equal (broadcast_weights from rank 0) and stay equal: every rank takes the same
   optimizer step on the same gradient;
 - sampling draws from a stream seeded by (seed, step, rank) at each step (seed_step), so the ranks
-  sample differently and a resumed run, on any number of ranks, samples as it would have;
+  sample differently and a run resumed on the same number of ranks samples as it would have (on
+  another number the questions are sharded and the streams seeded otherwise: it goes on correctly,
+  with other draws);
 - rank 0 alone writes (logs, plots, checkpoints, trackers) and prints; the other ranks keep stderr;
 - an error in a `together` block on any rank stops every rank at the block's end, and the message is
   printed once, by the lowest rank that raised it (the others raise OtherRankFailed and exit quietly);
