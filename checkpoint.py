@@ -116,8 +116,17 @@ def is_adapter(path: str) -> bool:
 
 
 def load_state(path: str, optimizer, scheduler) -> dict:
-    """Restore optimizer and scheduler; returns the state (step, rng) for the caller to apply last."""
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    """Restore optimizer and scheduler; returns the state (step, rng) for the caller to apply last.
+    Tensors saved on a GPU load onto the device of the optimizer's weights (this rank's GPU under
+    torchrun): saved by rank 0, they would otherwise all land on cuda:0, and bitsandbytes moves only
+    its own state keys to the weight's device (a Kahan residual would stay behind)."""
+    device = next((p.device for group in optimizer.param_groups for p in group["params"]), torch.device("cpu"))
+
+    def onto_this_device(storage, location: str):  # what was on a GPU comes here; CPU tensors (RNG states) stay
+        if location.startswith("cuda"):
+            return torch.serialization.default_restore_location(storage, str(device))
+        return storage
+    state = torch.load(os.path.join(path, "state.pt"), map_location=onto_this_device, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state

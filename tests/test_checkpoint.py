@@ -1,8 +1,51 @@
 """Checkpoints restore where they are loaded: this rank's device, this machine's GPUs, the newest
 checkpoint that can be read."""
+import os
+
+import pytest
 import torch
 
 import checkpoint
+import config
+import llms
+import losses
+
+
+def saved_run(tmp_path, tiny, steps=(2, 4)):
+    """A run folder with a checkpoint of the tiny model at each of `steps`, as train.py leaves it."""
+    model, tokenizer = tiny
+    out = tmp_path / "run"
+    cfg = config.Config(model_name=llms.TINY, optimizer="adamw", out_dir=str(out), keep_last=5)
+    checkpoint.Run(cfg)  # writes config.json
+    optimizer, scheduler = losses.make_optimizer(model, cfg)
+    for step in steps:
+        checkpoint.save(str(out), step, model, tokenizer, optimizer, scheduler, keep_last=5)
+    return out, cfg
+
+
+def test_optimizer_state_saved_on_a_gpu_loads_onto_the_weights_device(tmp_path, tiny, monkeypatch):
+    """Under torchrun rank 0's state.pt holds cuda:0 tensors; each rank must load them onto its own GPU
+    (bitsandbytes moves only its own keys, so a Kahan residual left on cuda:0 breaks the first step).
+    On the CPU: the map_location torch.load gets sends a GPU-saved tensor to the weights' device (here
+    the meta device, standing in for cuda:1), and leaves CPU-saved tensors (the RNG states) where they are."""
+    out, _ = saved_run(tmp_path, tiny, steps=(2,))
+    seen = {}
+    original = torch.load
+
+    def recording_load(*args, **kwargs):
+        seen["map_location"] = kwargs.get("map_location")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", recording_load)
+    weight = torch.nn.Parameter(torch.empty(3, device="meta"))
+    optimizer = torch.optim.AdamW([weight])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    monkeypatch.setattr(optimizer, "load_state_dict", lambda state: None)  # the tiny model's state does not fit
+    checkpoint.load_state(str(out / "checkpoints" / "step_000002"), optimizer, scheduler)
+    place = seen["map_location"]
+    assert callable(place)
+    storage = torch.UntypedStorage(4)
+    assert place(storage, "cuda:0").device.type == "meta"
+    assert place(storage, "cpu") is storage
 
 
 class FakeCuda:
