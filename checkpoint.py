@@ -22,6 +22,7 @@ import resource
 import shutil
 import signal
 import threading
+import zipfile
 
 import numpy as np
 import torch
@@ -111,6 +112,54 @@ def latest(out_dir: str) -> str | None:
     return path if os.path.exists(os.path.join(path, "state.pt")) else None
 
 
+def unreadable(path: str) -> str | None:
+    """Why checkpoint `path` cannot be loaded (a weights file or state.pt cut short, say by a kill
+    mid-copy or a full disk outside our atomic writes), or None. Reads headers only, not the weights."""
+    from safetensors import safe_open
+
+    weights = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not weights:
+        return "no .safetensors weights in it"
+    for name in weights:
+        try:
+            with safe_open(os.path.join(path, name), "pt"):
+                pass
+        except Exception as e:  # safetensors raises its own SafetensorError, not an OSError
+            return f"{name}: {str(e).splitlines()[0][:200]}"
+    try:
+        zipfile.ZipFile(os.path.join(path, "state.pt")).close()  # torch.save writes a zip archive
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"state.pt: {e}"
+    return None
+
+
+def newest_readable(out_dir: str) -> str | None:
+    """The checkpoint a resume starts from: `latest`, or, when it cannot be read, the newest complete one
+    that can (each one passed over is named). None when there is no complete checkpoint; a UserError
+    when there are some but none can be read. Nothing is deleted."""
+    root = os.path.join(out_dir, "checkpoints")
+    folders = sorted((d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")),
+                     reverse=True) if os.path.isdir(root) else []
+    pointed = latest(out_dir)
+    candidates = ([pointed] if pointed else []) + [os.path.join(root, d) for d in folders
+                                                   if os.path.join(root, d) != pointed
+                                                   and os.path.exists(os.path.join(root, d, "state.pt"))]
+    broken = []
+    for path in candidates:
+        why = unreadable(path)
+        if why is None:
+            if broken:
+                print(f"--resume: {'; '.join(broken)}. Going on from the newest readable checkpoint, {path} "
+                      f"(nothing deleted)")
+            return path
+        broken.append(f"{path} cannot be read ({why})")
+    if broken:
+        raise config.UserError(f"--resume {out_dir}: no checkpoint there can be read: {'; '.join(broken)}. "
+                               f"Copy the run folder again from where it is intact, or start a new run with "
+                               f"another --out_dir (nothing was deleted)")
+    return None
+
+
 def is_adapter(path: str) -> bool:
     return os.path.exists(os.path.join(path, "adapter_config.json"))
 
@@ -167,7 +216,8 @@ def append_jsonl(path: str, row: dict) -> None:
 
 class Run:
     """cfg.out_dir as a fresh run (refused if it holds one already) or, with cfg.resume, as the run
-    to continue: its latest complete checkpoint, the model to load and the logs trimmed to match.
+    to continue: its newest readable checkpoint (newest_readable), the model to load and the logs
+    trimmed to match.
     Writes config.json before any model is loaded, so --resume works from then on. Under torchrun every
     rank reads the same folder and rank 0 alone writes to it (`writes`)."""
 
@@ -183,7 +233,7 @@ class Run:
                                    f"or start a new one with another --out_dir (or delete the folder)")
         if self.writes:
             os.makedirs(self.dir, exist_ok=True)
-        self.ckpt = latest(self.dir) if cfg.resume else None
+        self.ckpt = newest_readable(self.dir) if cfg.resume else None
         if cfg.resume and self.ckpt is None:  # stopped before its first checkpoint: nothing to keep, start over
             print(f"--resume {cfg.resume}: no complete checkpoint yet, so the run starts over in the same folder")
             self.trim_logs(-1)

@@ -85,3 +85,22 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_restores_on_one(monkeypatch)
     one.states.clear()
     checkpoint.set_rng_state(old)
     assert one.states == {0: 0}
+
+
+def test_resume_goes_on_from_the_newest_readable_checkpoint(tmp_path, tiny, capsys):
+    out, _ = saved_run(tmp_path, tiny)
+    newest = out / "checkpoints" / "step_000004"
+    weights = newest / "model.safetensors"
+    with open(weights, "r+b") as f:  # cut short, as a copy killed halfway leaves it
+        f.truncate(os.path.getsize(weights) // 2)
+    listing = sorted(os.listdir(out / "checkpoints"))
+    run = checkpoint.Run(config.load(["--resume", str(out)]))
+    assert run.ckpt == str(out / "checkpoints" / "step_000002") and run.model_path == run.ckpt
+    said = capsys.readouterr().out
+    assert "step_000004 cannot be read (model.safetensors:" in said and "step_000002" in said
+    assert sorted(os.listdir(out / "checkpoints")) == listing  # nothing deleted
+    with open(out / "checkpoints" / "step_000002" / "state.pt", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(config.UserError, match="no checkpoint there can be read.*step_000004.*step_000002.*state.pt"):
+        checkpoint.Run(config.load(["--resume", str(out)]))
+    assert sorted(os.listdir(out / "checkpoints")) == listing
