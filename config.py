@@ -355,6 +355,26 @@ def validate(cfg: Config) -> None:
                         "set eval_samples 1 or eval_temperature > 0")
 
 
+def read_recipe(path: str) -> dict:
+    """A YAML recipe as {key: value}, or an error that names the file, the line and the layout."""
+    with open(path) as f:
+        try:
+            recipe = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"--config {path}: not valid YAML{where} ({problem}): fix that line. A recipe holds one "
+                            f"`key: value` per line, lists as [a, b], mappings as {{name: 1.0}} (see configs/tiny.yaml)"
+                            ) from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise UserError(f"--config {path}: a recipe is `key: value` lines (a mapping of config keys), but this file "
+                        f"holds a {type(recipe).__name__}")
+    return recipe
+
+
 def load(argv: list[str]) -> Config:
     """Defaults, then the YAML recipe (--config), then flags; --resume starts from the run's config.
     Then the loss type's LOSS_DEFAULTS, for the keys none of those set."""
@@ -365,13 +385,17 @@ def load(argv: list[str]) -> Config:
             raise UserError(f"--resume {flags['resume']}: no run there ({flags['resume']}/config.json "
                             f"is missing); pass the out_dir of an earlier run")
         with open(f"{flags['resume']}/config.json") as f:
-            resumed = json.load(f)
+            try:
+                resumed = json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--resume {flags['resume']}: its config.json is not valid JSON ({e}); train.py "
+                                f"writes it whole, so it was edited by hand: fix it there") from None
         update(cfg, resumed)
     if "config" in flags:
-        if not os.path.isfile(flags["config"]):
-            raise UserError(f"--config {flags['config']}: no such file (the recipes are in configs/)")
-        with open(flags.pop("config")) as f:
-            recipe = yaml.safe_load(f) or {}
+        path = flags.pop("config")
+        if not os.path.isfile(path):
+            raise UserError(f"--config {path}: no such file (the recipes are in configs/)")
+        recipe = read_recipe(path)
         update(cfg, recipe)
     update(cfg, flags)
     given = set(flags) | set(recipe) | set(resumed)

@@ -28,11 +28,21 @@ def test_yaml_then_flags_override(tmp_path):
 
 
 def test_unknown_key_names_close_matches(tmp_path):
-    with pytest.raises(ValueError, match="unknown config key 'num_chain'.*num_chains"):
+    with pytest.raises(config.UserError, match=r"unknown config key 'num_chain'\. Did you mean num_chains\?"):
         config.load(["--num_chain", "4"])
     recipe = tmp_path / "r.yaml"
     recipe.write_text("learning_rat: 1\n")
-    with pytest.raises(ValueError, match="learning_rate"):
+    with pytest.raises(config.UserError, match="'learning_rat'. Did you mean learning_rate"):
+        config.load(["--config", str(recipe)])
+
+
+def test_a_recipe_that_is_not_valid_yaml_names_the_file_and_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("num_chains: 4\nlr: [1, 2\n")
+    with pytest.raises(config.UserError, match=f"--config {recipe}: not valid YAML at line 3.*key: value"):
+        config.load(["--config", str(recipe)])
+    recipe.write_text("- num_chains\n- 4\n")
+    with pytest.raises(config.UserError, match="holds a list"):
         config.load(["--config", str(recipe)])
 
 
