@@ -259,12 +259,18 @@ def _convert(key: str, value, kind):
         if origin is list:  # --lora_target_modules q_proj,v_proj
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
             return [args[0](v) for v in items]
-        if origin is dict:  # --rewards correctness=1,strict_format=0.5
-            if isinstance(value, str):
+        if origin is dict:  # --rewards correctness=1,strict_format=0.5, or as YAML / JSON: {"correctness": 1}
+            if isinstance(value, str) and value.strip().startswith("{"):
+                value = yaml.safe_load(value)
+            elif isinstance(value, str):
                 value = dict(item.split("=", 1) for item in value.split(",") if item.strip())
             return {str(k).strip(): float(v) for k, v in value.items()}
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError):
         pass
+    if origin is dict:
+        raise UserError(f"config key {key!r} wants name=weight pairs, e.g. --{key} correctness=1.0,soft_format=0.5 "
+                        f"(or a mapping: '{{\"correctness\": 1.0}}', in a recipe {key}: {{correctness: 1.0}}); "
+                        f"got {value!r}")
     items = " (its items must be numbers)" if origin is list and args[0] is float else ""
     raise UserError(f"config key {key!r} wants a {_type_name(kind)}{items}, got {value!r}")
 

@@ -46,6 +46,14 @@ def test_a_recipe_that_is_not_valid_yaml_names_the_file_and_line(tmp_path):
         config.load(["--config", str(recipe)])
 
 
+def test_rewards_take_a_mapping_as_yaml_and_json_users_write_it():
+    assert config.load(["--rewards", '{"correctness": 1.0, "soft_format": 0.5}']).rewards == {
+        "correctness": 1.0, "soft_format": 0.5}
+    assert config.load(["--rewards", "{correctness: 2}"]).rewards == {"correctness": 2.0}
+    with pytest.raises(config.UserError, match="correctness=1.0,soft_format=0.5"):
+        config.load(["--rewards", "correctness"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--num_chains", "many"], "num_chains.*int"),
     (["--liger", "maybe"], "liger.*bool"),
