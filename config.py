@@ -320,9 +320,23 @@ def validate(cfg: Config) -> None:
         raise UserError("group-normalised advantages need num_chains >= 2")
     for key in ("prompts_per_step", "num_chains", "micro_batch_size", "max_steps", "eval_every",
                 "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations", "keep_last",
-                "max_bad_steps", "sft_warmup_steps", "max_sampling_rounds"):
+                "max_bad_steps", "sft_warmup_steps", "max_sampling_rounds", "sft_batch_size", "eval_samples",
+                "eval_batch_size", "logp_chunk", "tiny_hidden", "tiny_layers", "tiny_vocab_size",
+                "arithmetic_train_size", "arithmetic_test_size", "arithmetic_min_steps", "digits_count",
+                "digits_train_size", "digits_test_size"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("learning_rate", "sft_learning_rate", "max_grad_norm", "cispo_max_weight"):
+        if not getattr(cfg, key) > 0:  # a rate of 0 trains nothing, a negative one climbs the loss (NaN too)
+            raise UserError(f"{key} must be above 0, got {getattr(cfg, key)}")
+    for key in ("adam_beta1", "adam_beta2", "lora_dropout"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise UserError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if not 0 <= cfg.eps_low < 1:  # the ratio is clipped from below at 1 - eps_low, which must stay above 0
+        raise UserError(f"eps_low must be in [0, 1), got {cfg.eps_low}")
+    if cfg.arithmetic_max_steps < cfg.arithmetic_min_steps:
+        raise UserError(f"arithmetic_max_steps ({cfg.arithmetic_max_steps}) must be at least arithmetic_min_steps "
+                        f"({cfg.arithmetic_min_steps})")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
         raise UserError(f"training samples need temperature > 0 and 0 < top_p <= 1 (log-probs are taken at "
                         f"that temperature), got {cfg.temperature} and {cfg.top_p}; greedy is for eval only")
@@ -342,8 +356,10 @@ def validate(cfg: Config) -> None:
     if cfg.lora_r > 0 and not cfg.lora_target_modules:
         raise UserError("lora_r > 0 needs lora_target_modules (e.g. q_proj,v_proj); or set lora_r 0 for "
                         "full fine-tuning")
-    for key in ("think_min_chars", "overlong_buffer_tokens"):
-        if getattr(cfg, key) < 0:
+    for key in ("think_min_chars", "overlong_buffer_tokens", "weight_decay", "sft_weight_decay", "beta", "eps_high",
+                "warmup_steps", "sft_steps", "eval_n", "eval_temperature", "log_samples", "lora_r", "min_pixels",
+                "max_pixels"):
+        if not getattr(cfg, key) >= 0:
             raise UserError(f"{key} must be at least 0, got {getattr(cfg, key)}")
     for key in ("sft_answer_only_frac", "sft_slip_rate"):
         if not 0 <= getattr(cfg, key) <= 1:
