@@ -392,19 +392,31 @@ class Guard:
         self.ctrl_c.restore()
         if kind is None and self.ctrl_c.requested:
             print(f"stopped by Ctrl-C after step {self.last_done}: continue with --resume {self.run.dir}")
-        if kind is not None and issubclass(kind, distributed.OtherRankFailed) and error.out_of_memory:
-            self.save(self.last_done)  # torchrun: another rank ran out of memory and reports it; rank 0 saves
-        if kind is not None and issubclass(kind, torch.OutOfMemoryError):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self.save(self.last_done)
-            cfg = self.cfg
-            total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
-            raise distributed.local(RunStopped(
-                f"out of memory at step {self.last_done + 1}, even in micro-batches of 1 chain (peak "
-                f"{peak_mem_gb():.1f} GB of {total:.1f} GB). Checkpoint of step {self.last_done} saved. Lower "
-                f"max_completion_tokens ({cfg.max_completion_tokens}), num_chains ({cfg.num_chains}), "
-                f"prompts_per_step ({cfg.prompts_per_step}) or logp_chunk ({cfg.logp_chunk}); or turn on "
-                f"gradient_checkpointing, liger, optimizer adamw8bit, lora_r > 0. Then continue with "
-                f"--resume {self.run.dir}")) from None
-        return False
+        other_rank = kind is not None and issubclass(kind, distributed.OtherRankFailed) and error.out_of_memory
+        if not (other_rank or (kind is not None and issubclass(kind, torch.OutOfMemoryError))):
+            return False
+        failed = self.last_done + 1
+        if getattr(error, "applied", False):  # torchrun: rank 0 finished this step's optimizer step before
+            self.scheduler.step()             # another rank ran out in its own: its weights hold the step
+            self.last_done = failed
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.save(self.last_done)  # rank 0 saves, whichever rank ran out
+        if other_rank:  # the rank that ran out reports it
+            return False
+        cfg = self.cfg
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
+        peak = f"peak {peak_mem_gb():.1f} GB of {total:.1f} GB"
+        saved = f"Checkpoint of step {self.last_done} saved" + (
+            " (its train line was not logged)" if self.last_done == failed else "")
+        if getattr(error, "where", ""):  # the optimizer step or the gradient all-reduce (distributed.agree_on_oom)
+            message = (f"out of memory at step {failed} {error.where} ({peak}). {saved}. The optimizer keeps "
+                       f"state for every trained weight: use " + ("" if cfg.optimizer == "adamw8bit" else
+                       f"optimizer adamw8bit ({cfg.optimizer} now), ") + "lora_r > 0, or train_only to train "
+                       "fewer weights")
+        else:
+            message = (f"out of memory at step {failed}, even in micro-batches of 1 chain ({peak}). {saved}. Lower "
+                       f"max_completion_tokens ({cfg.max_completion_tokens}), num_chains ({cfg.num_chains}), "
+                       f"prompts_per_step ({cfg.prompts_per_step}) or logp_chunk ({cfg.logp_chunk}); or turn on "
+                       f"gradient_checkpointing, liger, optimizer adamw8bit, lora_r > 0")
+        raise distributed.local(RunStopped(f"{message}. Then continue with --resume {self.run.dir}")) from None

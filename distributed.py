@@ -23,8 +23,9 @@ costs nothing, so `python train.py` is unchanged. Under torchrun:
 - rank 0 alone writes (logs, plots, checkpoints, trackers) and prints; the other ranks keep stderr;
 - an error in a `together` block on any rank stops every rank at the block's end, and the message is
   printed once, by the lowest rank that raised it (the others raise OtherRankFailed and exit quietly);
-  out of memory in the loss pass is agreed on the same way (losses.update), and rank 0 saves the last
-  finished step's checkpoint whichever rank ran out (checkpoint.Guard).
+  out of memory in the update (the loss pass, the zero gradients of all_reduce_grads, the optimizer
+  step) is agreed on the same way (losses.update, agree_on_oom), and rank 0 saves the checkpoint of
+  the last step its weights hold, whichever rank ran out (checkpoint.Guard).
 """
 import datetime
 import os
@@ -38,12 +39,14 @@ import config
 
 
 class OtherRankFailed(RuntimeError):
-    """Another rank raised in a `together` block, or ran out of memory in the loss pass: it printed the
-    error; this rank stops quietly (after rank 0 saved a checkpoint, if out_of_memory: checkpoint.Guard)."""
+    """Another rank raised in a `together` block, or ran out of memory in the update: it printed the
+    error; this rank stops quietly (after rank 0 saved a checkpoint, if out_of_memory: checkpoint.Guard).
+    applied: rank 0 had finished the step's optimizer step when another rank ran out in its own, so its
+    weights hold that step (the checkpoint is of that step)."""
 
-    def __init__(self, message: str, out_of_memory: bool = False):
+    def __init__(self, message: str, out_of_memory: bool = False, applied: bool = False):
         super().__init__(message)
-        self.out_of_memory = out_of_memory
+        self.out_of_memory, self.applied = out_of_memory, applied
 
 
 def launched() -> bool:
@@ -128,13 +131,37 @@ def any_rank(flag: bool) -> bool:
 
 
 def all_reduce_grads(params: list) -> None:
-    """Sum every trainable weight's gradient over the ranks (a weight with no gradient counts as 0)."""
+    """Sum every trainable weight's gradient over the ranks (a weight with no gradient counts as 0). Out
+    of memory while making those zeros is agreed on before any gradient is summed (agree_on_oom)."""
     if not dist.is_initialized():
         return
+    error = None
+    try:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    except torch.OutOfMemoryError as e:
+        error = e
+    agree_on_oom(error, "making zero gradients for the gradient all-reduce")
     for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
+
+
+def agree_on_oom(error: Exception | None, where: str, applied: bool = False) -> None:
+    """After a part of the update that holds no collective call and may run out of memory on some ranks
+    (`error` is this rank's, or None): returns when no rank ran out. Else every rank stops: the lowest
+    rank that ran out raises its own error (checkpoint.Guard prints it; rank 0 saves), the others
+    OtherRankFailed(out_of_memory=True). applied: this rank finished its optimizer step, so its weights
+    hold the step; rank 0's say which checkpoint it saves. One process: raises its own error, if any."""
+    notes = gather((error is not None, applied))  # (ran out, applied) of each rank
+    ran_out = [oom for oom, _ in notes]
+    if not any(ran_out):
+        return
+    first, rank0_applied = ran_out.index(True), notes[0][1]
+    if error is not None and rank() == first:
+        error.where, error.applied = where, rank0_applied  # for checkpoint.Guard's message
+        raise local(error)
+    raise OtherRankFailed(f"rank {first} ran out of memory {where}", out_of_memory=True, applied=rank0_applied)
 
 
 def broadcast_weights(model) -> None:

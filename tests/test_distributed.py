@@ -133,3 +133,18 @@ def test_out_of_memory_on_one_rank_retries_or_stops_on_both(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("stopped: out of memory at step 2") == 1, done.stderr[-3000:]
     assert checkpoint.latest(str(out)).endswith("step_000001")
+
+
+def test_out_of_memory_in_one_ranks_optimizer_step_stops_both_with_rank_0s_checkpoint(tmp_path):
+    """Rank 1 runs out of memory in its optimizer step of step 2, after rank 0 took its own: both stop
+    (rank 0 is not left waiting in the next collective), the message is printed once, and rank 0 saves
+    the checkpoint of what its weights hold, step 2, from which the run resumes."""
+    out = tmp_path / "optimizer"
+    done = run(TORCHRUN + ["tests/dist_train.py", "optimizer_oom", *SHORT, "--max_steps", "3", "--out_dir", str(out)])
+    assert done.returncode != 0
+    assert done.stderr.count("stopped: out of memory at step 2 in the optimizer step") == 1, done.stderr[-3000:]
+    assert "Checkpoint of step 2 saved (its train line was not logged)" in done.stderr
+    assert checkpoint.latest(str(out)).endswith("step_000002")
+    done = run([sys.executable, "train.py", "--resume", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in read(out / "metrics.jsonl") if r["split"] == "train"] == [1, 3]
