@@ -131,20 +131,24 @@ def any_rank(flag: bool) -> bool:
 
 
 def all_reduce_grads(params: list) -> None:
-    """Sum every trainable weight's gradient over the ranks (a weight with no gradient counts as 0). Out
-    of memory while making those zeros is agreed on before any gradient is summed (agree_on_oom)."""
+    """Sum every trainable weight's gradient over the ranks. A weight with a gradient on no rank keeps
+    None, as in one process, where AdamW then leaves it alone (no momentum, no weight decay); one with a
+    gradient on some ranks counts as 0 on the others. The ranks agree on which is which with one small
+    all-reduce, and on an out of memory while making those zeros before any gradient is summed."""
     if not dist.is_initialized():
         return
+    has_grad = all_sum([float(p.grad is not None) for p in params])  # (P,) ranks holding each gradient
     error = None
     try:
-        for p in params:
-            if p.grad is None:
+        for p, n in zip(params, has_grad):
+            if n > 0 and p.grad is None:
                 p.grad = torch.zeros_like(p)
     except torch.OutOfMemoryError as e:
         error = e
     agree_on_oom(error, "making zero gradients for the gradient all-reduce")
-    for p in params:
-        dist.all_reduce(p.grad)
+    for p, n in zip(params, has_grad):
+        if n > 0:
+            dist.all_reduce(p.grad)
 
 
 def agree_on_oom(error: Exception | None, where: str, applied: bool = False) -> None:

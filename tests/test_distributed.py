@@ -49,6 +49,8 @@ def test_two_ranks_take_the_update_of_one_process(worker, case):
     for key in ("loss", "grad_norm", "kl", "clip_frac"):
         assert two["figures"][key] == pytest.approx(one["figures"][key], rel=1e-2 if bf16 else 1e-5, abs=1e-7), key
     assert one["figures"]["grad_norm"] > 1e-3
+    if case == dist_worker.UNUSED_WEIGHT:  # without a gradient, AdamW leaves it: no weight decay
+        assert torch.equal(two["weights"]["unused"], torch.ones(4))
 
 
 def test_the_train_line_is_over_every_rank(worker):
