@@ -174,7 +174,8 @@ class Config:
     num_iterations: int = 1            # optimizer steps per rollout (>1 uses stored old log-probs)
     micro_batch_size: int = 8          # chains per forward/backward; gradients accumulate over the step
     sort_micro_batches: bool = True    # chains of similar length share a micro-batch, cropped after its longest
-    #                                    (faster; the same loss, except bnpo's per-micro-batch normaliser)
+    #                                    (faster; the same loss, except bnpo's per-micro-batch normaliser,
+    #                                    which under torchrun also differs from one process: distributed.py)
     logp_chunk: int = 64               # positions per log-prob chunk: the logits memory is about 16 bytes x
     #                                    micro_batch_size x this x vocab (BENCHMARKS.md)
     # --- optimizer (losses.make_optimizer)

@@ -13,7 +13,12 @@ costs nothing, so `python train.py` is unchanged. Under torchrun:
   with one all-reduce per weight (all_reduce_grads) rather than DDP's wrapper, which would hide the
   model behind `.module` from generate, LoRA's adapter switch and Liger's head; the price is no overlap
   of that all-reduce with the backward pass. So N ranks take the update one process takes on the same
-  rollouts, up to the order of float sums;
+  rollouts, up to the order of float sums; except with loss_type bnpo, whose normaliser is each
+  micro-batch's token count: a rank builds micro-batches of its own chains (sorted by length), so
+  which chains share one, and the loss, differ from one process unless sort_micro_batches is false
+  and micro_batch_size divides each rank's chains (setup warns; making them equal would mean building
+  the micro-batches over all ranks' chains, a collective inside the loss pass, for a loss that
+  depends on micro_batch_size in one process too);
 - the weights start equal (broadcast_weights from rank 0) and stay equal: every rank takes the same
   optimizer step on the same gradient;
 - sampling draws from a stream seeded by (seed, step, rank) at each step (seed_step), so the ranks
@@ -75,6 +80,12 @@ def setup(cfg, device: str) -> str:
         raise config.UserError(f"prompts_per_step {cfg.prompts_per_step} does not split over {world()} ranks: "
                                f"set it to a multiple of {world()} (each rank samples prompts_per_step / {world()} "
                                f"questions), or run another number of processes")
+    chains = cfg.prompts_per_step // world() * cfg.num_chains  # before dynamic sampling's refills
+    if cfg.loss_type == "bnpo" and (cfg.sort_micro_batches or chains % cfg.micro_batch_size) and is_main():
+        print(f"warning: loss_type bnpo normalises by each micro-batch's tokens, and each of the {world()} ranks "
+              f"builds micro-batches of its own chains, so the loss is not the one of one process; for the same "
+              f"micro-batches set sort_micro_batches false and a micro_batch_size that divides the {chains} chains "
+              f"of each rank (or use dapo, normalised over the whole step)", file=sys.stderr)
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():

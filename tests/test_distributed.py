@@ -150,3 +150,19 @@ def test_out_of_memory_in_one_ranks_optimizer_step_stops_both_with_rank_0s_check
     done = run([sys.executable, "train.py", "--resume", str(out)])
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["step"] for r in read(out / "metrics.jsonl") if r["split"] == "train"] == [1, 3]
+
+
+def test_bnpo_under_torchrun_warns_that_its_loss_differs_from_one_process(monkeypatch, capsys):
+    """bnpo's normaliser is per micro-batch and a rank's micro-batches hold its own chains: the user is
+    told, with the settings under which the two agree (the exact cases above use them)."""
+    import config
+    import distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *args, **kwargs: None)
+    distributed.setup(config.Config(loss_type="bnpo", prompts_per_step=4, num_chains=4, micro_batch_size=4), "cpu")
+    assert "loss_type bnpo normalises by each micro-batch's tokens" in capsys.readouterr().err
+    distributed.setup(config.Config(loss_type="bnpo", prompts_per_step=4, num_chains=4, micro_batch_size=4,
+                                    sort_micro_batches=False), "cpu")  # the same micro-batches: no warning
+    distributed.setup(config.Config(loss_type="grpo", prompts_per_step=4, num_chains=4, micro_batch_size=4), "cpu")
+    assert capsys.readouterr().err == ""
