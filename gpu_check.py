@@ -28,8 +28,9 @@ records its error; the suite goes on either way.
           its size; without it, the bf16 weights keep almost none of it.
 
 It writes out/gpu_check.json (every item: ok, seconds, figures or error) and out/gpu_check.md (the
-summary table, then bench.py's sections), and appends the latter to --benchmarks_file (BENCHMARKS.md;
-on the device machine only $OUT comes back: append out/gpu_check.md here).
+summary table, then bench.py's sections), and on the GPU appends the latter to --benchmarks_file
+(BENCHMARKS.md; on the device machine only $OUT comes back: append out/gpu_check.md here). The
+rehearsal appends nowhere unless given another --benchmarks_file: BENCHMARKS.md holds measured runs only.
 """
 import argparse
 import contextlib
@@ -259,11 +260,17 @@ def main(argv: list[str]) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the CPU rehearsal: small models, seconds")
     parser.add_argument("--out", default=os.environ.get("OUT", "out/gpu_check"), help="results folder")
-    parser.add_argument("--benchmarks_file", default="BENCHMARKS.md", help="the summary is appended here")
+    parser.add_argument("--benchmarks_file", default=None,
+                        help="the summary is appended here (GPU default BENCHMARKS.md; --tiny: nowhere)")
     parser.add_argument("--parts", default="smoke,memory,speed,kahan")
     for part, seconds in BUDGETS.items():
         parser.add_argument(f"--budget_{part}", type=float, default=None, help=f"seconds (GPU: {seconds})")
     args = parser.parse_args(argv)
+    if args.benchmarks_file is None:
+        args.benchmarks_file = "" if args.tiny else "BENCHMARKS.md"
+    if args.tiny and os.path.abspath(args.benchmarks_file) == os.path.join(ROOT, "BENCHMARKS.md"):
+        raise SystemExit("the --tiny rehearsal measures nothing worth keeping: BENCHMARKS.md holds measured runs "
+                         "only; drop --benchmarks_file (its summary is in --out) or name another file")
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
     device = "cpu" if args.tiny else "cuda"
@@ -307,7 +314,8 @@ def main(argv: list[str]) -> list[dict]:
         with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
             json.dump({"date": datetime.datetime.now().isoformat(), "device": measure.device_name(device),
                        "argv": argv, "budgets": budgets, "results": results}, f, indent=1)
-        measure.publish(text, args.benchmarks_file)
+        if args.benchmarks_file:
+            measure.publish(text, args.benchmarks_file)
     return results
 
 
