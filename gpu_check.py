@@ -17,7 +17,8 @@ records its error; the suite goes on either way.
           random weights (saved once as a local folder, loaded with from_pretrained), for each variant in
           SMOKE: plain with the dynamic and the static sampler, Liger, LoRA r=16 with beta 0.04 (the
           reference is the adapter switched off), full fine-tuning with beta 0.04 (a reference copy),
-          guided, GHPO, verifier turns with the hf backend on the policy, DAPO with dynamic sampling.
+          guided, GHPO, verifier turns with the hf backend on the policy, DAPO with dynamic sampling; and
+          plain resumed for a third step from its checkpoint (optimizer state back onto the GPU).
   memory  bench.py's reference workload (1 prompt x 16 chains x 786 tokens, 8-bit AdamW, gradient
           checkpointing) under a 24 GB cap, full fine-tuning and LoRA r=16: peak allocated and reserved
           memory by phase.
@@ -173,10 +174,15 @@ def smoke_flags(model_dir: str, device: str, out_dir: str) -> list[str]:
             "--eval_n", "4", "--optimizer", "adamw8bit", "--out_dir", out_dir]
 
 
-def smoke_item(flags: list[str], out_dir: str):
+def smoke_item(flags: list[str], out_dir: str, resume: bool = False):
+    """train.py's two steps; with resume, then a third step resumed from the checkpoint of step 2 (8-bit
+    AdamW's state and Kahan residuals load back onto the GPU: checkpoint.load_state)."""
     def run() -> dict:
         try:
-            runpy.run_path(os.path.join(ROOT, "train.py"), run_name="train")["main"](flags)
+            main = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="train")["main"]
+            main(flags)
+            if resume:
+                main(["--resume", out_dir, "--max_steps", "3"])
             with open(os.path.join(out_dir, "metrics.jsonl")) as f:
                 rows = [json.loads(line) for line in f]
             last = [r for r in rows if r["split"] == "train"][-1]
@@ -289,6 +295,7 @@ def main(argv: list[str]) -> list[dict]:
             for name, extra in SMOKE.items():
                 run_dir = os.path.join(work, "run")
                 items.append((name, smoke_item(smoke_flags(model_dir, device, run_dir) + extra, run_dir)))
+            items.append(("resume", smoke_item(smoke_flags(model_dir, device, run_dir), run_dir, resume=True)))
             run_part(results, "smoke", items, budgets["smoke"], device)
         if "memory" in parts:
             run_part(results, "memory", [
