@@ -22,6 +22,7 @@ import resource
 import shutil
 import signal
 import threading
+import zipfile
 
 import numpy as np
 import torch
@@ -43,16 +44,24 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def rng_state() -> dict:
+    """The random streams a resumed run continues. CUDA: the current device's generator alone (one
+    process uses one GPU; under torchrun seed_step reseeds every step), so that a checkpoint restores
+    on a machine with fewer visible GPUs."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda_device": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if state.get("cuda_device") is not None:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif state.get("cuda"):  # an older checkpoint: one state per GPU visible when it was saved
+        saved = state["cuda"]
+        torch.cuda.set_rng_state(saved[min(torch.cuda.current_device(), len(saved) - 1)])
 
 
 def save_model(path: str, model, tokenizer, state: dict | None = None, what: str = "model",
@@ -103,13 +112,70 @@ def latest(out_dir: str) -> str | None:
     return path if os.path.exists(os.path.join(path, "state.pt")) else None
 
 
+def unreadable(path: str) -> str | None:
+    """Why checkpoint `path` cannot be loaded (a weights file or state.pt cut short, say by a kill
+    mid-copy or a full disk outside our atomic writes), or None. Reads headers only, not the weights."""
+    from safetensors import safe_open
+
+    weights = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not weights:
+        return "no .safetensors weights in it"
+    for name in weights:
+        try:
+            with safe_open(os.path.join(path, name), "pt"):
+                pass
+        except Exception as e:  # safetensors raises its own SafetensorError, not an OSError
+            return f"{name}: {str(e).splitlines()[0][:200]}"
+    try:
+        zipfile.ZipFile(os.path.join(path, "state.pt")).close()  # torch.save writes a zip archive
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"state.pt: {e}"
+    return None
+
+
+def newest_readable(out_dir: str) -> str | None:
+    """The checkpoint a resume starts from: `latest`, or, when it cannot be read, the newest complete one
+    that can (each one passed over is named). None when there is no complete checkpoint; a UserError
+    when there are some but none can be read. Nothing is deleted."""
+    root = os.path.join(out_dir, "checkpoints")
+    folders = sorted((d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")),
+                     reverse=True) if os.path.isdir(root) else []
+    pointed = latest(out_dir)
+    candidates = ([pointed] if pointed else []) + [os.path.join(root, d) for d in folders
+                                                   if os.path.join(root, d) != pointed
+                                                   and os.path.exists(os.path.join(root, d, "state.pt"))]
+    broken = []
+    for path in candidates:
+        why = unreadable(path)
+        if why is None:
+            if broken:
+                print(f"--resume: {'; '.join(broken)}. Going on from the newest readable checkpoint, {path} "
+                      f"(nothing deleted)")
+            return path
+        broken.append(f"{path} cannot be read ({why})")
+    if broken:
+        raise config.UserError(f"--resume {out_dir}: no checkpoint there can be read: {'; '.join(broken)}. "
+                               f"Copy the run folder again from where it is intact, or start a new run with "
+                               f"another --out_dir (nothing was deleted)")
+    return None
+
+
 def is_adapter(path: str) -> bool:
     return os.path.exists(os.path.join(path, "adapter_config.json"))
 
 
 def load_state(path: str, optimizer, scheduler) -> dict:
-    """Restore optimizer and scheduler; returns the state (step, rng) for the caller to apply last."""
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    """Restore optimizer and scheduler; returns the state (step, rng) for the caller to apply last.
+    Tensors saved on a GPU load onto the device of the optimizer's weights (this rank's GPU under
+    torchrun): saved by rank 0, they would otherwise all land on cuda:0, and bitsandbytes moves only
+    its own state keys to the weight's device (a Kahan residual would stay behind)."""
+    device = next((p.device for group in optimizer.param_groups for p in group["params"]), torch.device("cpu"))
+
+    def onto_this_device(storage, location: str):  # what was on a GPU comes here; CPU tensors (RNG states) stay
+        if location.startswith("cuda"):
+            return torch.serialization.default_restore_location(storage, str(device))
+        return storage
+    state = torch.load(os.path.join(path, "state.pt"), map_location=onto_this_device, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state
@@ -150,7 +216,8 @@ def append_jsonl(path: str, row: dict) -> None:
 
 class Run:
     """cfg.out_dir as a fresh run (refused if it holds one already) or, with cfg.resume, as the run
-    to continue: its latest complete checkpoint, the model to load and the logs trimmed to match.
+    to continue: its newest readable checkpoint (newest_readable), the model to load and the logs
+    trimmed to match.
     Writes config.json before any model is loaded, so --resume works from then on. Under torchrun every
     rank reads the same folder and rank 0 alone writes to it (`writes`)."""
 
@@ -166,7 +233,7 @@ class Run:
                                    f"or start a new one with another --out_dir (or delete the folder)")
         if self.writes:
             os.makedirs(self.dir, exist_ok=True)
-        self.ckpt = latest(self.dir) if cfg.resume else None
+        self.ckpt = newest_readable(self.dir) if cfg.resume else None
         if cfg.resume and self.ckpt is None:  # stopped before its first checkpoint: nothing to keep, start over
             print(f"--resume {cfg.resume}: no complete checkpoint yet, so the run starts over in the same folder")
             self.trim_logs(-1)
@@ -325,19 +392,31 @@ class Guard:
         self.ctrl_c.restore()
         if kind is None and self.ctrl_c.requested:
             print(f"stopped by Ctrl-C after step {self.last_done}: continue with --resume {self.run.dir}")
-        if kind is not None and issubclass(kind, distributed.OtherRankFailed) and error.out_of_memory:
-            self.save(self.last_done)  # torchrun: another rank ran out of memory and reports it; rank 0 saves
-        if kind is not None and issubclass(kind, torch.OutOfMemoryError):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self.save(self.last_done)
-            cfg = self.cfg
-            total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
-            raise distributed.local(RunStopped(
-                f"out of memory at step {self.last_done + 1}, even in micro-batches of 1 chain (peak "
-                f"{peak_mem_gb():.1f} GB of {total:.1f} GB). Checkpoint of step {self.last_done} saved. Lower "
-                f"max_completion_tokens ({cfg.max_completion_tokens}), num_chains ({cfg.num_chains}), "
-                f"prompts_per_step ({cfg.prompts_per_step}) or logp_chunk ({cfg.logp_chunk}); or turn on "
-                f"gradient_checkpointing, liger, optimizer adamw8bit, lora_r > 0. Then continue with "
-                f"--resume {self.run.dir}")) from None
-        return False
+        other_rank = kind is not None and issubclass(kind, distributed.OtherRankFailed) and error.out_of_memory
+        if not (other_rank or (kind is not None and issubclass(kind, torch.OutOfMemoryError))):
+            return False
+        failed = self.last_done + 1
+        if getattr(error, "applied", False):  # torchrun: rank 0 finished this step's optimizer step before
+            self.scheduler.step()             # another rank ran out in its own: its weights hold the step
+            self.last_done = failed
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.save(self.last_done)  # rank 0 saves, whichever rank ran out
+        if other_rank:  # the rank that ran out reports it
+            return False
+        cfg = self.cfg
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
+        peak = f"peak {peak_mem_gb():.1f} GB of {total:.1f} GB"
+        saved = f"Checkpoint of step {self.last_done} saved" + (
+            " (its train line was not logged)" if self.last_done == failed else "")
+        if getattr(error, "where", ""):  # the optimizer step or the gradient all-reduce (distributed.agree_on_oom)
+            message = (f"out of memory at step {failed} {error.where} ({peak}). {saved}. The optimizer keeps "
+                       f"state for every trained weight: use " + ("" if cfg.optimizer == "adamw8bit" else
+                       f"optimizer adamw8bit ({cfg.optimizer} now), ") + "lora_r > 0, or train_only to train "
+                       "fewer weights")
+        else:
+            message = (f"out of memory at step {failed}, even in micro-batches of 1 chain ({peak}). {saved}. Lower "
+                       f"max_completion_tokens ({cfg.max_completion_tokens}), num_chains ({cfg.num_chains}), "
+                       f"prompts_per_step ({cfg.prompts_per_step}) or logp_chunk ({cfg.logp_chunk}); or turn on "
+                       f"gradient_checkpointing, liger, optimizer adamw8bit, lora_r > 0")
+        raise distributed.local(RunStopped(f"{message}. Then continue with --resume {self.run.dir}")) from None

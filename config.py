@@ -184,7 +184,8 @@ class Config:
     num_iterations: int = 1            # optimizer steps per rollout (>1 uses stored old log-probs)
     micro_batch_size: int = 8          # chains per forward/backward; gradients accumulate over the step
     sort_micro_batches: bool = True    # chains of similar length share a micro-batch, cropped after its longest
-    #                                    (faster; the same loss, except bnpo's per-micro-batch normaliser)
+    #                                    (faster; the same loss, except bnpo's per-micro-batch normaliser,
+    #                                    which under torchrun also differs from one process: distributed.py)
     logp_chunk: int = 64               # positions per log-prob chunk, at most: the logits memory is about 16 bytes x
     #                                    micro_batch_size x this x vocab (BENCHMARKS.md)
     logp_chunk_mb: float = 256.0       # ... and fewer positions where one chunk's fp32 logits (chains x positions x
@@ -272,12 +273,18 @@ def _convert(key: str, value, kind):
         if origin is list:  # --lora_target_modules q_proj,v_proj
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
             return [args[0](v) for v in items]
-        if origin is dict:  # --rewards correctness=1,strict_format=0.5
-            if isinstance(value, str):
+        if origin is dict:  # --rewards correctness=1,strict_format=0.5, or as YAML / JSON: {"correctness": 1}
+            if isinstance(value, str) and value.strip().startswith("{"):
+                value = yaml.safe_load(value)
+            elif isinstance(value, str):
                 value = dict(item.split("=", 1) for item in value.split(",") if item.strip())
             return {str(k).strip(): float(v) for k, v in value.items()}
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError):
         pass
+    if origin is dict:
+        raise UserError(f"config key {key!r} wants name=weight pairs, e.g. --{key} correctness=1.0,soft_format=0.5 "
+                        f"(or a mapping: '{{\"correctness\": 1.0}}', in a recipe {key}: {{correctness: 1.0}}); "
+                        f"got {value!r}")
     items = " (its items must be numbers)" if origin is list and args[0] is float else ""
     raise UserError(f"config key {key!r} wants a {_type_name(kind)}{items}, got {value!r}")
 
@@ -327,9 +334,23 @@ def validate(cfg: Config) -> None:
         raise UserError("group-normalised advantages need num_chains >= 2")
     for key in ("prompts_per_step", "num_chains", "micro_batch_size", "max_steps", "eval_every",
                 "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations", "keep_last",
-                "max_bad_steps", "sft_warmup_steps", "max_sampling_rounds"):
+                "max_bad_steps", "sft_warmup_steps", "max_sampling_rounds", "sft_batch_size", "eval_samples",
+                "eval_batch_size", "logp_chunk", "tiny_hidden", "tiny_layers", "tiny_vocab_size",
+                "arithmetic_train_size", "arithmetic_test_size", "arithmetic_min_steps", "digits_count",
+                "digits_train_size", "digits_test_size"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("learning_rate", "sft_learning_rate", "max_grad_norm", "cispo_max_weight"):
+        if not getattr(cfg, key) > 0:  # a rate of 0 trains nothing, a negative one climbs the loss (NaN too)
+            raise UserError(f"{key} must be above 0, got {getattr(cfg, key)}")
+    for key in ("adam_beta1", "adam_beta2", "lora_dropout"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise UserError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if not 0 <= cfg.eps_low < 1:  # the ratio is clipped from below at 1 - eps_low, which must stay above 0
+        raise UserError(f"eps_low must be in [0, 1), got {cfg.eps_low}")
+    if cfg.arithmetic_max_steps < cfg.arithmetic_min_steps:
+        raise UserError(f"arithmetic_max_steps ({cfg.arithmetic_max_steps}) must be at least arithmetic_min_steps "
+                        f"({cfg.arithmetic_min_steps})")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
         raise UserError(f"training samples need temperature > 0 and 0 < top_p <= 1 (log-probs are taken at "
                         f"that temperature), got {cfg.temperature} and {cfg.top_p}; greedy is for eval only")
@@ -340,8 +361,6 @@ def validate(cfg: Config) -> None:
     if cfg.dtype == "fp16":
         raise UserError("dtype fp16 would train without a loss scaler, and small gradients underflow to 0 in "
                         "fp16: use bf16 (GPUs since Ampere: RTX 30xx/40xx, A100, H100) or fp32")
-    if cfg.few_shot < 0:
-        raise UserError(f"few_shot must be at least 0, got {cfg.few_shot}")
     if cfg.few_shot and cfg.prompt_format == "chat":
         raise UserError("few_shot examples are part of the plain prompt format: set prompt_format plain (or auto "
                         "for a model without a chat template), or few_shot 0")
@@ -354,8 +373,10 @@ def validate(cfg: Config) -> None:
     if cfg.lora_r > 0 and not cfg.lora_target_modules:
         raise UserError("lora_r > 0 needs lora_target_modules (e.g. q_proj,v_proj); or set lora_r 0 for "
                         "full fine-tuning")
-    for key in ("think_min_chars", "overlong_buffer_tokens", "logp_chunk_mb"):
-        if getattr(cfg, key) < 0:
+    for key in ("think_min_chars", "overlong_buffer_tokens", "weight_decay", "sft_weight_decay", "beta", "eps_high",
+                "warmup_steps", "sft_steps", "eval_n", "eval_temperature", "log_samples", "lora_r", "min_pixels",
+                "max_pixels", "logp_chunk_mb", "few_shot"):
+        if not getattr(cfg, key) >= 0:
             raise UserError(f"{key} must be at least 0, got {getattr(cfg, key)}")
     for key in ("sft_answer_only_frac", "sft_slip_rate"):
         if not 0 <= getattr(cfg, key) <= 1:
@@ -373,6 +394,26 @@ def validate(cfg: Config) -> None:
                         "set eval_samples 1 or eval_temperature > 0")
 
 
+def read_recipe(path: str) -> dict:
+    """A YAML recipe as {key: value}, or an error that names the file, the line and the layout."""
+    with open(path) as f:
+        try:
+            recipe = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"--config {path}: not valid YAML{where} ({problem}): fix that line. A recipe holds one "
+                            f"`key: value` per line, lists as [a, b], mappings as {{name: 1.0}} (see configs/tiny.yaml)"
+                            ) from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise UserError(f"--config {path}: a recipe is `key: value` lines (a mapping of config keys), but this file "
+                        f"holds a {type(recipe).__name__}")
+    return recipe
+
+
 def load(argv: list[str]) -> Config:
     """Defaults, then the YAML recipe (--config), then flags; --resume starts from the run's config.
     Then the loss type's LOSS_DEFAULTS, for the keys none of those set."""
@@ -383,13 +424,17 @@ def load(argv: list[str]) -> Config:
             raise UserError(f"--resume {flags['resume']}: no run there ({flags['resume']}/config.json "
                             f"is missing); pass the out_dir of an earlier run")
         with open(f"{flags['resume']}/config.json") as f:
-            resumed = json.load(f)
+            try:
+                resumed = json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--resume {flags['resume']}: its config.json is not valid JSON ({e}); train.py "
+                                f"writes it whole, so it was edited by hand: fix it there") from None
         update(cfg, resumed)
     if "config" in flags:
-        if not os.path.isfile(flags["config"]):
-            raise UserError(f"--config {flags['config']}: no such file (the recipes are in configs/)")
-        with open(flags.pop("config")) as f:
-            recipe = yaml.safe_load(f) or {}
+        path = flags.pop("config")
+        if not os.path.isfile(path):
+            raise UserError(f"--config {path}: no such file (the recipes are in configs/)")
+        recipe = read_recipe(path)
         update(cfg, recipe)
     update(cfg, flags)
     given = set(flags) | set(recipe) | set(resumed)

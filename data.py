@@ -286,13 +286,19 @@ def step_batch(examples: list[dict], step: int, size: int, seed: int) -> list[di
     return [examples[i] for i in order[pos * size:(pos + 1) * size]]
 
 
-def refill(examples: list[dict], step: int, round_: int, size: int, seed: int, taken: list[dict]) -> list[dict]:
-    """`size` more questions for round `round_` of a step's dynamic sampling (grpo.py): a seeded draw of
-    (seed, step, round), so a resumed run draws the same, without the questions in `taken` (the step's)."""
+def refill(examples: list[dict], step: int, round_: int, size: int, seed: int, *, taken: list[dict],
+           per_round: int, rank: int = 0, world: int = 1) -> list[dict]:
+    """`size` (<= per_round) more questions for round `round_` (1, 2, ...) of a step's dynamic sampling
+    (grpo.py) on rank `rank` of `world`. Every rank derives the same seeded order of (seed, step) without
+    the step's questions (`taken`, all ranks' B), and each (round, rank) takes its own slice of it,
+    per_round wide: no question is trained twice in a step, across rounds and ranks, and a resumed run
+    draws the same. Fewer (or none) when the train set runs out."""
     taken_ids = {id(ex) for ex in taken}
     order = list(range(len(examples)))
-    random.Random((seed * 1_000_003 + step) * 1_009 + round_).shuffle(order)
-    return [examples[i] for i in order if id(examples[i]) not in taken_ids][:size]
+    random.Random(seed * 1_000_003 + step).shuffle(order)
+    pool = [examples[i] for i in order if id(examples[i]) not in taken_ids]
+    start = ((round_ - 1) * world + rank) * per_round
+    return pool[start:start + min(size, per_round)]
 
 
 def target_text(example: dict, answer_only: bool = False, slip_rate: float = 0.0, rng: random.Random | None = None

@@ -13,16 +13,24 @@ costs nothing, so `python train.py` is unchanged. Under torchrun:
   with one all-reduce per weight (all_reduce_grads) rather than DDP's wrapper, which would hide the
   model behind `.module` from generate, LoRA's adapter switch and Liger's head; the price is no overlap
   of that all-reduce with the backward pass. So N ranks take the update one process takes on the same
-  rollouts, up to the order of float sums;
+  rollouts, up to the order of float sums; except with loss_type bnpo, whose normaliser is each
+  micro-batch's token count: a rank builds micro-batches of its own chains (sorted by length), so
+  which chains share one, and the loss, differ from one process unless sort_micro_batches is false
+  and micro_batch_size divides each rank's chains (setup warns; making them equal would mean building
+  the micro-batches over all ranks' chains, a collective inside the loss pass, for a loss that
+  depends on micro_batch_size in one process too);
 - the weights start equal (broadcast_weights from rank 0) and stay equal: every rank takes the same
   optimizer step on the same gradient;
 - sampling draws from a stream seeded by (seed, step, rank) at each step (seed_step), so the ranks
-  sample differently and a resumed run, on any number of ranks, samples as it would have;
+  sample differently and a run resumed on the same number of ranks samples as it would have (on
+  another number the questions are sharded and the streams seeded otherwise: it goes on correctly,
+  with other draws);
 - rank 0 alone writes (logs, plots, checkpoints, trackers) and prints; the other ranks keep stderr;
 - an error in a `together` block on any rank stops every rank at the block's end, and the message is
   printed once, by the lowest rank that raised it (the others raise OtherRankFailed and exit quietly);
-  out of memory in the loss pass is agreed on the same way (losses.update), and rank 0 saves the last
-  finished step's checkpoint whichever rank ran out (checkpoint.Guard).
+  out of memory in the update (the loss pass, the zero gradients of all_reduce_grads, the optimizer
+  step) is agreed on the same way (losses.update, agree_on_oom), and rank 0 saves the checkpoint of
+  the last step its weights hold, whichever rank ran out (checkpoint.Guard).
 """
 import datetime
 import os
@@ -36,12 +44,14 @@ import config
 
 
 class OtherRankFailed(RuntimeError):
-    """Another rank raised in a `together` block, or ran out of memory in the loss pass: it printed the
-    error; this rank stops quietly (after rank 0 saved a checkpoint, if out_of_memory: checkpoint.Guard)."""
+    """Another rank raised in a `together` block, or ran out of memory in the update: it printed the
+    error; this rank stops quietly (after rank 0 saved a checkpoint, if out_of_memory: checkpoint.Guard).
+    applied: rank 0 had finished the step's optimizer step when another rank ran out in its own, so its
+    weights hold that step (the checkpoint is of that step)."""
 
-    def __init__(self, message: str, out_of_memory: bool = False):
+    def __init__(self, message: str, out_of_memory: bool = False, applied: bool = False):
         super().__init__(message)
-        self.out_of_memory = out_of_memory
+        self.out_of_memory, self.applied = out_of_memory, applied
 
 
 def launched() -> bool:
@@ -70,6 +80,12 @@ def setup(cfg, device: str) -> str:
         raise config.UserError(f"prompts_per_step {cfg.prompts_per_step} does not split over {world()} ranks: "
                                f"set it to a multiple of {world()} (each rank samples prompts_per_step / {world()} "
                                f"questions), or run another number of processes")
+    chains = cfg.prompts_per_step // world() * cfg.num_chains  # before dynamic sampling's refills
+    if cfg.loss_type == "bnpo" and (cfg.sort_micro_batches or chains % cfg.micro_batch_size) and is_main():
+        print(f"warning: loss_type bnpo normalises by each micro-batch's tokens, and each of the {world()} ranks "
+              f"builds micro-batches of its own chains, so the loss is not the one of one process; for the same "
+              f"micro-batches set sort_micro_batches false and a micro_batch_size that divides the {chains} chains "
+              f"of each rank (or use dapo, normalised over the whole step)", file=sys.stderr)
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
@@ -126,13 +142,41 @@ def any_rank(flag: bool) -> bool:
 
 
 def all_reduce_grads(params: list) -> None:
-    """Sum every trainable weight's gradient over the ranks (a weight with no gradient counts as 0)."""
+    """Sum every trainable weight's gradient over the ranks. A weight with a gradient on no rank keeps
+    None, as in one process, where AdamW then leaves it alone (no momentum, no weight decay); one with a
+    gradient on some ranks counts as 0 on the others. The ranks agree on which is which with one small
+    all-reduce, and on an out of memory while making those zeros before any gradient is summed."""
     if not dist.is_initialized():
         return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
+    has_grad = all_sum([float(p.grad is not None) for p in params])  # (P,) ranks holding each gradient
+    error = None
+    try:
+        for p, n in zip(params, has_grad):
+            if n > 0 and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    except torch.OutOfMemoryError as e:
+        error = e
+    agree_on_oom(error, "making zero gradients for the gradient all-reduce")
+    for p, n in zip(params, has_grad):
+        if n > 0:
+            dist.all_reduce(p.grad)
+
+
+def agree_on_oom(error: Exception | None, where: str, applied: bool = False) -> None:
+    """After a part of the update that holds no collective call and may run out of memory on some ranks
+    (`error` is this rank's, or None): returns when no rank ran out. Else every rank stops: the lowest
+    rank that ran out raises its own error (checkpoint.Guard prints it; rank 0 saves), the others
+    OtherRankFailed(out_of_memory=True). applied: this rank finished its optimizer step, so its weights
+    hold the step; rank 0's say which checkpoint it saves. One process: raises its own error, if any."""
+    notes = gather((error is not None, applied))  # (ran out, applied) of each rank
+    ran_out = [oom for oom, _ in notes]
+    if not any(ran_out):
+        return
+    first, rank0_applied = ran_out.index(True), notes[0][1]
+    if error is not None and rank() == first:
+        error.where, error.applied = where, rank0_applied  # for checkpoint.Guard's message
+        raise local(error)
+    raise OtherRankFailed(f"rank {first} ran out of memory {where}", out_of_memory=True, applied=rank0_applied)
 
 
 def broadcast_weights(model) -> None:

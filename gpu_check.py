@@ -17,7 +17,8 @@ records its error; the suite goes on either way.
           random weights (saved once as a local folder, loaded with from_pretrained), for each variant in
           SMOKE: plain with the dynamic and the static sampler, Liger, LoRA r=16 with beta 0.04 (the
           reference is the adapter switched off), full fine-tuning with beta 0.04 (a reference copy),
-          guided, GHPO, verifier turns with the hf backend on the policy, DAPO with dynamic sampling.
+          guided, GHPO, verifier turns with the hf backend on the policy, DAPO with dynamic sampling; and
+          plain resumed for a third step from its checkpoint (optimizer state back onto the GPU).
   memory  bench.py's reference workload (1 prompt x 16 chains x 786 tokens, 8-bit AdamW, gradient
           checkpointing) under a 24 GB cap, full fine-tuning and LoRA r=16: peak allocated and reserved
           memory by phase.
@@ -28,8 +29,9 @@ records its error; the suite goes on either way.
           its size; without it, the bf16 weights keep almost none of it.
 
 It writes out/gpu_check.json (every item: ok, seconds, figures or error) and out/gpu_check.md (the
-summary table, then bench.py's sections), and appends the latter to --benchmarks_file (BENCHMARKS.md;
-on the device machine only $OUT comes back: append out/gpu_check.md here).
+summary table, then bench.py's sections), and on the GPU appends the latter to --benchmarks_file
+(BENCHMARKS.md; on the device machine only $OUT comes back: append out/gpu_check.md here). The
+rehearsal appends nowhere unless given another --benchmarks_file: BENCHMARKS.md holds measured runs only.
 """
 import argparse
 import contextlib
@@ -172,10 +174,15 @@ def smoke_flags(model_dir: str, device: str, out_dir: str) -> list[str]:
             "--eval_n", "4", "--optimizer", "adamw8bit", "--out_dir", out_dir]
 
 
-def smoke_item(flags: list[str], out_dir: str):
+def smoke_item(flags: list[str], out_dir: str, resume: bool = False):
+    """train.py's two steps; with resume, then a third step resumed from the checkpoint of step 2 (8-bit
+    AdamW's state and Kahan residuals load back onto the GPU: checkpoint.load_state)."""
     def run() -> dict:
         try:
-            runpy.run_path(os.path.join(ROOT, "train.py"), run_name="train")["main"](flags)
+            main = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="train")["main"]
+            main(flags)
+            if resume:
+                main(["--resume", out_dir, "--max_steps", "3"])
             with open(os.path.join(out_dir, "metrics.jsonl")) as f:
                 rows = [json.loads(line) for line in f]
             last = [r for r in rows if r["split"] == "train"][-1]
@@ -259,11 +266,17 @@ def main(argv: list[str]) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the CPU rehearsal: small models, seconds")
     parser.add_argument("--out", default=os.environ.get("OUT", "out/gpu_check"), help="results folder")
-    parser.add_argument("--benchmarks_file", default="BENCHMARKS.md", help="the summary is appended here")
+    parser.add_argument("--benchmarks_file", default=None,
+                        help="the summary is appended here (GPU default BENCHMARKS.md; --tiny: nowhere)")
     parser.add_argument("--parts", default="smoke,memory,speed,kahan")
     for part, seconds in BUDGETS.items():
         parser.add_argument(f"--budget_{part}", type=float, default=None, help=f"seconds (GPU: {seconds})")
     args = parser.parse_args(argv)
+    if args.benchmarks_file is None:
+        args.benchmarks_file = "" if args.tiny else "BENCHMARKS.md"
+    if args.tiny and os.path.abspath(args.benchmarks_file) == os.path.join(ROOT, "BENCHMARKS.md"):
+        raise SystemExit("the --tiny rehearsal measures nothing worth keeping: BENCHMARKS.md holds measured runs "
+                         "only; drop --benchmarks_file (its summary is in --out) or name another file")
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
     device = "cpu" if args.tiny else "cuda"
@@ -282,6 +295,7 @@ def main(argv: list[str]) -> list[dict]:
             for name, extra in SMOKE.items():
                 run_dir = os.path.join(work, "run")
                 items.append((name, smoke_item(smoke_flags(model_dir, device, run_dir) + extra, run_dir)))
+            items.append(("resume", smoke_item(smoke_flags(model_dir, device, run_dir), run_dir, resume=True)))
             run_part(results, "smoke", items, budgets["smoke"], device)
         if "memory" in parts:
             run_part(results, "memory", [
@@ -307,7 +321,8 @@ def main(argv: list[str]) -> list[dict]:
         with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
             json.dump({"date": datetime.datetime.now().isoformat(), "device": measure.device_name(device),
                        "argv": argv, "budgets": budgets, "results": results}, f, indent=1)
-        measure.publish(text, args.benchmarks_file)
+        if args.benchmarks_file:
+            measure.publish(text, args.benchmarks_file)
     return results
 
 

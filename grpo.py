@@ -96,6 +96,8 @@ def dynamic_sampling(policy, sample, batch: list[dict], step: int, cfg, refill) 
             break
         # the next round: as many questions as the informative share so far says are missing, at most B
         batch = refill(want if kept == 0 else min(want, math.ceil((want - kept) * sampled / kept)), len(parts))
+        if not batch:  # the train set has no question left that this step has not taken
+            break
     rounds = [s for s, _ in parts]
     if kept == 0:  # nothing informative: the first round's groups, which give no policy gradient
         parts = [(rounds[0], list(range(len(rounds[0].batch))))]
@@ -105,7 +107,8 @@ def dynamic_sampling(policy, sample, batch: list[dict], step: int, cfg, refill) 
 
 def step(policy, sample, batch: list[dict], step: int, optimizer, cfg, refill=None) -> Step:
     """One step on `batch` with the sample function of samplers.make and an llms.Policy. With
-    cfg.dynamic_sampling, refill(n, round) gives n more questions for a later round (train.py: data.refill)."""
+    cfg.dynamic_sampling, refill(n, round) gives n more questions for a later round, none this step has
+    taken (train.py: data.refill), or [] when there are none left."""
     if cfg.dynamic_sampling and refill is None:
         raise ValueError("dynamic_sampling needs more questions than the step's batch, and this caller gives "
                          "none (refill): train with train.py, or set dynamic_sampling false")

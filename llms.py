@@ -154,13 +154,13 @@ def _from_pretrained(cls, name: str, **kwargs):
     """from_pretrained with an error that says what to do when the name cannot be reached."""
     try:
         return cls.from_pretrained(name, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a config.json without a model_type transformers knows, ...
         where = "the local folder" if os.path.isdir(name) else "the model hub"
         raise config.UserError(
                 f"could not load {name!r} from {where}: {str(e).splitlines()[0][:300]}\n"
-                f"If this machine is offline, pass a local folder that holds config.json, the weights and "
-                f"the tokenizer files: --model_name /path/to/model (or --model_name tiny for the built-in "
-                f"model).") from None
+                f"A model folder holds config.json (with its model_type, as save_pretrained writes it), the "
+                f"weights and the tokenizer files; offline, pass such a folder: --model_name /path/to/model (or "
+                f"--model_name tiny for the built-in model).") from None
 
 
 def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpointing: bool = False,

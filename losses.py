@@ -209,7 +209,8 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
     out-of-memory retries the pass with micro-batches of half the size, down to one chain; only then
     does the error reach the caller. No optimizer step has been taken when a pass is retried. Under
     torchrun the ranks agree after each pass: if any ran out of memory, every rank retries at half its
-    size, or every rank stops (distributed.OtherRankFailed on the ranks that did not run out).
+    size, or every rank stops (distributed.OtherRankFailed on the ranks that did not run out); out of
+    memory in the optimizer step (or the gradient all-reduce's zeros) stops every rank the same way.
     Under torchrun (distributed.py) r holds this rank's chains; the normalisers (chains, tokens,
     micro-batches) and the gradients are summed over the ranks, so every rank takes the step one
     process would take on all ranks' chains, and the figures returned are the whole step's.
@@ -305,11 +306,17 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
         params = [p for p in model.parameters() if p.requires_grad]
         distributed.all_reduce_grads(params)  # the step's gradient: every rank's share, summed
         step["loss"], step["kl"], step["clip"] = distributed.all_sum([step["loss"], step["kl"], step["clip"]])
-        step["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()  # before clipping
-        step["skipped"] = not (math.isfinite(step["loss"]) and math.isfinite(step["grad_norm"]))
-        if not step["skipped"]:  # a NaN or inf would poison the weights and the optimizer's moments
-            optimizer.step()
+        error, stepped = None, False
+        try:  # the optimizer's first step allocates its state: out of memory here is agreed on like the loss pass's
+            step["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()  # before clipping
+            step["skipped"] = not (math.isfinite(step["loss"]) and math.isfinite(step["grad_norm"]))
+            if not step["skipped"]:  # a NaN or inf would poison the weights and the optimizer's moments
+                optimizer.step()
+                stepped = True
+        except torch.OutOfMemoryError as e:
+            error = e
         optimizer.zero_grad(set_to_none=True)
+        distributed.agree_on_oom(error, "in the optimizer step", applied=stepped)
         return step
 
     old, ref = retry_on_oom(fixed_logps)

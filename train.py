@@ -98,8 +98,8 @@ def main(argv: list[str]) -> None:
             batch = distributed.shard(questions)  # this rank's B / N of them (all of them for one process)
             distributed.seed_step(cfg.seed, step)
             out = grpo.step(policy, sample, batch, step, optimizer, cfg,  # sample, score, advantages, update
-                            refill=lambda n, k: data.refill(train_set, step, k * world + rank, n, cfg.seed,
-                                                            taken=questions))  # round k: each rank its own draw
+                            refill=lambda n, k: data.refill(train_set, step, k, n, cfg.seed, taken=questions,
+                                                            per_round=len(batch), rank=rank, world=world))
             scheduler.step()
             guard.applied(step, out.figures["skipped"])
 

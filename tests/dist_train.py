@@ -6,7 +6,8 @@ MODE: run (train.py as it is), sampler_fails (rank 1's sampler raises a UserErro
 sampler_oom (rank 1's sampler runs out of memory at step 2),
 flaky_reward (a reward `flaky` that raises on rank 1's chains: counted, the run goes on),
 oom_once (rank 1's first loss micro-batch of 4 chains runs out of memory: both ranks retry at 2),
-oom_always (rank 1 runs out of memory on every loss micro-batch: both ranks stop, rank 0 saves).
+oom_always (rank 1 runs out of memory on every loss micro-batch: both ranks stop, rank 0 saves),
+optimizer_oom (rank 1's GRPO optimizer step of step 2 runs out of memory; rank 0's has been taken).
 """
 import os
 import runpy
@@ -52,5 +53,20 @@ elif mode in ("oom_once", "oom_always"):
             raise torch.OutOfMemoryError("CUDA out of memory (rank 1's test fault)")
         return token_logps(model, input_ids, *args)
     losses.token_logps = tight
+elif mode == "optimizer_oom":
+    make_optimizer = losses.make_optimizer
+
+    def tight_optimizer(model, cfg):
+        optimizer, scheduler = make_optimizer(model, cfg)
+        step, calls = optimizer.step, []
+
+        def tight_step(*args, **kwargs):
+            calls.append(1)
+            if distributed.rank() == 1 and len(calls) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (rank 1's test fault)")
+            return step(*args, **kwargs)
+        optimizer.step = tight_step
+        return optimizer, scheduler
+    losses.make_optimizer = tight_optimizer
 sys.argv = [os.path.join(ROOT, "train.py"), *argv]
 runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")

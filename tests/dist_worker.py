@@ -38,6 +38,10 @@ CASES["dapo_checkpointing"] = {"loss_type": "dapo", "gradient_checkpointing": Tr
 CASES["grpo_liger_beta"] = {"loss_type": "grpo", "liger": True, "beta": 0.1}
 CASES["cispo_liger"] = {"loss_type": "cispo", "liger": True}
 CASES["grpo_bf16_kahan"] = {"loss_type": "grpo", "dtype": "bf16", "kahan_updates": True}
+# a trained weight no chain reaches (a VL model's vision tower on text questions): no gradient on any
+# rank, so AdamW's weight decay must leave it alone on 2 ranks as on one
+UNUSED_WEIGHT = "grpo_unused_weight_decay"
+CASES[UNUSED_WEIGHT] = {"loss_type": "grpo", "weight_decay": 0.1}
 
 
 def chains(tokenizer, examples):
@@ -64,6 +68,8 @@ def exact(out: str) -> None:
         torch.manual_seed(1)
         model, _ = llms.prepare(copy.deepcopy(base).to(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32),
                                 tokenizer, "cpu", cfg.gradient_checkpointing, cfg.liger)
+        if name == UNUSED_WEIGHT:
+            model.unused = torch.nn.Parameter(torch.ones(4))
         policy = llms.for_training(model, tokenizer, cfg, load_reference=lambda: copy.deepcopy(model))
         optimizer, _ = losses.make_optimizer(policy.model, cfg)
         figures = losses.update(policy.model, policy.ref_model, part, adv, optimizer, cfg)

@@ -28,12 +28,30 @@ def test_yaml_then_flags_override(tmp_path):
 
 
 def test_unknown_key_names_close_matches(tmp_path):
-    with pytest.raises(ValueError, match="unknown config key 'num_chain'.*num_chains"):
+    with pytest.raises(config.UserError, match=r"unknown config key 'num_chain'\. Did you mean num_chains\?"):
         config.load(["--num_chain", "4"])
     recipe = tmp_path / "r.yaml"
     recipe.write_text("learning_rat: 1\n")
-    with pytest.raises(ValueError, match="learning_rate"):
+    with pytest.raises(config.UserError, match="'learning_rat'. Did you mean learning_rate"):
         config.load(["--config", str(recipe)])
+
+
+def test_a_recipe_that_is_not_valid_yaml_names_the_file_and_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("num_chains: 4\nlr: [1, 2\n")
+    with pytest.raises(config.UserError, match=f"--config {recipe}: not valid YAML at line 3.*key: value"):
+        config.load(["--config", str(recipe)])
+    recipe.write_text("- num_chains\n- 4\n")
+    with pytest.raises(config.UserError, match="holds a list"):
+        config.load(["--config", str(recipe)])
+
+
+def test_rewards_take_a_mapping_as_yaml_and_json_users_write_it():
+    assert config.load(["--rewards", '{"correctness": 1.0, "soft_format": 0.5}']).rewards == {
+        "correctness": 1.0, "soft_format": 0.5}
+    assert config.load(["--rewards", "{correctness: 2}"]).rewards == {"correctness": 2.0}
+    with pytest.raises(config.UserError, match="correctness=1.0,soft_format=0.5"):
+        config.load(["--rewards", "correctness"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -55,6 +73,28 @@ def test_unknown_key_names_close_matches(tmp_path):
     (["--sft_slip_rate", "0.2"], "sft_slip_rate reworks the built-in task"),
     (["--config", "configs/nope.yaml"], "configs/nope.yaml: no such file"),
     (["--resume", "out/never_ran"], "no run there"),
+    # values that cannot make sense, refused before any model loads: rates, ...
+    (["--learning_rate", "-1"], "learning_rate must be above 0, got -1"),
+    (["--sft_learning_rate", "0"], "sft_learning_rate must be above 0"),
+    (["--max_grad_norm", "0"], "max_grad_norm must be above 0"),
+    (["--weight_decay", "-0.1"], "weight_decay must be at least 0"),
+    (["--beta", "-0.04"], "beta must be at least 0"),
+    (["--adam_beta2", "1"], r"adam_beta2 must be in \[0, 1\)"),
+    (["--eps_low", "1.5"], r"eps_low must be in \[0, 1\)"),
+    # ... chains and batch sizes, ...
+    (["--prompts_per_step", "0"], "prompts_per_step must be at least 1"),
+    (["--eval_samples", "0"], "eval_samples must be at least 1"),
+    (["--sft_batch_size", "0"], "sft_batch_size must be at least 1"),
+    (["--eval_batch_size", "-2"], "eval_batch_size must be at least 1"),
+    # ... steps, ...
+    (["--max_steps", "0"], "max_steps must be at least 1"),
+    (["--warmup_steps", "-1"], "warmup_steps must be at least 0"),
+    (["--sft_steps", "-5"], "sft_steps must be at least 0"),
+    (["--arithmetic_min_steps", "3", "--arithmetic_max_steps", "2"], "arithmetic_max_steps .* at least"),
+    # ... and token limits
+    (["--max_completion_tokens", "0"], "max_completion_tokens must be at least 1"),
+    (["--max_prompt_tokens", "-1"], "max_prompt_tokens must be at least 1"),
+    (["--logp_chunk", "0"], "logp_chunk must be at least 1"),
 ])
 def test_bad_values_say_what_is_wrong(argv, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):

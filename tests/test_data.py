@@ -10,6 +10,7 @@ import builtin_tasks
 import data
 import llms
 import rewards
+from helpers import FAST, run_train
 
 
 def load_data(dataset: str, **settings):
@@ -100,6 +101,16 @@ def test_unreachable_names_say_how_to_go_offline(monkeypatch):
         llms.load("no-such-org/no-such-model", "cpu")
     with pytest.raises(config.UserError, match="(?s)--dataset path/to/train.jsonl"):
         load_data("no-such-org/no-such-data", dataset_config="main")
+
+
+def test_a_model_folder_whose_config_names_no_model_is_refused_before_loading(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(config.UserError, match=f"(?s)could not load '{folder}' from the local folder.*model_type"):
+        run_train(FAST + ["--model_name", str(folder), "--out_dir", str(tmp_path / "run")])
+    with pytest.raises(config.UserError, match=f"could not load '{folder}'"):
+        llms.load(str(folder), "cpu")
 
 
 def test_local_model_folder_round_trip(tmp_path, tiny):

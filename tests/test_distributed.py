@@ -49,6 +49,8 @@ def test_two_ranks_take_the_update_of_one_process(worker, case):
     for key in ("loss", "grad_norm", "kl", "clip_frac"):
         assert two["figures"][key] == pytest.approx(one["figures"][key], rel=1e-2 if bf16 else 1e-5, abs=1e-7), key
     assert one["figures"]["grad_norm"] > 1e-3
+    if case == dist_worker.UNUSED_WEIGHT:  # without a gradient, AdamW leaves it: no weight decay
+        assert torch.equal(two["weights"]["unused"], torch.ones(4))
 
 
 def test_the_train_line_is_over_every_rank(worker):
@@ -133,3 +135,34 @@ def test_out_of_memory_on_one_rank_retries_or_stops_on_both(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("stopped: out of memory at step 2") == 1, done.stderr[-3000:]
     assert checkpoint.latest(str(out)).endswith("step_000001")
+
+
+def test_out_of_memory_in_one_ranks_optimizer_step_stops_both_with_rank_0s_checkpoint(tmp_path):
+    """Rank 1 runs out of memory in its optimizer step of step 2, after rank 0 took its own: both stop
+    (rank 0 is not left waiting in the next collective), the message is printed once, and rank 0 saves
+    the checkpoint of what its weights hold, step 2, from which the run resumes."""
+    out = tmp_path / "optimizer"
+    done = run(TORCHRUN + ["tests/dist_train.py", "optimizer_oom", *SHORT, "--max_steps", "3", "--out_dir", str(out)])
+    assert done.returncode != 0
+    assert done.stderr.count("stopped: out of memory at step 2 in the optimizer step") == 1, done.stderr[-3000:]
+    assert "Checkpoint of step 2 saved (its train line was not logged)" in done.stderr
+    assert checkpoint.latest(str(out)).endswith("step_000002")
+    done = run([sys.executable, "train.py", "--resume", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in read(out / "metrics.jsonl") if r["split"] == "train"] == [1, 3]
+
+
+def test_bnpo_under_torchrun_warns_that_its_loss_differs_from_one_process(monkeypatch, capsys):
+    """bnpo's normaliser is per micro-batch and a rank's micro-batches hold its own chains: the user is
+    told, with the settings under which the two agree (the exact cases above use them)."""
+    import config
+    import distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *args, **kwargs: None)
+    distributed.setup(config.Config(loss_type="bnpo", prompts_per_step=4, num_chains=4, micro_batch_size=4), "cpu")
+    assert "loss_type bnpo normalises by each micro-batch's tokens" in capsys.readouterr().err
+    distributed.setup(config.Config(loss_type="bnpo", prompts_per_step=4, num_chains=4, micro_batch_size=4,
+                                    sort_micro_batches=False), "cpu")  # the same micro-batches: no warning
+    distributed.setup(config.Config(loss_type="grpo", prompts_per_step=4, num_chains=4, micro_batch_size=4), "cpu")
+    assert capsys.readouterr().err == ""

@@ -106,10 +106,48 @@ def test_callers_without_more_questions_are_refused(policy):
 def test_refill_is_seeded_and_skips_the_steps_own_questions():
     train, _ = builtin_tasks.arithmetic_task(50, 5, seed=0)
     taken = train[:10]
-    a = data.refill(train, 3, 1, 8, 0, taken)
-    assert a == data.refill(train, 3, 1, 8, 0, taken) and len(a) == 8
+    a = data.refill(train, 3, 1, 8, 0, taken=taken, per_round=8)
+    assert a == data.refill(train, 3, 1, 8, 0, taken=taken, per_round=8) and len(a) == 8
     assert not any(ex is t for ex in a for t in taken)
-    assert a != data.refill(train, 3, 2, 8, 0, taken)  # another round draws other questions
+    assert a != data.refill(train, 3, 2, 8, 0, taken=taken, per_round=8)  # another round draws other questions
+
+
+def test_refill_never_draws_a_question_twice_in_a_step_across_rounds_and_ranks():
+    """2 ranks x 3 refill rounds, each asking for up to its B / N = 3: 18 distinct questions, none of the
+    step's own; each rank derives the others' draws alike, so none of them needs to be told."""
+    train, _ = builtin_tasks.arithmetic_task(30, 5, seed=0)
+    taken = train[:6]
+    drawn = [ex for k in (1, 2, 3) for rank in (0, 1)
+             for ex in data.refill(train, 7, k, 3, 0, taken=taken, per_round=3, rank=rank, world=2)]
+    assert len(drawn) == 18 and len({id(ex) for ex in drawn}) == 18
+    assert not any(ex is t for ex in drawn for t in taken)
+    short = data.refill(train, 7, 1, 2, 0, taken=taken, per_round=3, rank=1, world=2)  # asks for fewer than 3
+    assert short == data.refill(train, 7, 1, 3, 0, taken=taken, per_round=3, rank=1, world=2)[:2]
+    assert data.refill(train, 7, 5, 3, 0, taken=taken, per_round=3, rank=0, world=2) == []  # the set ran out
+
+
+def test_no_question_is_sampled_twice_in_a_step_of_train_py(tmp_path, monkeypatch):
+    """Every group is uninformative (one reward for all), so each step refills in every round: from a train
+    set of 8 questions, 4 rounds of 2 take all 8, each once."""
+    import rewards
+    import samplers
+    monkeypatch.setitem(rewards.REWARDS, "always_one", lambda completion, answer, **info: 1.0)
+    make, calls = samplers.make, []
+
+    def recording_make(cfg, **kwargs):
+        sample = make(cfg, **kwargs)
+
+        def recorded(model, tokenizer, batch, step):
+            calls.append((step, [ex["question"] for ex in batch]))
+            return sample(model, tokenizer, batch, step)
+        return recorded
+    monkeypatch.setattr(samplers, "make", recording_make)
+    run_train(FAST + ["--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--eval_every", "5",
+                      "--dynamic_sampling", "--max_sampling_rounds", "4", "--rewards", "always_one=1",
+                      "--arithmetic_train_size", "8", "--max_completion_tokens", "8"])
+    for step in (1, 2):
+        questions = [q for s, batch in calls if s == step for q in batch]
+        assert len(questions) == 8 and len(set(questions)) == 8, step
 
 
 @pytest.mark.parametrize("sampler", ["plain", "guided", "ghpo", "verifier"])

@@ -176,6 +176,29 @@ def test_out_of_memory_at_one_chain_stops_with_a_checkpoint_and_the_settings_to_
     assert [r["step"] for r in read(f"{out}/metrics.jsonl")] == [0]
 
 
+def test_out_of_memory_in_the_optimizer_step_stops_with_a_checkpoint_and_the_settings_to_lower(tmp_path,
+                                                                                                monkeypatch):
+    out = str(tmp_path / "run")
+    make_optimizer = losses.make_optimizer
+
+    def tight_optimizer(model, cfg):  # GRPO's optimizer (not the warm start's) runs out in its second step
+        optimizer, scheduler = make_optimizer(model, cfg)
+        step, calls = optimizer.step, []
+
+        def tight_step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return step(*args, **kwargs)
+        optimizer.step = tight_step
+        return optimizer, scheduler
+    monkeypatch.setattr(losses, "make_optimizer", tight_optimizer)
+    with pytest.raises(checkpoint.RunStopped, match="out of memory at step 2 in the optimizer step.*Checkpoint of "
+                                                    "step 1 saved.*lora_r > 0.*--resume"):
+        run_train(FAST + ["--out_dir", out, "--max_steps", "3", "--eval_every", "10"])
+    assert checkpoint.latest(out).endswith("step_000001")
+
+
 def test_out_of_memory_while_sampling_samples_in_halves(tiny, monkeypatch):
     model, tok = tiny
     prompts = [f"question {i}" for i in range(4)]

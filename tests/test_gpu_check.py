@@ -5,17 +5,27 @@ import os
 import re
 import time
 
+import pytest
+
 import gpu_check
+import measure
 from helpers import ROOT
 
 
-def test_the_cpu_rehearsal_passes_every_item(tmp_path):
-    out, benchmarks = tmp_path / "out", tmp_path / "BENCHMARKS.md"
-    results = gpu_check.main(["--tiny", "--out", str(out), "--benchmarks_file", str(benchmarks)])
+def test_the_cpu_rehearsal_passes_every_item(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    published, publish = [], measure.publish
+
+    def recording_publish(text, path):  # writes only under tmp_path, whatever the path asked for
+        published.append(path)
+        if os.path.abspath(path).startswith(str(tmp_path)):
+            publish(text, path)
+    monkeypatch.setattr(measure, "publish", recording_publish)
+    results = gpu_check.main(["--tiny", "--out", str(out)])
     failed = [(r["part"], r["name"], r.get("error")) for r in results if not r["ok"]]
     assert failed == []
     names = {(r["part"], r["name"]) for r in results}
-    assert {("smoke", v) for v in gpu_check.SMOKE} <= names  # every variant ran
+    assert {("smoke", v) for v in [*gpu_check.SMOKE, "resume"]} <= names  # every variant ran, and a resume
     assert {p for p, _ in names} == {"smoke", "memory", "speed", "kahan"}
     smoke = [r for r in results if r["part"] == "smoke" and r["name"] in gpu_check.SMOKE]
     assert all(r["figures"]["grad_norm"] > 0 for r in smoke)  # a train line whose rewards gave a gradient
@@ -27,7 +37,14 @@ def test_the_cpu_rehearsal_passes_every_item(tmp_path):
     assert saved["results"] == json.loads(json.dumps(results))
     text = (out / "gpu_check.md").read_text()
     assert "| smoke | guided | ok |" in text and "Step time ours / TRL" in text  # bench.py's section follows
-    assert benchmarks.read_text().strip() == text.strip()  # appended to --benchmarks_file
+    # a rehearsal writes under --out only: BENCHMARKS.md holds measured runs (bench.py's own sections go
+    # to out/benchmarks.md)
+    assert published and all(os.path.dirname(os.path.abspath(p)) == str(out) for p in published), published
+
+
+def test_a_rehearsal_refuses_to_append_to_benchmarks_md():
+    with pytest.raises(SystemExit, match="BENCHMARKS.md holds measured runs only"):
+        gpu_check.main(["--tiny", "--benchmarks_file", os.path.join(ROOT, "BENCHMARKS.md")])
 
 
 def test_a_part_over_its_budget_records_the_item_and_skips_the_rest():
