@@ -229,6 +229,8 @@ def concat(parts: list[tuple[Rollout, list[int]]], group: torch.Tensor, pad_id: 
     The parts differ in width (a longer prompt, a longer completion), so each row is left padded as a
     whole to the widest (L,): its prompt and completion stay together and loss_mask still marks exactly
     its sampled tokens. Completions may then start at different columns; the loss never assumes otherwise.
+    Parts may mix questions with and without images (a text-only round of dynamic sampling has visual
+    None): each chain keeps its own visual inputs.
     """
     width = max(r.input_ids.shape[1] for r, _ in parts)
 
@@ -239,7 +241,9 @@ def concat(parts: list[tuple[Rollout, list[int]]], group: torch.Tensor, pad_id: 
     if any(r.reward_weight is not None for r, _ in parts):
         weights = torch.cat([(r.reward_weight if r.reward_weight is not None else torch.ones(len(r)))[list(rows)]
                              for r, rows in parts])
-    visual = None if parts[0][0].visual is None else [r.visual[i] for r, rows in parts for i in rows]
+    visual = None  # a text-only part (visual None) next to one with images: its chains have none
+    if any(r.visual is not None for r, _ in parts):
+        visual = [vision.no_images() if r.visual is None else r.visual[i] for r, rows in parts for i in rows]
     return Rollout(input_ids=stack("input_ids", pad_id), attention_mask=stack("attention_mask", 0),
                    loss_mask=stack("loss_mask", 0.0), group=group,
                    texts=[r.texts[i] for r, rows in parts for i in rows],

@@ -118,7 +118,7 @@ def encode(tokenizer, prompts: list[str], images: list[list]) -> tuple[list[str]
             raise ValueError(f"a prompt has {prompt.count(IMAGE_PAD)} image tokens for {len(imgs)} images")
         if not imgs:
             expanded.append(prompt)
-            visual.append((torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.long)))
+            visual.append(no_images())
             continue
         out = processor(images=imgs, return_tensors="pt")
         grid = out["image_grid_thw"]  # (k, 3): t, h, w in patches
@@ -127,6 +127,12 @@ def encode(tokenizer, prompts: list[str], images: list[list]) -> tuple[list[str]
         expanded.append(pieces[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(counts, pieces[1:])))
         visual.append((out["pixel_values"], grid))
     return expanded, visual
+
+
+def no_images() -> tuple:
+    """The visual inputs of a question without images, in a batch where others have some: model_inputs
+    skips them (pixel_values (0, 0), image_grid_thw (0, 3))."""
+    return torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.long)
 
 
 def banned_ids(model) -> list[int] | None:

@@ -151,6 +151,34 @@ def test_the_loss_takes_no_gradient_from_the_prompt_or_its_image_tokens(vl):
     model.zero_grad(set_to_none=True)
 
 
+def trained_logps(model, r) -> list[list[float]]:
+    """Each chain's log-probs of its trained tokens, all of r's chains in one forward pass."""
+    with torch.no_grad():
+        logps = losses.token_logps(model, r.input_ids, r.attention_mask, 1, 1.0, 8, r.visual)
+    return [row[keep].tolist() for row, keep in zip(logps, r.loss_mask[:, 1:].bool())]
+
+
+def test_concat_keeps_each_chains_images_when_parts_mix_text_and_images(vl):
+    """Dynamic sampling may join a text-only round (visual None) and a round with images: every chain
+    keeps its own visual inputs, in either order, and a micro-batch mixing chains with and without
+    images gives each chain the log-probs it has alone."""
+    model, tok = vl
+    prompts, images = prompts_and_images(tok)
+    with_images = rollout.teacher_forced(tok, prompts, ["3 + 4 = 7.", "1 + 5 + 2 = 8."], 64, 16, images=images)
+    # text questions shorter than the image ones: left padded in the joined rollout
+    text = rollout.teacher_forced(tok, [llms.chat_prompt(tok, "", q) for q in ("2 + 2?", "What is 1 + 1?")],
+                                  ["4", "1 + 1 = 2."], 64, 16)
+    assert text.visual is None
+    alone = trained_logps(model, text) + trained_logps(model, with_images)
+    for order in ([text, with_images], [with_images, text]):
+        joined = rollout.concat([(part, [0, 1]) for part in order], torch.arange(4), tok.pad_token_id)
+        text_first = order[0] is text
+        assert [len(g) for _, g in joined.visual] == ([0, 0, 1, 1] if text_first else [1, 1, 0, 0])  # images each
+        want = alone if text_first else alone[2:] + alone[:2]
+        for g, w in zip(trained_logps(model, joined), want, strict=True):
+            assert torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4)
+
+
 def vl_run(tmp_path, dataset: str, test_dataset: str, *extra: str) -> list[str]:
     return ["--model_name", "tiny_vl", "--dataset", dataset, "--test_dataset", test_dataset, "--question_field",
             "problem", "--device", "cpu", "--optimizer", "adamw", "--gradient_checkpointing", "false",
