@@ -10,6 +10,7 @@ import data
 import grpo
 import llms
 import rollout
+import samplers
 from helpers import FAST, read, run_train
 
 G = 4
@@ -112,7 +113,7 @@ def test_refill_is_seeded_and_skips_the_steps_own_questions():
     assert a != data.refill(train, 3, 2, 8, 0, taken)  # another round draws other questions
 
 
-@pytest.mark.parametrize("sampler", ["plain", "guided", "ghpo", "verifier"])
+@pytest.mark.parametrize("sampler", list(samplers.SAMPLERS))  # a new idea is covered at once
 def test_dynamic_sampling_trains_with_every_sampler(tmp_path, sampler):
     out = str(tmp_path / sampler)
     run_train(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--rollout", sampler,

@@ -14,6 +14,7 @@ import evaluator
 import llms
 import losses
 import rollout
+import samplers
 import vision
 from helpers import read, run_train
 
@@ -242,14 +243,17 @@ def vl_run(tmp_path, dataset: str, test_dataset: str, *extra: str) -> list[str]:
             "--rewards", "correctness=1", "--max_steps", "2", "--out_dir", str(tmp_path / "run"), *extra]
 
 
-@pytest.mark.parametrize("rollout_name, layout", [("plain", "jsonl"), ("ghpo", "parquet"), ("verifier", "jsonl"),
-                                                  ("guided", "parquet")])
-def test_two_steps_of_training_with_images(tmp_path, demo_files, rollout_name, layout):
-    extra = {"plain": [], "ghpo": ["--ghpo_start_step", "1", "--ghpo_accuracy_reward", "correctness"],
-             "verifier": ["--verifier_backend", "rules", "--verifier_turn_tokens", "6", "--verifier_max_turns", "2"],
-             "guided": ["--guide_min_prefix_tokens", "2", "--guide_max_prefix_tokens", "6", "--max_guide_tokens", "4"]}
+# each idea's settings for a short run (an idea not named here runs with its defaults)
+IDEA_FLAGS = {"ghpo": ["--ghpo_start_step", "1", "--ghpo_accuracy_reward", "correctness"],
+              "verifier": ["--verifier_backend", "rules", "--verifier_turn_tokens", "6", "--verifier_max_turns", "2"],
+              "guided": ["--guide_min_prefix_tokens", "2", "--guide_max_prefix_tokens", "6", "--max_guide_tokens", "4"]}
+
+
+@pytest.mark.parametrize("rollout_name", list(samplers.SAMPLERS))  # a new idea is covered at once
+def test_two_steps_of_training_with_images(tmp_path, demo_files, rollout_name):
+    layout = ("jsonl", "parquet")[list(samplers.SAMPLERS).index(rollout_name) % 2]  # both layouts, in turn
     run_train(vl_run(tmp_path, str(demo_files / f"digits_train.{layout}"), str(demo_files / f"digits_test.{layout}"),
-                     "--rollout", rollout_name, *extra[rollout_name]))
+                     "--rollout", rollout_name, *IDEA_FLAGS.get(rollout_name, [])))
     lines = read(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2]
     assert [r["step"] for r in lines if r["split"] == "eval"] == [0, 2]
