@@ -14,7 +14,8 @@ A sampling idea only decides which tokens exist and which of them the policy is 
     stats          dict          the idea's own figures for the step's train line (merged as they are)
     visual         N tuples or None     a VL policy's images of each chain's question: (pixel_values
                                  (p, D), image_grid_thw (k, 3)), computed once per question and shared
-                                 by its chains (vision.py); the forward passes take them with the ids
+                                 by its chains (vision.py); each forward pass encodes a question's
+                                 images once, for all its chains (vision.model_inputs)
 
 N = B prompts x G chains, chains of one prompt are adjacent. Plain sampling is one batched HF
 `generate` call with every sampling setting passed explicitly. `sampler` picks its KV cache:
