@@ -193,7 +193,6 @@ def test_the_vision_encoder_sees_each_question_once_per_pass_not_each_chain():
     the one loss pass (all 8 chains in one micro-batch) encodes them again, once each: 4 images, not
     the 16 of one encoding per chain."""
     import grpo
-    import samplers
 
     train, _ = builtin_tasks.digits_task(20, 4, seed=0)
     train = [ex | {"question": vision.with_placeholders(ex["question"], 1)} for ex in train]  # as data.load does
