@@ -45,6 +45,10 @@ LOSS_DEFAULTS = {
     "gspo": {"eps_low": 3e-4, "eps_high": 4e-4},
     "dr_grpo": {"adv_scale": "none"},  # Dr. GRPO (arXiv 2503.20783) sec. 3.2: no division by the group std
 }
+# Each sampling idea's field prefixes (its section of Config): its fields are read only after the
+# supervised warm start, so sft.cache_key leaves them out and runs that differ in them alone share one
+# cached warm start (sft_cache). A new idea in samplers.SAMPLERS gets its line here (tests/test_train.py).
+IDEA_PREFIXES = {"plain": (), "guided": ("guide_",), "ghpo": ("ghpo_",), "verifier": ("verifier_",)}
 
 
 @dataclass

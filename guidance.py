@@ -141,7 +141,7 @@ def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_pr
             for b, (g, _), p in zip(chains, guides, posts)]
     group = torch.tensor(chains, dtype=torch.long, device=device)
     r = rollout.assemble(tokenizer, prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0),
-                         completions, eos, group, info, chain_visual)
+                         completions, eos, group, info, chain_visual, temperature)
 
     # narrow the loss to completion columns [start, end) of each chain, as loss_on says
     start = [0 if loss_on == "all" else d["prefix_len"] for d in info]

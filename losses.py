@@ -29,6 +29,7 @@ import vision
 def _chunk_logps(hidden, weight, bias, targets, temperature, banned=None):
     # contiguous: with a frozen head (LoRA), a sliced 3-D input makes torch's matmul expand the
     # weight once per chain (bmm) instead of one mm: 3.7 GB per chunk at Qwen2.5's vocab on CPU
+    # temperature: a float, or (n, 1, 1), each chain's own
     logits = F.linear(hidden.contiguous(), weight, bias).float() / temperature  # (n, c, V), one chunk only
     # tokens that sampling never draws (a VL model's vision tokens: vision.banned_ids) leave the
     # normaliser; a prompt's own vision tokens, which are never trained, keep a finite value
@@ -47,9 +48,10 @@ def hidden_states(body, input_ids, attention_mask, visual=None):
                 position_ids=rollout.position_ids(attention_mask)).last_hidden_state
 
 
-def token_logps(model, input_ids, attention_mask, start: int, temperature: float, chunk: int, visual=None, *,
+def token_logps(model, input_ids, attention_mask, start: int, temperature, chunk: int, visual=None, *,
                 chunk_mb: float = 0.0):
-    """log p(x_t | x_<t) for positions t >= start: (n, L - start) fp32.
+    """log p(x_t | x_<t) for positions t >= start: (n, L - start) fp32, at `temperature`: one float for
+    every chain, or an (n,) tensor, each chain's own (Rollout.temperature).
 
     The body runs once; the output projection runs on `chunk` positions at a time (fewer under
     chunk_mb, see head_logps) and is recomputed in backward (activation checkpointing), so only one
@@ -60,9 +62,10 @@ def token_logps(model, input_ids, attention_mask, start: int, temperature: float
     return head_logps(hidden, head, input_ids, start, temperature, chunk, vision.banned_ids(model), chunk_mb=chunk_mb)
 
 
-def head_logps(hidden, head, input_ids, start: int, temperature: float, chunk: int, banned: list[int] | None = None,
+def head_logps(hidden, head, input_ids, start: int, temperature, chunk: int, banned: list[int] | None = None,
                *, chunk_mb: float = 0.0):
-    """token_logps from the final hidden states (n, L, H): the output projection, chunk by chunk.
+    """token_logps from the final hidden states (n, L, H): the output projection, chunk by chunk;
+    temperature a float or (n,).
 
     Its memory, beyond the weights and gradients, is one chunk's logits and their gradient: about 16
     bytes x n x chunk x vocab, measured on CPU in bf16 by `python bench_head.py --device cpu --dtype bf16
@@ -74,6 +77,8 @@ def head_logps(hidden, head, input_ids, start: int, temperature: float, chunk: i
     if chunk_mb > 0:
         chunk = max(1, min(chunk, int(chunk_mb * 2 ** 20) // (4 * input_ids.shape[0] * head.weight.shape[0])))
     banned = None if banned is None else torch.tensor(banned, device=input_ids.device)
+    if torch.is_tensor(temperature):  # (n,) -> (n, 1, 1), to divide each chain's (c, V) logits
+        temperature = temperature.to(input_ids.device, torch.float).view(-1, 1, 1)
     for s in range(start, input_ids.shape[1], chunk):
         e = min(s + chunk, input_ids.shape[1])
         args = (hidden[:, s - 1:e - 1], head.weight, head.bias, input_ids[:, s:e], temperature, banned)
@@ -149,8 +154,9 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, cfg, num_seqs, nu
 
 
 def liger_loss(model, ids, attn, mask, start, advantages, old_logps, ref_logps, cfg,
-               num_seqs, num_tokens, num_micro, visual=None):
-    """The same loss through Liger's fused linear GRPO kernel: hidden states in, no logits tensor."""
+               num_seqs, num_tokens, num_micro, visual=None, *, temperature: float | None = None):
+    """The same loss through Liger's fused linear GRPO kernel: hidden states in, no logits tensor. Its
+    log-probs are at one temperature for every chain: `temperature` (None: cfg.temperature)."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     body, head = llms.decoder_and_head(model)
@@ -160,7 +166,8 @@ def liger_loss(model, ids, attn, mask, start, advantages, old_logps, ref_logps, 
         loss_type="grpo" if cfg.loss_type == "gspo" else cfg.loss_type,
         importance_sampling_level="sequence" if cfg.loss_type == "gspo" else "token",
         epsilon_low=cfg.eps_low, epsilon_high=cfg.cispo_max_weight if cfg.loss_type == "cispo" else cfg.eps_high,
-        max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature)
+        max_completion_length=cfg.max_completion_tokens,
+        temperature=cfg.temperature if temperature is None else temperature)
     loss, metrics = loss_fn(hidden[:, start - 1:-1], head.weight, ids[:, start:], mask, advantages,
                             bias=head.bias, ref_per_token_logps=ref_logps, old_per_token_logps=old_logps,
                             # Liger divides this by the world size (DDP averages gradients; we sum them)
@@ -211,6 +218,8 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
     torchrun the ranks agree after each pass: if any ran out of memory, every rank retries at half its
     size, or every rank stops (distributed.OtherRankFailed on the ranks that did not run out); out of
     memory in the optimizer step (or the gradient all-reduce's zeros) stops every rank the same way.
+    Log-probs are at each chain's sampling temperature (r.temperature; None: cfg.temperature for all);
+    Liger's fused loss takes one temperature, so with Liger the chains must share one.
     Under torchrun (distributed.py) r holds this rank's chains; the normalisers (chains, tokens,
     micro-batches) and the gradients are summed over the ranks, so every rank takes the step one
     process would take on all ranks' chains, and the figures returned are the whole step's.
@@ -220,6 +229,12 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
     mask = r.loss_mask[:, start:]
     local_n = len(r)
     adv = advantages.to(device)
+    temps = torch.full((local_n,), float(cfg.temperature)) if r.temperature is None else r.temperature.float().cpu()
+    if cfg.liger:  # over every rank's chains, so that the ranks refuse together, as one process would
+        seen = sorted({t for part in distributed.gather(sorted(set(temps.tolist()))) for t in part})
+        if len(seen) > 1:
+            raise ValueError(f"--liger's fused loss takes one temperature for every chain, and this step's chains "
+                             f"were sampled at {', '.join(f'{t:g}' for t in seen)}: drop --liger for this sampler")
     size = min(cfg.micro_batch_size, local_n)  # shrinks on out-of-memory, for the rest of this step
     ends = last_trained_column(r.loss_mask).clamp(min=start) + 1  # (N,) a chain's columns end before it
     order = (torch.argsort(ends, descending=True, stable=True) if cfg.sort_micro_batches
@@ -236,7 +251,7 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
         return r.input_ids[rows, :end], r.attention_mask[rows, :end]
 
     def logps_of(m, mb):  # (n, end - start)
-        return token_logps(m, *inputs(mb), start, cfg.temperature, cfg.logp_chunk, r.visual_of(mb[0]),
+        return token_logps(m, *inputs(mb), start, temps[mb[0].cpu()], cfg.logp_chunk, r.visual_of(mb[0]),
                            chunk_mb=cfg.logp_chunk_mb)
 
     def all_logps(m):  # (N, T): every chain's log-probs in rollout order, 0 after a cropped chain's end
@@ -290,7 +305,8 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
             rows, _ = mb
             if cfg.liger:
                 loss, st = liger_loss(model, *inputs(mb), pick(mask, mb), start, adv[rows], pick(old, mb),
-                                      pick(ref, mb), cfg, n, num_tokens, num_micro, r.visual_of(rows))
+                                      pick(ref, mb), cfg, n, num_tokens, num_micro, r.visual_of(rows),
+                                      temperature=temps[0].item())
             else:
                 logps = logps_of(model, mb)
                 old_mb = pick(old, mb) if old is not None else logps.detach()

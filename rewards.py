@@ -4,7 +4,8 @@ Rewards for GRPO: plain functions, chosen by name in the config and mixed with w
 Every reward has the signature fn(completion, answer, **info) -> float, where `answer` is the
 dataset's reference string and `info` carries per-chain facts from the rollout ("completion_len",
 "verifier_hallucination_score", "verifier_scored", ...) plus the reward settings from the config
-(think_fault_penalty, overlong_buffer_tokens, ...: see `settings`). A reward names what it reads as
+(think_fault_penalty, overlong_buffer_tokens, ...: see `settings`), among them the completion budget
+under its plain name, max_completion_tokens. A reward names what it reads as
 keyword arguments and ignores the rest. `score` runs the named rewards over a batch and returns the
 raw (N, K) values; `total` applies the weights. `is_correct` is THE answer checker: the correctness
 reward and evaluation both call it, so train and eval can never disagree.
@@ -329,16 +330,16 @@ def r1_format(completion: str, answer: str, **info) -> float:
 # -----------------------------------------------------------------------------
 # rewards read from the rollout's per-chain info
 
-def overlong(completion: str, answer: str, *, completion_len: int, overlong_max_tokens: int,
+def overlong(completion: str, answer: str, *, completion_len: int, max_completion_tokens: int,
              overlong_buffer_tokens: int, **info) -> float:
     """DAPO's soft overlong penalty on the completion's token count L (info["completion_len"], set by
-    rollout.assemble), with M = overlong_max_tokens (the completion budget), b = overlong_buffer_tokens:
+    rollout.assemble), with M = max_completion_tokens (the completion budget), b = overlong_buffer_tokens:
     -1 if L >= M (the budget ran out); else 0 if L <= M - b; else (M - b - L) / b, a linear ramp."""
-    if completion_len >= overlong_max_tokens:
+    if completion_len >= max_completion_tokens:
         return -1.0
-    if completion_len <= overlong_max_tokens - overlong_buffer_tokens:
+    if completion_len <= max_completion_tokens - overlong_buffer_tokens:
         return 0.0
-    return (overlong_max_tokens - overlong_buffer_tokens - completion_len) / overlong_buffer_tokens
+    return (max_completion_tokens - overlong_buffer_tokens - completion_len) / overlong_buffer_tokens
 
 
 def verifier_score(completion: str, answer: str, *, verifier_scored: int = 0,
@@ -373,11 +374,12 @@ REWARDS = {
 
 
 def settings(cfg) -> dict:
-    """The config values reward functions take as keyword arguments (next to each chain's info)."""
+    """The config values reward functions take as keyword arguments (next to each chain's info), under
+    the config's names: a reward of the completion's length reads the budget as max_completion_tokens."""
     return {"think_fault_penalty": cfg.think_fault_penalty, "think_min_chars": cfg.think_min_chars,
             "think_short_penalty": cfg.think_short_penalty, "answer_exact_reward": cfg.answer_exact_reward,
             "answer_contains_reward": cfg.answer_contains_reward, "answer_wrong_reward": cfg.answer_wrong_reward,
-            "overlong_max_tokens": cfg.max_completion_tokens, "overlong_buffer_tokens": cfg.overlong_buffer_tokens}
+            "max_completion_tokens": cfg.max_completion_tokens, "overlong_buffer_tokens": cfg.overlong_buffer_tokens}
 
 
 def check_names(weights: dict[str, float]) -> None:

@@ -9,10 +9,13 @@ A sampling idea only decides which tokens exist and which of them the policy is 
     texts          N strings     what the reward functions read (the completion)
     info           N dicts       per-chain facts for rewards and logs ("truncated", "completion_len", ...)
     reward_weight  (N,) float or None   each chain's total reward is multiplied by it (None = 1)
+    temperature    (N,) float or None   the temperature each chain was sampled at, at which the loss takes
+                                 its log-probs (None = cfg.temperature for every chain; samplers set it)
     stats          dict          the idea's own figures for the step's train line (merged as they are)
     visual         N tuples or None     a VL policy's images of each chain's question: (pixel_values
                                  (p, D), image_grid_thw (k, 3)), computed once per question and shared
-                                 by its chains (vision.py); the forward passes take them with the ids
+                                 by its chains (vision.py); each forward pass encodes a question's
+                                 images once, for all its chains (vision.model_inputs)
 
 N = B prompts x G chains, chains of one prompt are adjacent. Plain sampling is one batched HF
 `generate` call with every sampling setting passed explicitly. `sampler` picks its KV cache:
@@ -49,6 +52,7 @@ class Rollout:
     reward_weight: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
     visual: list[tuple] | None = None
+    temperature: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -157,8 +161,10 @@ def images_of(batch: list[dict]) -> list[list] | None:
     return [ex.get("images", []) for ex in batch] if any(ex.get("images") for ex in batch) else None
 
 
-def assemble(tokenizer, prompt_ids, prompt_mask, completions, eos_ids, group, info, visual=None) -> Rollout:
-    """Join prompts (N, P) and sampled completions (N, T) into a Rollout trained on the completions."""
+def assemble(tokenizer, prompt_ids, prompt_mask, completions, eos_ids, group, info, visual=None,
+             temperature: float | None = None) -> Rollout:
+    """Join prompts (N, P) and completions (N, T) sampled at `temperature` (None: not sampled, as
+    teacher_forced's) into a Rollout trained on the completions."""
     comp_mask, truncated = completion_mask(completions, eos_ids)
     for d, t, n in zip(info, truncated.tolist(), comp_mask.sum(1).tolist()):
         d["truncated"], d["completion_len"] = t, n  # completion tokens, EOS included, trained or not
@@ -169,7 +175,8 @@ def assemble(tokenizer, prompt_ids, prompt_mask, completions, eos_ids, group, in
         input_ids=torch.cat([prompt_ids, completions], 1),
         attention_mask=torch.cat([prompt_mask, comp_mask], 1),
         loss_mask=torch.cat([torch.zeros_like(prompt_mask), comp_mask], 1).float(),
-        group=group, texts=texts, info=info, visual=visual)
+        group=group, texts=texts, info=info, visual=visual,
+        temperature=None if temperature is None else torch.full((len(group),), float(temperature)))
 
 
 def sample(model, tokenizer, prompts: list[str], num_chains: int, *, max_prompt_tokens: int,
@@ -185,7 +192,8 @@ def sample(model, tokenizer, prompts: list[str], num_chains: int, *, max_prompt_
     completions = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,  # (N, T)
                            top_p=top_p, sampler=sampler, min_new_tokens=min_new_tokens, visual=visual)
     info = [{} for _ in range(len(group))]
-    return assemble(tokenizer, ids, mask, completions, model.generation_config.eos_token_id, group, info, visual)
+    return assemble(tokenizer, ids, mask, completions, model.generation_config.eos_token_id, group, info, visual,
+                    temperature)
 
 
 def prompts_of(tokenizer, system_prompt: str, batch: list[dict]) -> list[str]:
@@ -229,6 +237,10 @@ def concat(parts: list[tuple[Rollout, list[int]]], group: torch.Tensor, pad_id: 
     The parts differ in width (a longer prompt, a longer completion), so each row is left padded as a
     whole to the widest (L,): its prompt and completion stay together and loss_mask still marks exactly
     its sampled tokens. Completions may then start at different columns; the loss never assumes otherwise.
+    Parts may mix questions with and without images (a text-only round of dynamic sampling has visual
+    None): each chain keeps its own visual inputs. Each chain keeps its sampling temperature; parts
+    without one (temperature None: cfg.temperature) join only others without, since which temperature
+    None stands for is the loss's to know, not concat's.
     """
     width = max(r.input_ids.shape[1] for r, _ in parts)
 
@@ -239,11 +251,20 @@ def concat(parts: list[tuple[Rollout, list[int]]], group: torch.Tensor, pad_id: 
     if any(r.reward_weight is not None for r, _ in parts):
         weights = torch.cat([(r.reward_weight if r.reward_weight is not None else torch.ones(len(r)))[list(rows)]
                              for r, rows in parts])
-    visual = None if parts[0][0].visual is None else [r.visual[i] for r, rows in parts for i in rows]
+    visual = None  # a text-only part (visual None) next to one with images: its chains have none
+    if any(r.visual is not None for r, _ in parts):
+        visual = [vision.no_images() if r.visual is None else r.visual[i] for r, rows in parts for i in rows]
+    temperature = None
+    if any(r.temperature is not None for r, _ in parts):
+        if any(r.temperature is None for r, _ in parts):
+            raise ValueError("concat: some parts carry their chains' sampling temperatures and some do not "
+                             "(Rollout.temperature None): set it in every sampler that builds a part")
+        temperature = torch.cat([r.temperature[list(rows)] for r, rows in parts])
     return Rollout(input_ids=stack("input_ids", pad_id), attention_mask=stack("attention_mask", 0),
                    loss_mask=stack("loss_mask", 0.0), group=group,
                    texts=[r.texts[i] for r, rows in parts for i in rows],
-                   info=[r.info[i] for r, rows in parts for i in rows], reward_weight=weights, visual=visual)
+                   info=[r.info[i] for r, rows in parts for i in rows], reward_weight=weights, visual=visual,
+                   temperature=temperature)
 
 
 def teacher_forced(tokenizer, prompts: list[str], completions: list[str], max_prompt_tokens: int,

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import arithmetic
 import builtin_tasks
+import config
 import data
 import llms
 import losses
@@ -47,7 +48,9 @@ AFTER_WARM_START = {
     "optimizer", "kahan_updates", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "warmup_steps",
     "lr_schedule", "train_only", "out_dir", "max_steps", "save_every", "keep_last", "max_bad_steps",
     "log_samples", "resume", "report_to", "wandb_project", "sft_cache"}
-AFTER_WARM_START_PREFIXES = ("guide_", "ghpo_", "verifier_", "eval_", "lora_", "think_", "answer_", "overlong_")
+# the sampling ideas' own fields (config.IDEA_PREFIXES), evaluation, LoRA and the reward settings
+AFTER_WARM_START_PREFIXES = (*(p for prefixes in config.IDEA_PREFIXES.values() for p in prefixes),
+                             "eval_", "lora_", "think_", "answer_", "overlong_")
 # the code that builds the warm start: an edit to any of these files makes a new key
 WARM_START_CODE = (arithmetic, builtin_tasks, data, llms, losses, rollout, vision)
 
@@ -125,7 +128,6 @@ if __name__ == "__main__":
     import sys
     import time
 
-    import config
     import evaluator
 
     argv = sys.argv[1:] or ["--config", "configs/tiny.yaml"]

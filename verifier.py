@@ -277,7 +277,8 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
                      "verifier_replies": c.replies, "conversation": tokenizer.decode(c.seq)})
     group = torch.tensor([c.group for c in convs], dtype=torch.long, device=device)
     return rollout.Rollout(input_ids=ids, attention_mask=attn, loss_mask=loss_mask, group=group,
-                           texts=texts, info=info, visual=rollout.visual_rows(visual, group.tolist()))
+                           texts=texts, info=info, visual=rollout.visual_rows(visual, group.tolist()),
+                           temperature=torch.full((len(convs),), float(temperature)))
 
 
 def summary(info: list[dict]) -> dict:

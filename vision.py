@@ -12,8 +12,9 @@ error). The pieces, in the order a run meets them:
               (images, 3); each prompt's one <|image_pad|> per image is expanded to the image's token
               count (what transformers' processor does), so no video processor (and no torchvision) is
               needed; the pair is shared by the question's G chains (Rollout.visual holds references)
-    forward   model_inputs: the visual inputs of a batch of chains, and mm_token_type_ids, from which
-              the model computes its own 3-D rope positions (the 1-D cumsum of text models is wrong here)
+    forward   model_inputs: a batch of chains' images through the vision encoder, once per question
+              (not per chain), as the features the model takes, and mm_token_type_ids, from which the
+              model computes its own 3-D rope positions (the 1-D cumsum of text models is wrong here)
     load      a checkpoint whose config.json says qwen2_vl or qwen2_5_vl loads with
               AutoModelForImageTextToText; its image processor rides on the tokenizer (`image_processor`)
               and is saved beside it in checkpoints; `tiny_vl` is a random tiny Qwen2-VL built here
@@ -118,7 +119,7 @@ def encode(tokenizer, prompts: list[str], images: list[list]) -> tuple[list[str]
             raise ValueError(f"a prompt has {prompt.count(IMAGE_PAD)} image tokens for {len(imgs)} images")
         if not imgs:
             expanded.append(prompt)
-            visual.append((torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.long)))
+            visual.append(no_images())
             continue
         out = processor(images=imgs, return_tensors="pt")
         grid = out["image_grid_thw"]  # (k, 3): t, h, w in patches
@@ -127,6 +128,12 @@ def encode(tokenizer, prompts: list[str], images: list[list]) -> tuple[list[str]
         expanded.append(pieces[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(counts, pieces[1:])))
         visual.append((out["pixel_values"], grid))
     return expanded, visual
+
+
+def no_images() -> tuple:
+    """The visual inputs of a question without images, in a batch where others have some: model_inputs
+    skips them (pixel_values (0, 0), image_grid_thw (0, 3))."""
+    return torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.long)
 
 
 def banned_ids(model) -> list[int] | None:
@@ -142,12 +149,30 @@ def banned_ids(model) -> list[int] | None:
 
 def model_inputs(model, input_ids: torch.Tensor, visual: list[tuple]) -> dict:
     """The keyword arguments that give a VL model its chains' images: one (pixel_values, grid) per row
-    of input_ids (n, L). With mm_token_type_ids the model computes its 3-D rope positions itself."""
-    grids = [g for _, g in visual if len(g)]
+    of input_ids (n, L), for its forward or generate.
+
+    Each question's images go through the vision encoder once, however many of its chains the rows
+    hold: a question's chains share its tensors (Rollout.visual holds references), found here by
+    identity, and the encoder's features reach the model as mm_encoder_outputs, which forward and
+    generate take in place of pixel_values. With gradients on (train_vision), a question's features
+    feed each of its chains, so the encoder's gradient sums over them, as it would with one encoder
+    pass per chain. With mm_token_type_ids and image_grid_thw (one row per image, in row order) the
+    model computes its 3-D rope positions itself; rows without images get plain 1-D positions."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
     kwargs = {"mm_token_type_ids": (input_ids == model.config.image_token_id).long()}
-    if grids:
-        kwargs["pixel_values"] = torch.cat([p for p, g in visual if len(g)]).to(input_ids.device)
-        kwargs["image_grid_thw"] = torch.cat(grids).to(input_ids.device)
+    rows = [(p, g) for p, g in visual if len(g)]
+    if not rows:
+        return kwargs
+    device = input_ids.device
+    questions = list({id(p): (p, g) for p, g in rows}.values())  # each question once, in order of first use
+    encoded = model.get_image_features(torch.cat([p for p, _ in questions]).to(device),
+                                       torch.cat([g for _, g in questions]).to(device), return_dict=True)
+    per_image = iter(encoded.pooler_output)  # one (tokens of the image, H) per image, questions in order
+    features = {id(p): [next(per_image) for _ in range(len(g))] for p, g in questions}
+    kwargs["image_grid_thw"] = torch.cat([g for _, g in rows]).to(device)
+    kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
+        pooler_output=[f for p, _ in rows for f in features[id(p)]])}
     return kwargs
 
 

@@ -5,7 +5,8 @@ exact: one update on fixed teacher-forced chains (4 groups x 2 chains, fixed adv
 below; rank k trains on its share of the groups. Rank 0 saves the trained weights and the update's
 figures to OUT/<case>_world<N>.pt, for the test to compare one process with two ranks.
 figures: grpo.step with a sampler whose rewards differ by rank; rank 0 saves the train line.
-ideas: one grpo.step of the guided, GHPO and verifier samplers; whether the ranks' weights stay equal;
+ideas: one grpo.step of every sampler in samplers.SAMPLERS; whether the ranks' weights stay equal, and
+the idea's own figures (its Rollout.stats keys);
 a greedy evaluation of 7 questions in batches of 2 (rank k: batches k, k + N, ...).
 """
 import copy
@@ -104,11 +105,12 @@ def figures(out: str) -> None:
         torch.save(step.figures, os.path.join(out, f"figures_world{distributed.world()}.pt"))
 
 
-IDEAS = {"guided": {"min_guide_tokens": 2, "max_guide_tokens": 4, "guide_min_prefix_tokens": 4,
+# each idea's settings for one short step (an idea not named here runs with its defaults)
+IDEA_SETTINGS = {"guided": {"min_guide_tokens": 2, "max_guide_tokens": 4, "guide_min_prefix_tokens": 4,
                     "guide_max_prefix_tokens": 8},
-         "ghpo": {"ghpo_start_step": 1, "ghpo_hint_ratios": [0.5], "ghpo_accuracy_reward": "correctness",
-                  "rewards": {"correctness": 1.0, "length_mod_3": 1.0}},
-         "verifier": {"verifier_backend": "rules", "verifier_turn_tokens": 8, "verifier_max_turns": 3}}
+                 "ghpo": {"ghpo_start_step": 1, "ghpo_hint_ratios": [0.5], "ghpo_accuracy_reward": "correctness",
+                          "rewards": {"correctness": 1.0, "length_mod_3": 1.0}},
+                 "verifier": {"verifier_backend": "rules", "verifier_turn_tokens": 8, "verifier_max_turns": 3}}
 
 
 def ideas(out: str) -> None:
@@ -119,18 +121,24 @@ def ideas(out: str) -> None:
     base, tokenizer = llms.load(llms.TINY, "cpu", tiny_corpus=corpus, tiny_hidden=32, tiny_layers=2, seed=0)
     rewards.REWARDS["length_mod_3"] = lambda completion, answer, **info: len(completion) % 3  # never all equal
     results = {}
-    for name, change in IDEAS.items():
+    for name in samplers.SAMPLERS:
+        change = IDEA_SETTINGS.get(name, {})
         cfg = config.Config(**{"rollout": name, "device": "cpu", "optimizer": "adamw", "kahan_updates": False,
                                "system_prompt": "", "num_chains": 4, "max_prompt_tokens": 96,
                                "max_completion_tokens": 24, "micro_batch_size": 8, "learning_rate": 1e-2,
                                "rewards": {"length_mod_3": 1.0}, **change})
         policy = llms.for_training(copy.deepcopy(base), tokenizer, cfg, load_reference=lambda: None)
         optimizer, _ = losses.make_optimizer(policy.model, cfg)
-        sample = samplers.make(cfg, device="cpu", train_set=train)
+        idea, stats_keys = samplers.make(cfg, device="cpu", train_set=train), set()
+
+        def sample(*args):  # the idea's own figures, which the train line must carry
+            r = idea(*args)
+            stats_keys.update(r.stats)
+            return r
         distributed.seed_step(cfg.seed, 1)
         step = grpo.step(policy, sample, distributed.shard(train[:4]), 1, optimizer, cfg)
         weights = distributed.gather([p.detach().clone() for p in policy.model.parameters()])
-        results[name] = {"figures": step.figures, "in_sync": all(
+        results[name] = {"figures": step.figures, "stats_keys": stats_keys, "in_sync": all(
             torch.equal(a, b) for other in weights[1:] for a, b in zip(weights[0], other))}
     cfg = config.Config(system_prompt="", max_prompt_tokens=96, max_completion_tokens=16, eval_temperature=0.0,
                         eval_samples=1, eval_batch_size=2)

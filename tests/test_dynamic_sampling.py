@@ -10,6 +10,7 @@ import data
 import grpo
 import llms
 import rollout
+import samplers
 from helpers import FAST, read, run_train
 
 G = 4
@@ -150,7 +151,7 @@ def test_no_question_is_sampled_twice_in_a_step_of_train_py(tmp_path, monkeypatc
         assert len(questions) == 8 and len(set(questions)) == 8, step
 
 
-@pytest.mark.parametrize("sampler", ["plain", "guided", "ghpo", "verifier"])
+@pytest.mark.parametrize("sampler", list(samplers.SAMPLERS))  # a new idea is covered at once
 def test_dynamic_sampling_trains_with_every_sampler(tmp_path, sampler):
     out = str(tmp_path / sampler)
     run_train(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--rollout", sampler,

@@ -4,6 +4,7 @@ group advantages, loss masks, Liger's fused loss against our path, and losses.up
 Everything runs on CPU in fp32 with a 2-layer, 32-wide random Qwen2 built in about a second.
 """
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -331,6 +332,18 @@ def test_token_logps_equal_plain_forward_log_softmax(lm, roll):
             assert torch.allclose(got[real], expected[:, start - 1:][real], atol=1e-5)
 
 
+def test_token_logps_take_each_chains_own_temperature(lm, roll):
+    model, _ = lm
+    temps = torch.tensor([0.5, 1.0, 2.0, 0.7])
+    with torch.no_grad():
+        got = token_logps(model, roll.input_ids, roll.attention_mask, 1, temps, 3)
+        for i, t in enumerate(temps.tolist()):
+            alone = token_logps(model, roll.input_ids[i:i + 1], roll.attention_mask[i:i + 1], 1, t, 3)[0]
+            assert torch.allclose(got[i], alone, atol=1e-5)
+        at_one = token_logps(model, roll.input_ids[:1], roll.attention_mask[:1], 1, 1.0, 3)[0]
+    assert not torch.allclose(got[0], at_one, atol=1e-3)  # row 0's own temperature, 0.5, does matter
+
+
 def test_left_padding_does_not_change_logps(lm, roll):
     # the attention mask keeps both paddings out: a padded row scores its tokens as the row alone
     # would (position_ids skip left padding too, though RoPE would forgive a uniform shift)
@@ -445,6 +458,41 @@ def test_update_single_iteration_never_clips(lm, roll):
     stats = losses.update(model, model, roll, adv, optimizer, train_cfg(num_iterations=1))
     assert stats["clip_frac"] == 0
     assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the model itself
+
+
+def test_update_takes_each_chains_log_probs_at_its_sampling_temperature(lm, roll):
+    """A sampler that samples its chains at other temperatures than cfg.temperature (Rollout.temperature):
+    one SGD step moves the weights by the gradient of the loss over each chain's log-probs at its own."""
+    base, _ = lm
+    r = copy.copy(roll)
+    r.temperature = torch.tensor([0.5, 0.5, 2.0, 2.0])
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    cfg = train_cfg(beta=0.0, num_iterations=1, micro_batch_size=4, temperature=1.0, max_grad_norm=1e9)
+    start = losses.first_trained_column(r.loss_mask)
+    mask = r.loss_mask[:, start:]
+    by_hand = copy.deepcopy(base)
+    logps = token_logps(by_hand, r.input_ids, r.attention_mask, start, r.temperature, cfg.logp_chunk)
+    policy_loss(logps, logps.detach(), None, adv, mask, cfg, 4, mask.sum().item(), 1)[0].backward()
+    want = [p.detach() - p.grad for p in by_hand.parameters()]
+    moved = []
+    for temperature in (r.temperature, None):  # None: every chain at cfg.temperature, which differs here
+        model = copy.deepcopy(base)
+        losses.update(model, None, dataclasses.replace(r, temperature=temperature), adv,
+                      torch.optim.SGD(model.parameters(), lr=1.0), cfg)
+        moved.append([p.detach() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(moved[0], want, strict=True))
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(moved[1], want, strict=True))
+
+
+def test_liger_refuses_chains_sampled_at_different_temperatures(lm, roll):
+    """Liger's fused loss takes one scalar temperature: a rollout mixing two is refused, not trained on
+    the wrong log-probs."""
+    base, _ = lm
+    r = dataclasses.replace(roll, temperature=torch.tensor([0.7, 0.7, 1.0, 1.0]))
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="one temperature for every chain.*sampled at 0.7, 1: drop --liger"):
+        losses.update(model, None, r, torch.tensor([1.0, -1.0, 0.5, -0.5]),
+                      torch.optim.SGD(model.parameters(), lr=0.1), train_cfg(beta=0.0, liger=True))
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "gspo"])

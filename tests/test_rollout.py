@@ -30,6 +30,7 @@ def test_sample_masks_and_groups(tiny, task):
     n, length = r.input_ids.shape
     prompt_len = rollout.tokenize_prompts(tok, prompts, 96, "cpu")[0].shape[1]
     assert n == 12 and r.group.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and len(r.texts) == 12
+    assert r.temperature.tolist() == [1.0] * 12  # what the loss takes the log-probs at
     assert r.loss_mask[:, :prompt_len].sum() == 0  # never train on the prompt
     assert torch.all(r.loss_mask <= r.attention_mask)  # never train on padding
     comp = r.loss_mask[:, prompt_len:]
@@ -156,3 +157,21 @@ def test_truncated_prompts_are_the_ones_tokenize_prompts_cuts(tiny):
     assert cut == [False, True]
     ids, mask = rollout.tokenize_prompts(tok, prompts, 16, "cpu")
     assert mask.sum(1).tolist()[1] == 16 and mask.sum(1).tolist()[0] < 16
+
+
+def toy_rollout(width: int, temperature: list[float] | None) -> rollout.Rollout:
+    n = 2
+    return rollout.Rollout(input_ids=torch.ones(n, width, dtype=torch.long), attention_mask=torch.ones(n, width),
+                           loss_mask=torch.ones(n, width), group=torch.zeros(n, dtype=torch.long),
+                           texts=["a", "b"], info=[{}, {}],
+                           temperature=None if temperature is None else torch.tensor(temperature))
+
+
+def test_concat_keeps_each_chains_sampling_temperature():
+    joined = rollout.concat([(toy_rollout(3, [0.5, 0.75]), [1]), (toy_rollout(5, [1.0, 2.0]), [0, 1])],
+                            torch.zeros(3, dtype=torch.long), 0)
+    assert joined.temperature.tolist() == [0.75, 1.0, 2.0]
+    assert rollout.concat([(toy_rollout(3, None), [0, 1])], torch.zeros(2, dtype=torch.long), 0).temperature is None
+    with pytest.raises(ValueError, match="some parts carry their chains' sampling temperatures and some do not"):
+        rollout.concat([(toy_rollout(3, None), [0]), (toy_rollout(3, [1.0, 1.0]), [0])],
+                       torch.zeros(2, dtype=torch.long), 0)

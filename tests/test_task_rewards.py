@@ -73,19 +73,29 @@ def test_r1_format_is_strict(text, expected):
 @pytest.mark.parametrize("length, expected", [(0, 0.0), (100, 0.0), (112, 0.0), (120, -0.5), (127, -15 / 16),
                                               (128, -1.0), (500, -1.0)])
 def test_overlong_ramps_to_minus_one(length, expected):
-    kw = dict(overlong_max_tokens=128, overlong_buffer_tokens=16)
+    kw = dict(max_completion_tokens=128, overlong_buffer_tokens=16)
     assert R.overlong("x", "1", completion_len=length, **kw) == pytest.approx(expected)
 
 
 def test_overlong_with_no_buffer_is_a_step():
-    assert R.overlong("x", "1", completion_len=127, overlong_max_tokens=128, overlong_buffer_tokens=0) == 0.0
-    assert R.overlong("x", "1", completion_len=128, overlong_max_tokens=128, overlong_buffer_tokens=0) == -1.0
+    assert R.overlong("x", "1", completion_len=127, max_completion_tokens=128, overlong_buffer_tokens=0) == 0.0
+    assert R.overlong("x", "1", completion_len=128, max_completion_tokens=128, overlong_buffer_tokens=0) == -1.0
 
 
 def test_overlong_reads_completion_len_through_score():
     values, _, errors = R.score(["a", "b"], ["1", "1"], [{"completion_len": 10}, {"completion_len": 786}],
                                 {"overlong": 1.0}, S)
     assert values[:, 0].tolist() == [0.0, -1.0] and errors == {"overlong": 0}
+
+
+def test_rewards_get_the_completion_budget_under_its_config_name(monkeypatch):
+    """Any reward, not only overlong, reads the budget as max_completion_tokens."""
+    monkeypatch.setitem(R.REWARDS, "budget_share",
+                        lambda completion, answer, *, completion_len, max_completion_tokens, **info:
+                        completion_len / max_completion_tokens)
+    settings = R.settings(config.Config(max_completion_tokens=40))
+    values, _, errors = R.score(["a"], ["1"], [{"completion_len": 10}], {"budget_share": 1.0}, settings)
+    assert values[0, 0].item() == 0.25 and errors == {"budget_share": 0}
 
 
 def test_verifier_score_reads_info():

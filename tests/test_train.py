@@ -173,6 +173,15 @@ def test_sft_cache_gives_the_warm_start_a_run_would_compute(tiny, task, tmp_path
     assert len(keys) == 8
 
 
+def test_every_sampling_idea_names_its_config_prefixes_for_the_warm_start_cache():
+    """A new idea's fields are left out of sft.cache_key once its line in config.IDEA_PREFIXES exists;
+    an idea without that line is caught here, not by warm starts that are never shared."""
+    import samplers
+    import sft
+    assert config.IDEA_PREFIXES.keys() == samplers.SAMPLERS.keys()
+    assert {p for prefixes in config.IDEA_PREFIXES.values() for p in prefixes} <= set(sft.AFTER_WARM_START_PREFIXES)
+
+
 def test_after_warm_start_names_only_config_keys():
     """A misspelt key in sft.AFTER_WARM_START would share warm starts that differ in nothing it names."""
     import sft

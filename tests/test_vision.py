@@ -14,6 +14,7 @@ import evaluator
 import llms
 import losses
 import rollout
+import samplers
 import vision
 from helpers import read, run_train
 
@@ -151,6 +152,87 @@ def test_the_loss_takes_no_gradient_from_the_prompt_or_its_image_tokens(vl):
     model.zero_grad(set_to_none=True)
 
 
+def trained_logps(model, r) -> list[list[float]]:
+    """Each chain's log-probs of its trained tokens, all of r's chains in one forward pass."""
+    with torch.no_grad():
+        logps = losses.token_logps(model, r.input_ids, r.attention_mask, 1, 1.0, 8, r.visual)
+    return [row[keep].tolist() for row, keep in zip(logps, r.loss_mask[:, 1:].bool())]
+
+
+def test_concat_keeps_each_chains_images_when_parts_mix_text_and_images(vl):
+    """Dynamic sampling may join a text-only round (visual None) and a round with images: every chain
+    keeps its own visual inputs, in either order, and a micro-batch mixing chains with and without
+    images gives each chain the log-probs it has alone."""
+    model, tok = vl
+    prompts, images = prompts_and_images(tok)
+    with_images = rollout.teacher_forced(tok, prompts, ["3 + 4 = 7.", "1 + 5 + 2 = 8."], 64, 16, images=images)
+    # text questions shorter than the image ones: left padded in the joined rollout
+    text = rollout.teacher_forced(tok, [llms.chat_prompt(tok, "", q) for q in ("2 + 2?", "What is 1 + 1?")],
+                                  ["4", "1 + 1 = 2."], 64, 16)
+    assert text.visual is None
+    alone = trained_logps(model, text) + trained_logps(model, with_images)
+    for order in ([text, with_images], [with_images, text]):
+        joined = rollout.concat([(part, [0, 1]) for part in order], torch.arange(4), tok.pad_token_id)
+        text_first = order[0] is text
+        assert [len(g) for _, g in joined.visual] == ([0, 0, 1, 1] if text_first else [1, 1, 0, 0])  # images each
+        want = alone if text_first else alone[2:] + alone[:2]
+        for g, w in zip(trained_logps(model, joined), want, strict=True):
+            assert torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4)
+
+
+def images_seen_by_the_encoder(model) -> list[int]:
+    """A list that grows by the number of images of each vision-encoder call of `model`."""
+    seen = []
+    model.model.visual.register_forward_pre_hook(lambda module, args, kwargs: seen.append(len(kwargs["grid_thw"])),
+                                                 with_kwargs=True)
+    return seen
+
+
+def test_the_vision_encoder_sees_each_question_once_per_pass_not_each_chain():
+    """One plain GRPO step of 2 questions x 4 chains: the prefill encodes the 2 questions' images, and
+    the one loss pass (all 8 chains in one micro-batch) encodes them again, once each: 4 images, not
+    the 16 of one encoding per chain."""
+    import grpo
+
+    train, _ = builtin_tasks.digits_task(20, 4, seed=0)
+    train = [ex | {"question": vision.with_placeholders(ex["question"], 1)} for ex in train]  # as data.load does
+    model, tok = llms.load(llms.TINY_VL, "cpu", tiny_corpus=[ex["question"] + ex["solution"] for ex in train],
+                           tiny_hidden=32, tiny_layers=1)
+    cfg = config.Config(model_name=llms.TINY_VL, system_prompt="", num_chains=4, prompts_per_step=2,
+                        micro_batch_size=8, max_prompt_tokens=64, max_completion_tokens=6,
+                        rewards={"correctness": 1.0})
+    policy = llms.for_training(model, tok, cfg, load_reference=lambda: None)
+    seen = images_seen_by_the_encoder(model)
+    grpo.step(policy, samplers.make(cfg, device="cpu", train_set=train), train[:2], 1,
+              torch.optim.SGD(model.parameters(), lr=0.0), cfg)
+    assert seen == [2, 2]
+
+
+def test_the_vision_gradient_is_that_of_one_encoder_pass_per_chain(vl):
+    """train_vision: a question's features, encoded once, feed each of its chains; the vision tower's
+    gradient is the one it gets when every chain's images go through the encoder on their own."""
+    model, tok = vl
+    prompts, images = prompts_and_images(tok)
+    r = rollout.teacher_forced(tok, prompts, ["3 + 4 = 7.", "1 + 5 + 2 = 8."], 64, 16, images=images)
+    G = 3
+    ids, mask = r.input_ids.repeat_interleave(G, 0), r.attention_mask.repeat_interleave(G, 0)
+    visual = [v for v in r.visual for _ in range(G)]  # each chain: a reference to its question's tensors
+    body, head = llms.decoder_and_head(model)
+
+    def vision_grads(hidden):
+        model.zero_grad(set_to_none=True)
+        losses.head_logps(hidden, head, ids, 1, 1.0, 8, vision.banned_ids(model)).sum().backward()
+        return [p.grad.clone() for p in body.visual.parameters()]
+    once = vision_grads(losses.hidden_states(body, ids, mask, visual))
+    per_chain = vision_grads(body(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([p for p, _ in visual]),
+                                  image_grid_thw=torch.cat([g for _, g in visual]),
+                                  mm_token_type_ids=(ids == model.config.image_token_id).long()).last_hidden_state)
+    model.zero_grad(set_to_none=True)
+    assert any(g.abs().max() > 0 for g in once)
+    for a, b in zip(once, per_chain, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def vl_run(tmp_path, dataset: str, test_dataset: str, *extra: str) -> list[str]:
     return ["--model_name", "tiny_vl", "--dataset", dataset, "--test_dataset", test_dataset, "--question_field",
             "problem", "--device", "cpu", "--optimizer", "adamw", "--gradient_checkpointing", "false",
@@ -160,14 +242,17 @@ def vl_run(tmp_path, dataset: str, test_dataset: str, *extra: str) -> list[str]:
             "--rewards", "correctness=1", "--max_steps", "2", "--out_dir", str(tmp_path / "run"), *extra]
 
 
-@pytest.mark.parametrize("rollout_name, layout", [("plain", "jsonl"), ("ghpo", "parquet"), ("verifier", "jsonl"),
-                                                  ("guided", "parquet")])
-def test_two_steps_of_training_with_images(tmp_path, demo_files, rollout_name, layout):
-    extra = {"plain": [], "ghpo": ["--ghpo_start_step", "1", "--ghpo_accuracy_reward", "correctness"],
-             "verifier": ["--verifier_backend", "rules", "--verifier_turn_tokens", "6", "--verifier_max_turns", "2"],
-             "guided": ["--guide_min_prefix_tokens", "2", "--guide_max_prefix_tokens", "6", "--max_guide_tokens", "4"]}
+# each idea's settings for a short run (an idea not named here runs with its defaults)
+IDEA_FLAGS = {"ghpo": ["--ghpo_start_step", "1", "--ghpo_accuracy_reward", "correctness"],
+              "verifier": ["--verifier_backend", "rules", "--verifier_turn_tokens", "6", "--verifier_max_turns", "2"],
+              "guided": ["--guide_min_prefix_tokens", "2", "--guide_max_prefix_tokens", "6", "--max_guide_tokens", "4"]}
+
+
+@pytest.mark.parametrize("rollout_name", list(samplers.SAMPLERS))  # a new idea is covered at once
+def test_two_steps_of_training_with_images(tmp_path, demo_files, rollout_name):
+    layout = ("jsonl", "parquet")[list(samplers.SAMPLERS).index(rollout_name) % 2]  # both layouts, in turn
     run_train(vl_run(tmp_path, str(demo_files / f"digits_train.{layout}"), str(demo_files / f"digits_test.{layout}"),
-                     "--rollout", rollout_name, *extra[rollout_name]))
+                     "--rollout", rollout_name, *IDEA_FLAGS.get(rollout_name, [])))
     lines = read(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2]
     assert [r["step"] for r in lines if r["split"] == "eval"] == [0, 2]
