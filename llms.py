@@ -225,7 +225,8 @@ def from_config(cfg, name: str, device: str, train_set: list[dict], *, gradient_
 
 def few_shot_examples(train_set: list[dict], k: int, seed: int) -> list[tuple[str, str]]:
     """k solved training examples (question, worked solution), the same for a seed in every process."""
-    return [(ex["question"], data.target_text(ex)) for ex in random.Random(seed).sample(train_set, min(k, len(train_set)))]
+    picked = random.Random(seed).sample(train_set, min(k, len(train_set)))
+    return [(ex["question"], data.target_text(ex)) for ex in picked]
 
 
 def check_context(cfg) -> None:

@@ -47,11 +47,11 @@ elif mode == "flaky_reward":
 elif mode in ("oom_once", "oom_always"):
     token_logps, failed = losses.token_logps, []
 
-    def tight(model, input_ids, *args):  # GRPO's micro-batches (the warm start's batches are larger)
+    def tight(model, input_ids, *args, **kwargs):  # GRPO's micro-batches (the warm start's batches are larger)
         if distributed.rank() == 1 and input_ids.shape[0] <= 4 and (mode == "oom_always" or not failed):
             failed.append(input_ids.shape[0])
             raise torch.OutOfMemoryError("CUDA out of memory (rank 1's test fault)")
-        return token_logps(model, input_ids, *args)
+        return token_logps(model, input_ids, *args, **kwargs)
     losses.token_logps = tight
 elif mode == "optimizer_oom":
     make_optimizer = losses.make_optimizer

@@ -148,11 +148,11 @@ def test_out_of_memory_in_the_loss_retries_with_smaller_micro_batches(tmp_path, 
     out = str(tmp_path / "run")
     original, failed = losses.token_logps, []
 
-    def tight(model, input_ids, *args):  # a micro-batch of 4 chains does not fit, once (not the warm start's 32)
+    def tight(model, input_ids, *args, **kwargs):  # 4 chains do not fit, once (not the warm start's 32)
         if input_ids.shape[0] == 4 and not failed:
             failed.append(input_ids.shape[0])
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(model, input_ids, *args)
+        return original(model, input_ids, *args, **kwargs)
     monkeypatch.setattr(losses, "token_logps", tight)
     run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "10", "--save_every", "10"])
     rows = [r for r in read(f"{out}/metrics.jsonl") if r["split"] == "train"]
@@ -165,10 +165,10 @@ def test_out_of_memory_at_one_chain_stops_with_a_checkpoint_and_the_settings_to_
 
     original = losses.token_logps
 
-    def never_fits(model, input_ids, *args):  # no GRPO micro-batch fits (the warm start's batch of 32 does)
+    def never_fits(model, input_ids, *args, **kwargs):  # no GRPO micro-batch fits (the warm start's batch of 32 does)
         if input_ids.shape[0] <= 4:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(model, input_ids, *args)
+        return original(model, input_ids, *args, **kwargs)
     monkeypatch.setattr(losses, "token_logps", never_fits)
     with pytest.raises(checkpoint.RunStopped, match="out of memory at step 1.*max_completion_tokens.*--resume"):
         run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "10"])

@@ -92,7 +92,7 @@ def test_config_help_prints_every_field_with_its_help():
     for f in dataclasses.fields(config.Config):
         assert f"--{f.name} (" in out and len(texts.get(f.name, "")) > 8, f.name
     assert "--loss_type (grpo|bnpo|dr_grpo|dapo|gspo|cispo|reinforce, default 'grpo')" in out
-    assert texts["sort_micro_batches"].endswith("except bnpo's per-micro-batch normaliser)")  # continued lines
+    assert texts["sort_micro_batches"].endswith("differs from one process: distributed.py)")  # continued lines
 
 
 @pytest.mark.parametrize("variant", ["tiny_guided", "tiny_guided_postfix", "tiny_verifier", "tiny_verifier_matched",

@@ -532,9 +532,9 @@ def test_sorted_cropped_micro_batches_give_the_same_update(lm, roll, loss_type, 
     adv, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), roll.group, "group")
     widths, original = [], losses.token_logps
 
-    def recorded(model, input_ids, *args):
+    def recorded(model, input_ids, *args, **kwargs):
         widths.append(input_ids.shape[1])
-        return original(model, input_ids, *args)
+        return original(model, input_ids, *args, **kwargs)
     monkeypatch.setattr(losses, "token_logps", recorded)
     results = []
     for r, sort in ((roll, False), (with_right_padding(roll, 5), True)):
@@ -634,9 +634,9 @@ def test_micro_batches_end_at_the_last_trained_column(lm, roll, monkeypatch):
     cfg = train_cfg(beta=0.0, num_iterations=1, micro_batch_size=4)
     widths, original = [], losses.token_logps
 
-    def recorded(model, input_ids, *args):
+    def recorded(model, input_ids, *args, **kwargs):
         widths.append(input_ids.shape[1])
-        return original(model, input_ids, *args)
+        return original(model, input_ids, *args, **kwargs)
     monkeypatch.setattr(losses, "token_logps", recorded)
     cropped = copy.deepcopy(base)
     losses.update(cropped, None, r, adv, torch.optim.SGD(cropped.parameters(), lr=0.5), cfg)

