@@ -192,7 +192,7 @@ class Config:
     #                                    which under torchrun also differs from one process: distributed.py)
     logp_chunk: int = 64               # positions per log-prob chunk, at most: the logits memory is about 16 bytes x
     #                                    micro_batch_size x this x vocab (BENCHMARKS.md)
-    logp_chunk_mb: float = 256.0       # ... and fewer positions where one chunk's fp32 logits (chains x positions x
+    logp_chunk_mb: float = 64.0        # ... and fewer positions where one chunk's fp32 logits (chains x positions x
     #                                    vocab x 4 bytes) would pass this many MB: a wide vocabulary (Gemma 3's
     #                                    262,144) keeps the same peak; 0 = no cap
     # --- optimizer (losses.make_optimizer)
