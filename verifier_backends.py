@@ -230,7 +230,7 @@ def make(cfg, device: str):
         if cfg.verifier_model == "policy":
             return HFVerifier(None, None, template, cfg.verifier_max_tokens, cfg.verifier_temperature)
         vm, vt = llms.load(cfg.verifier_model, device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                           load_8bit=cfg.verifier_8bit)
+                           load_8bit=cfg.verifier_8bit, model_cache=cfg.model_cache)  # a GGUF verifier too
         vm.eval().requires_grad_(False)
         return HFVerifier(vm, vt, template, cfg.verifier_max_tokens, cfg.verifier_temperature)
     if cfg.verifier_backend == "http":
