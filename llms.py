@@ -127,8 +127,7 @@ def eos_ids(tokenizer, model, plain: bool = False) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS, the model's (Qwen2.5 lists two), chat ends;
     in the plain format also the blank line, where the tokenizer has it as one token."""
     ids = {tokenizer.eos_token_id}
-    stop = tokenizer(PLAIN_STOP, add_special_tokens=False)["input_ids"]
-    if plain and len(stop) == 1:
+    if plain and len(stop := tokenizer(PLAIN_STOP, add_special_tokens=False)["input_ids"]) == 1:
         ids.add(stop[0])
     model_eos = model.generation_config.eos_token_id
     ids.update(model_eos if isinstance(model_eos, list) else [model_eos])

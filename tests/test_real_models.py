@@ -6,6 +6,7 @@ cache. Gemma's package is in requirements.txt, so its tests never skip; SmolLM2'
 from the package registry, and its tests skip, saying so, only where the registry cannot be reached.
 Workloads are a few chains of a few tokens: a Gemma forward pass is slow on 2 cores.
 """
+import copy
 import json
 import os
 
@@ -153,24 +154,14 @@ def test_smollm2_sees_the_run_system_prompt_or_none(smol):
 
 
 def test_prompt_format_choices_are_checked(gemma, smol):
+    bare = copy.deepcopy(gemma[1])  # Gemma's tokenizer as it comes: no chat template
+    bare.chat_template = None
     with pytest.raises(config.UserError, match="no chat template"):
-        llms.prepare(*gemma_fresh_tokenizer(gemma), "cpu", prompt_format="chat")
+        llms.prepare(gemma[0], bare, "cpu", prompt_format="chat")
     with pytest.raises(config.UserError, match="few_shot"):
-        llms.prepare(smol[0], copy_tokenizer(smol[1]), "cpu", shots=[("q", "a")])
+        llms.prepare(smol[0], copy.deepcopy(smol[1]), "cpu", shots=[("q", "a")])
     with pytest.raises(config.UserError, match="prompt_format plain"):
         config.load(["--few_shot", "2", "--prompt_format", "chat"])
-
-
-def copy_tokenizer(tok):
-    import copy
-    return copy.deepcopy(tok)
-
-
-def gemma_fresh_tokenizer(gemma):
-    model, tok = gemma
-    tok = copy_tokenizer(tok)
-    tok.chat_template = None
-    return model, tok
 
 
 # ----------------------------------------------------------------------------------------------
