@@ -79,8 +79,9 @@ class Config:
     max_pixels: int = 0                # VL models: ... and at most this many, which bounds the visual tokens
     train_vision: bool = False         # VL models, full fine-tuning: train the vision tower too (frozen by default)
     # --- data (data.py)
-    dataset: str = "openai/gsm8k"      # hub name, local jsonl/parquet file or folder, "arithmetic" or "digits"
-    #                                    (built in; digits: the sum of the numbers drawn in an image)
+    dataset: str = "openai/gsm8k"      # hub name, local jsonl/parquet file or folder, or a built-in task:
+    #                                    "arithmetic" (word problems), "addition" ("What is 47 + 38?") or
+    #                                    "digits" (the sum of the numbers drawn in an image)
     dataset_config: str = "main"       # the hub dataset's configuration
     train_split: str = "train"         # split trained on
     test_split: str = "test"           # split evaluated on
@@ -96,17 +97,18 @@ class Config:
     #                                    no special tokens but its own BOS and EOS); auto: chat where the
     #                                    tokenizer has a template, else plain
     few_shot: int = 0                  # plain format: this many solved training examples (seeded) open every
-    #                                    prompt, each ending with the model's EOS, so a base model learns to stop
+    #                                    prompt, each ending with a blank line, where answers stop (llms.PLAIN_STOP)
     task: Literal["math", "judge_pointwise", "judge_pairwise"] = "math"  # math: checked by rewards.is_correct;
     #                                    judge_*: the verdict parsers of judge_rewards.py
     prompt_template: str = ""          # file whose {placeholders} make the user message (data.py); "" = the
     #                                    question as-is for math, configs/prompts/<task>.txt for judges
     skip_bad_rows: bool = False        # skip and count malformed records instead of stopping at the first
-    arithmetic_train_size: int = 4000  # the built-in task: train questions
-    arithmetic_test_size: int = 200    # the built-in task: held-out questions
+    arithmetic_train_size: int = 4000  # the built-in arithmetic and addition tasks: train questions
+    arithmetic_test_size: int = 200    # the built-in arithmetic and addition tasks: held-out questions
     arithmetic_min_steps: int = 2      # the built-in task: fewest steps per problem
     arithmetic_max_steps: int = 4      # the built-in task: most steps per problem
     arithmetic_max_value: int = 99     # no number in a problem exceeds it: smaller is easier
+    addition_digits: int = 2           # the built-in addition task: digits of each number (2: 10 to 99)
     digits_count: int = 2              # the built-in visual task: one-digit numbers per image (10**count problems)
     digits_train_size: int = 80        # the built-in visual task: train questions
     digits_test_size: int = 20         # the built-in visual task: held-out questions
@@ -221,6 +223,9 @@ class Config:
     eval_temperature: float = 0.0      # 0 = greedy
     eval_samples: int = 1              # chains per question; pass@k uses k = eval_samples
     eval_batch_size: int = 64          # questions per generate call
+    eval_format: str = ""              # a reward (rewards.py) whose 1.0 means the answer is laid out as the
+    #                                    system prompt asks (bare_number, strict_format, ...): eval lines add
+    #                                    "format", the share of samples that score 1.0 on it; "" = none
     # --- run (checkpoint.py)
     out_dir: str = "out/run"           # the run's folder: logs, plots, checkpoints
     max_steps: int = 200               # GRPO steps
@@ -340,8 +345,8 @@ def validate(cfg: Config) -> None:
                 "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations", "keep_last",
                 "max_bad_steps", "sft_warmup_steps", "max_sampling_rounds", "sft_batch_size", "eval_samples",
                 "eval_batch_size", "logp_chunk", "tiny_hidden", "tiny_layers", "tiny_vocab_size",
-                "arithmetic_train_size", "arithmetic_test_size", "arithmetic_min_steps", "digits_count",
-                "digits_train_size", "digits_test_size"):
+                "arithmetic_train_size", "arithmetic_test_size", "arithmetic_min_steps", "addition_digits",
+                "digits_count", "digits_train_size", "digits_test_size"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     for key in ("learning_rate", "sft_learning_rate", "max_grad_norm", "cispo_max_weight"):

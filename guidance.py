@@ -59,10 +59,10 @@ def cut_at_boundary(ids: list[int], boundaries) -> list[int]:
     return []
 
 
-def until_eos(ids: list[int], eos_ids) -> tuple[list[int], bool]:
-    """(ids up to and including the first EOS, whether there was one)."""
-    for j, t in enumerate(ids):
-        if t in eos_ids:
+def until_eos(ids: list[int], stops) -> tuple[list[int], bool]:
+    """(ids up to and including the end of the first stop (rollout.as_stops), whether there was one)."""
+    for j in range(len(ids)):
+        if rollout.ends_at(ids, j, stops):
             return ids[:j + 1], True
     return ids, False
 
@@ -90,8 +90,7 @@ def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_pr
     loss_on: "guidance", "guidance+postfix" or "all"; the budgets as make_sampler checks them. images:
     each prompt's (a VL policy), shown with it in every phase."""
     device = next(model.parameters()).device
-    eos = model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [eos]
+    eos = rollout.stops_of(model)
     pad, boundaries = tokenizer.pad_token_id, boundary_ids(tokenizer)
     B, G, M, C = len(prompts), num_chains, max_completion_tokens, 1 + prefix_retries
     prompt_ids, prompt_mask, visual = rollout.encode_prompts(tokenizer, prompts, max_prompt_tokens, device,
@@ -134,7 +133,7 @@ def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_pr
     comps = [prefixes[b] + g + p for b, (g, _), p in zip(chains, guides, posts)]
     width = max(len(c) for c in comps)
     # a chain without EOS used its whole budget (length M = width), so padding only follows an EOS
-    assert all(len(c) == width or c[-1] in eos for c in comps), "a chain stopped short without EOS"
+    assert all(len(c) == width or rollout.ends_at(c, len(c) - 1, eos) for c in comps), "a chain stopped short without EOS"
     completions = torch.tensor([c + [pad] * (width - len(c)) for c in comps], dtype=torch.long, device=device)
     info = [{"prefix_len": len(prefixes[b]), "guide_len": len(g), "postfix_len": len(p),
              "prefix_fallback": picked[b][1], "guidance": tokenizer.decode(g, skip_special_tokens=True)}

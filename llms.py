@@ -125,7 +125,8 @@ def plain_template(tokenizer, shots: list[tuple[str, str]]) -> str:
 
 def eos_ids(tokenizer, model, plain: bool = False) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS, the model's (Qwen2.5 lists two), chat ends;
-    in the plain format also the blank line, where the tokenizer has it as one token."""
+    in the plain format also the blank line, where the tokenizer has it as one token (stop_sequences
+    holds it where it takes two)."""
     ids = {tokenizer.eos_token_id}
     if plain and len(stop := tokenizer(PLAIN_STOP, add_special_tokens=False)["input_ids"]) == 1:
         ids.add(stop[0])
@@ -136,6 +137,24 @@ def eos_ids(tokenizer, model, plain: bool = False) -> list[int]:
         if isinstance(tid, int) and tid != tokenizer.unk_token_id:
             ids.add(tid)
     return sorted(i for i in ids if i is not None)
+
+
+def stop_sequences(tokenizer, plain: bool) -> list[list[int]]:
+    """The plain format's blank line where the tokenizer writes it after an answer as more than one token:
+    SmolLM2's BPE has "\n\n" as one token alone but as "\n", "\n" after a digit or a period (what
+    the few-shot answers teach). Read from how the template's own text tokenizes; [] for chat."""
+    if not plain:
+        return []
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    found, tail = set(), ids("Question:")
+    for answer in ("0", "0.", "done"):
+        head, whole = ids(answer), ids(answer + PLAIN_STOP + "Question:")
+        if whole[:len(head)] == head and whole[len(whole) - len(tail):] == tail:
+            middle = tuple(whole[len(head):len(whole) - len(tail)])
+            if len(middle) > 1:
+                found.add(middle)
+    return sorted(map(list, found))
 
 
 def pick_device(device: str) -> str:
@@ -261,7 +280,8 @@ def prepare(model, tokenizer, device: str, gradient_checkpointing: bool = False,
     # (Qwen2.5: repetition_penalty 1.05, top_k 20, top_p 0.8). Replace it with a neutral one so that
     # only the settings rollout.py passes apply.
     model.generation_config = GenerationConfig(eos_token_id=eos_ids(tokenizer, model, use_plain),
-                                               pad_token_id=tokenizer.pad_token_id)
+                                               pad_token_id=tokenizer.pad_token_id,
+                                               stop_sequences=stop_sequences(tokenizer, use_plain))
     model.config.use_cache = True
     # generate feeds the output projection a slice of the last positions; with a frozen head (LoRA)
     # torch's matmul then expands the weight once per chain instead of one mm (measured on CPU: 7 GB

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 import config
 import llms
@@ -73,12 +73,55 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def completion_mask(completions: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask (N, T) of tokens up to and including the first EOS, truncated (N,) bool: no EOS at all)."""
-    is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device))
-    # a token is kept while no EOS came strictly before it
-    eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    return (~eos_before).long(), ~is_eos.any(-1)
+def stops_of(model) -> list[tuple[int, ...]]:
+    """Every token sequence that ends a completion: each EOS id of the model's generation config, and its
+    `stop_sequences` (llms.stop_sequences: the plain format's blank line where a tokenizer writes it
+    as two tokens)."""
+    gen = model.generation_config
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    return [(i,) for i in eos if i is not None] + [tuple(s) for s in getattr(gen, "stop_sequences", None) or []]
+
+
+def as_stops(stops) -> list[tuple[int, ...]]:
+    """Stops given as ids (one-token stops) or id sequences, all as tuples."""
+    return [tuple(s) if isinstance(s, (list, tuple)) else (s,) for s in stops]
+
+
+def ends_at(ids: list[int], j: int, stops) -> bool:
+    """Whether a stop (as_stops) ends at ids[j]."""
+    return any(j + 1 >= len(s) and tuple(ids[j + 1 - len(s):j + 1]) == s for s in as_stops(stops))
+
+
+def completion_mask(completions: torch.Tensor, stops) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (N, T) of tokens up to and including the end of the first stop (an EOS id, or a sequence
+    of ids: as_stops), truncated (N,) bool: no stop at all)."""
+    n, t = completions.shape
+    is_end = torch.zeros_like(completions, dtype=torch.bool)
+    for stop in as_stops(stops):
+        if len(stop) <= t:
+            match = torch.ones(n, t - len(stop) + 1, dtype=torch.bool, device=completions.device)
+            for k, token in enumerate(stop):  # the stop's k-th id at each start position
+                match &= completions[:, k:t - len(stop) + 1 + k] == token
+            is_end[:, len(stop) - 1:] |= match  # marked where the stop ends
+    # a token is kept while no stop ended strictly before it
+    end_before = (is_end.long().cumsum(-1) - is_end.long()) > 0
+    return (~end_before).long(), ~is_end.any(-1)
+
+
+class StopSequences(StoppingCriteria):
+    """Ends a row of `generate` once its new tokens end with one of `sequences` (multi-token stops, which
+    generate's eos_token_id cannot express); start: the context width, where new tokens begin."""
+
+    def __init__(self, sequences: list[tuple[int, ...]], start: int):
+        self.sequences, self.start = sequences, start
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.start:]
+        done = torch.zeros(len(new), dtype=torch.bool, device=input_ids.device)
+        for seq in self.sequences:
+            if new.shape[1] >= len(seq):
+                done |= (new[:, -len(seq):] == torch.tensor(seq, device=new.device)).all(-1)
+        return done
 
 
 @torch.no_grad()
@@ -107,9 +150,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         cache_implementation="static" if sampler == "static" else None, suppress_tokens=vision.banned_ids(model),
         eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)
     images = vision.model_inputs(model, input_ids, visual) if visual is not None else {}
+    multi = [s for s in stops_of(model) if len(s) > 1]  # callers cut rows at them (completion_mask, ends_at)
+    criteria = (stopping_criteria or []) + ([StopSequences(multi, input_ids.shape[1])] if multi else [])
     try:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                              stopping_criteria=StoppingCriteriaList(stopping_criteria or []),
+                              stopping_criteria=StoppingCriteriaList(criteria),
                               **images)[:, input_ids.shape[1]:]
     except torch.OutOfMemoryError:  # sample the rows in two halves (recursively), down to one row
         if len(input_ids) == 1:
@@ -161,14 +206,14 @@ def images_of(batch: list[dict]) -> list[list] | None:
     return [ex.get("images", []) for ex in batch] if any(ex.get("images") for ex in batch) else None
 
 
-def assemble(tokenizer, prompt_ids, prompt_mask, completions, eos_ids, group, info, visual=None,
+def assemble(tokenizer, prompt_ids, prompt_mask, completions, stops, group, info, visual=None,
              temperature: float | None = None) -> Rollout:
     """Join prompts (N, P) and completions (N, T) sampled at `temperature` (None: not sampled, as
     teacher_forced's) into a Rollout trained on the completions."""
-    comp_mask, truncated = completion_mask(completions, eos_ids)
+    comp_mask, truncated = completion_mask(completions, stops)
     for d, t, n in zip(info, truncated.tolist(), comp_mask.sum(1).tolist()):
         d["truncated"], d["completion_len"] = t, n  # completion tokens, EOS included, trained or not
-    # tokens after the first EOS are padding; set them to pad so that the sequences are clean
+    # tokens after the first stop are padding; set them to pad so that the sequences are clean
     completions = torch.where(comp_mask.bool(), completions, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return Rollout(
@@ -192,8 +237,7 @@ def sample(model, tokenizer, prompts: list[str], num_chains: int, *, max_prompt_
     completions = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,  # (N, T)
                            top_p=top_p, sampler=sampler, min_new_tokens=min_new_tokens, visual=visual)
     info = [{} for _ in range(len(group))]
-    return assemble(tokenizer, ids, mask, completions, model.generation_config.eos_token_id, group, info, visual,
-                    temperature)
+    return assemble(tokenizer, ids, mask, completions, stops_of(model), group, info, visual, temperature)
 
 
 def prompts_of(tokenizer, system_prompt: str, batch: list[dict]) -> list[str]:

@@ -105,12 +105,12 @@ def is_step(text: str) -> bool:
 
 
 def cut_turn(ids: list[int], limit: int, eos, ends, decode) -> tuple[list[int], bool]:
-    """(the turn: ids up to EOS, the first step end after some text, or `limit`; whether EOS ended it).
+    """(the turn: ids up to a stop (EOS: rollout.as_stops), the first step end after some text, or `limit`; whether EOS ended it).
 
     decode(ids) -> text; a step end counts once the turn's text up to it is_step. Decoding the turn so
     far (not token by token) also reads tags split over tokens ("<", "reason", "ing", ">\n")."""
     for j, t in enumerate(ids[:limit]):
-        if t in eos:
+        if rollout.ends_at(ids, j, eos):
             return ids[:j + 1], True
         if t in ends and is_step(decode(ids[:j + 1])):
             return ids[:j + 1], False
@@ -200,8 +200,7 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
     policy), which the policy sees every turn and the verifier gets with each job.
     """
     device = next(model.parameters()).device
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = rollout.stops_of(model)
     ends = guidance.boundary_ids(tokenizer, STEP_ENDS[step_end]) if STEP_ENDS[step_end] else frozenset()
     decode, pad = functools.partial(tokenizer.decode, skip_special_tokens=True), tokenizer.pad_token_id
     prompt_ids, prompt_mask, visual = rollout.encode_prompts(tokenizer, prompts, max_prompt_tokens, device, images)

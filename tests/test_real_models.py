@@ -239,6 +239,18 @@ def test_smollm2_stops_at_im_end_which_is_trained_though_it_is_the_pad_token(smo
         assert logps.grad[i, int(r.loss_mask[i].nonzero().max()) - start] != 0  # the EOS is trained
 
 
+def test_smollm2_in_the_plain_format_stops_at_the_blank_line_it_writes_as_two_tokens(smol_dir):
+    model, tok = llms.load(smol_dir, "cpu", prompt_format="plain", shots=[("What is 12 + 34?", "46")])
+    blank = tok("\n", add_special_tokens=False)["input_ids"] * 2  # after a digit: "\n", "\n", not one "\n\n"
+    assert model.generation_config.stop_sequences == [blank]
+    prompts = [llms.chat_prompt(tok, "Reply with just the number.", f"What is {a} + {b}?") for a, b in ((47, 38), (10, 11))]
+    r = rollout.sample(model, tok, prompts, 1, max_prompt_tokens=96, max_new_tokens=12, temperature=0.0)
+    for i, text in enumerate(r.texts):
+        assert not r.info[i]["truncated"] and text.endswith("\n\n") and "Question" not in text, text
+        last = int(r.loss_mask[i].nonzero().max())
+        assert r.input_ids[i, last - 1:last + 1].tolist() == blank and r.attention_mask[i, last + 1:].sum() == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # train.py end to end: LoRA, full fine-tuning, checkpoint, resume, evaluator; every sampling idea
 

@@ -9,9 +9,24 @@ import losses
 
 def test_completion_mask_stops_after_first_eos():
     comps = torch.tensor([[5, 6, 9, 7, 9], [5, 6, 7, 8, 8], [9, 1, 1, 1, 1]])
-    mask, truncated = rollout.completion_mask(comps, eos_ids=[9])
+    mask, truncated = rollout.completion_mask(comps, [9])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert truncated.tolist() == [False, True, False]
+
+
+def test_a_stop_of_two_tokens_ends_the_completion_at_its_second():
+    # SmolLM2 in the plain format: the blank line after " 83" is "\n", "\n" (198, 198), one "\n\n" (1116) alone
+    comps = torch.tensor([[5, 198, 198, 7, 2], [198, 5, 198, 1116, 2], [5, 198, 6, 7, 8], [198, 198, 198, 1, 1]])
+    stops = [2, (198, 198), (1116,)]
+    mask, truncated = rollout.completion_mask(comps, stops)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert truncated.tolist() == [False, False, True, False]
+    assert [rollout.ends_at(row, j, stops) for row in comps.tolist()[:1] for j in range(5)] == [
+        False, False, True, False, True]
+    stop = rollout.StopSequences([(198, 198)], start=1)  # generate's early stop: new tokens from column 1
+    ids = torch.tensor([[198, 198, 5], [198, 5, 198], [9, 198, 198]])  # the first row's pair spans the prompt
+    assert stop(ids[:, :2], None).tolist() == [False, False, False]
+    assert stop(ids, None).tolist() == [False, False, True]
 
 
 def test_generation_config_is_neutral(tiny):
