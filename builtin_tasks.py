@@ -2,6 +2,9 @@
 
     arithmetic  GSM8K-shaped word problems of 2 to 4 steps: a solution with one equation per sentence,
                 the answer after `####` (`dataset: arithmetic`; the CPU demo and most tests use it)
+    addition    "What is 47 + 38?": two numbers of `addition_digits` digits, the sum the answer, the
+                question saying nothing of the answer's layout (the recipe's system prompt does:
+                `dataset: addition`; the SmolLM2 recipe)
     digits      a visual task: one-digit numbers drawn as seven-segment digits in an image, their sum
                 asked, the text never saying them (`dataset: digits`, for VL policies: vision.py)
     with_slips  a built-in solution worked the way imperfect human data is, for the warm start
@@ -102,6 +105,31 @@ def with_slips(solution: str, rate: float, rng: random.Random) -> tuple[str, str
             value = value + 1 if value == 0 or rng.random() < 0.5 else value - 1
         lines.append(f"{a} {op} {b} = {value}.")
     return "\n".join(lines), str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# The addition task
+
+
+def addition_task(n_train: int, n_test: int, seed: int, digits: int = 2) -> tuple[list[dict], list[dict]]:
+    """Every pair of `digits`-digit numbers (10 to 99 for 2) as "What is a + b?", shuffled by seed, the first
+    n_test held out; a + b and b + a are different questions. The solution is the sum written out (GHPO's
+    hints), the target the bare sum: what few-shot examples and a warm start show as the answer."""
+    low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
+    count = (high - low + 1) ** 2
+    if n_train + n_test > count:
+        raise config.UserError(f"only {count} additions of {digits}-digit numbers exist; lower "
+                               f"arithmetic_train_size + arithmetic_test_size ({n_train} + {n_test}) or raise "
+                               f"addition_digits")
+    rng = random.Random(seed)
+    picked = rng.sample(range(count), n_train + n_test)  # pair k is (low + k // width, low + k % width)
+    width = high - low + 1
+    examples = []
+    for k in picked:
+        a, b = low + k // width, low + k % width
+        examples.append({"question": f"What is {a} + {b}?", "answer": str(a + b), "solution": f"{a} + {b} = {a + b}",
+                         "target": str(a + b)})
+    return examples[n_test:], examples[:n_test]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def to_examples(rows: list[tuple[str, object]], source: str, task: str, template
 
 
 def load(cfg) -> tuple[list[dict], list[dict]]:
-    """(train, test) examples of cfg.dataset: "arithmetic" or "digits" (builtin_tasks.py), a hub name, or a local
+    """(train, test) examples of cfg.dataset: "arithmetic", "addition" or "digits" (builtin_tasks.py), a hub name, or a local
     file or folder; cfg.task says how rows become examples (math: question/answer columns; judge_*:
     the OpenJudge layout)."""
     template = load_template(cfg.prompt_template, cfg.task)
@@ -257,12 +257,17 @@ def load(cfg) -> tuple[list[dict], list[dict]]:
                                                 cfg.digits_count)
         return tuple([{**ex, "question": vision.with_placeholders(fill(template, question=ex["question"]), 1)}
                       for ex in split] for split in (train, test))
-    if cfg.dataset == "arithmetic":
+    if cfg.dataset in ("arithmetic", "addition"):
         if cfg.task != "math":
-            raise config.UserError(f"the built-in arithmetic task is a math task; task {cfg.task!r} needs judge data: "
-                                   f"make a small set with `python builtin_tasks.py make-demo out/demo_data`")
-        train, test = builtin_tasks.arithmetic_task(cfg.arithmetic_train_size, cfg.arithmetic_test_size, cfg.seed,
-                                      cfg.arithmetic_min_steps, cfg.arithmetic_max_steps, cfg.arithmetic_max_value)
+            raise config.UserError(f"the built-in {cfg.dataset} task is a math task; task {cfg.task!r} needs judge "
+                                   f"data: make a small set with `python builtin_tasks.py make-demo out/demo_data`")
+        if cfg.dataset == "addition":
+            train, test = builtin_tasks.addition_task(cfg.arithmetic_train_size, cfg.arithmetic_test_size, cfg.seed,
+                                                      cfg.addition_digits)
+        else:
+            train, test = builtin_tasks.arithmetic_task(cfg.arithmetic_train_size, cfg.arithmetic_test_size,
+                                                        cfg.seed, cfg.arithmetic_min_steps, cfg.arithmetic_max_steps,
+                                                        cfg.arithmetic_max_value)
         return ([{**ex, "question": fill(template, question=ex["question"])} for ex in train],
                 [{**ex, "question": fill(template, question=ex["question"])} for ex in test])
     train_rows = _load_rows(cfg.dataset, cfg.train_split, cfg.dataset_config)

@@ -58,9 +58,12 @@ def grade(task: str, completion: str, answer: str) -> tuple[bool, int | str | No
 
 
 def task_metrics(task: str, records: list[dict], samples: int) -> dict:
-    """{"accuracy", "n", "pass@k" (k > 1)} plus the task's own figures (module docstring)."""
+    """{"accuracy", "n", "pass@k" (k > 1), "format" (records with "in_format": eval_format)} plus the task's
+    own figures (module docstring)."""
     n = len(records)
     metrics = {"accuracy": sum(sum(rec["correct"]) / samples for rec in records) / max(1, n), "n": n}
+    if records and "in_format" in records[0]:
+        metrics["format"] = sum(sum(rec["in_format"]) / samples for rec in records) / n
     if samples > 1:  # with k samples per question, pass@k is "any of them correct"
         metrics[f"pass@{samples}"] = sum(any(rec["correct"]) for rec in records) / max(1, n)
     if task != "math":
@@ -82,6 +85,8 @@ def evaluate(model, tokenizer, examples: list[dict], cfg) -> tuple[dict, list[di
     rank (rank 0's is one process's), so it is an equally good estimate, not the same draws."""
     device = next(model.parameters()).device
     starts = list(range(0, len(examples), cfg.eval_batch_size))
+    rewards.check_names({cfg.eval_format: 1.0} if cfg.eval_format else {})
+    settings = rewards.settings(cfg)
     mine = {}  # batch start -> its records
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 1_000_003 * distributed.rank())
@@ -97,7 +102,9 @@ def evaluate(model, tokenizer, examples: list[dict], cfg) -> tuple[dict, list[di
                 graded = [grade(cfg.task, t, ex["answer"]) for t in texts]
                 mine[i].append({"question": ex["question"], "answer": ex["answer"], "completions": texts,
                                 "correct": [c for c, _ in graded]}
-                               | ({"predicted": [p for _, p in graded]} if cfg.task != "math" else {}))
+                               | ({"predicted": [p for _, p in graded]} if cfg.task != "math" else {})
+                               | ({"in_format": [bool(rewards.REWARDS[cfg.eval_format](t, ex["answer"], **settings))
+                                                 for t in texts]} if cfg.eval_format else {}))
     shards = {i: recs for part in distributed.gather(mine) for i, recs in part.items()}
     records = [rec for i in starts for rec in shards[i]]
     return task_metrics(cfg.task, records, cfg.eval_samples), records

@@ -244,6 +244,26 @@ def integer_answer(completion: str, answer: str, **info) -> float:
     return float(pred is not None and _INTEGER_RE.fullmatch(pred) is not None)
 
 
+_BARE_NUMBER_RE = re.compile(r"[+-]?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_WRAPPERS = ("**", "__", "`", "$")  # markdown bold, code span, TeX math: still nothing but the number
+
+
+def _unwrapped(completion: str) -> str:
+    """The completion without surrounding space, one final period and one pair of _WRAPPERS."""
+    text = completion.strip().removesuffix(".").strip()
+    for mark in _WRAPPERS:
+        if len(text) > 2 * len(mark) and text.startswith(mark) and text.endswith(mark):
+            text = text[len(mark):-len(mark)].strip()
+    return text.removesuffix(".")
+
+
+def bare_number(completion: str, answer: str, **info) -> float:
+    """1.0 if the completion is one number and nothing else ("85", "85.", "**85**", "`85`", "$85$",
+    "1,234"), else 0.0 ("47 + 38 = 85", "The answer is 85.", "85 apples"): the layout of "Reply with
+    just the number." Right or wrong does not matter here; correctness scores that."""
+    return float(_BARE_NUMBER_RE.fullmatch(_unwrapped(completion)) is not None)
+
+
 # -----------------------------------------------------------------------------
 # think/answer reasoning rewards (R1 style): <think>...</think><answer>...</answer>
 # Plain string search throughout: each call scans the completion a bounded number of times.
@@ -359,6 +379,7 @@ REWARDS = {
     "strict_format": strict_format,
     "soft_format": soft_format,
     "integer_answer": integer_answer,
+    "bare_number": bare_number,
     "think_format": think_format,
     "short_think": short_think,
     "think_answer": think_answer,

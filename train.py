@@ -47,7 +47,7 @@ import vision
 def main(argv: list[str]) -> None:
     hf_logging.disable_progress_bar()  # keep the terminal to our own bar
     cfg = config.load(argv)
-    rewards.check_names(cfg.rewards)
+    rewards.check_names(cfg.rewards | ({cfg.eval_format: 0.0} if cfg.eval_format else {}))
     samplers.check(cfg)
     device = distributed.setup(cfg, llms.pick_device(cfg.device))  # torchrun: join the other ranks
     random.seed(cfg.seed)

@@ -38,6 +38,22 @@ def test_arithmetic_task_is_deterministic_and_disjoint():
         assert rewards.is_correct(data.target_text(ex), ex["answer"])
 
 
+def test_addition_task_is_every_pair_of_two_digit_numbers_shuffled_and_split():
+    train, test = builtin_tasks.addition_task(8000, 100, seed=1)
+    assert (train, test) == builtin_tasks.addition_task(8000, 100, seed=1)
+    assert builtin_tasks.addition_task(8000, 100, seed=2)[1] != test
+    pairs = [tuple(map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", ex["question"]).groups())) for ex in train + test]
+    assert len(set(pairs)) == 8100 and all(10 <= a <= 99 and 10 <= b <= 99 for a, b in pairs)
+    for ex, (a, b) in zip(train + test, pairs):
+        assert ex["answer"] == str(a + b) and data.target_text(ex) == str(a + b)  # few-shot and warm start: bare
+        assert rewards.is_correct(ex["solution"], ex["answer"])
+    assert len(builtin_tasks.addition_task(50, 10, seed=0, digits=1)[0]) == 50
+    with pytest.raises(config.UserError, match="only 100 additions of 1-digit numbers"):
+        builtin_tasks.addition_task(100, 10, seed=0, digits=1)
+    train, test = load_data("addition", arithmetic_train_size=30, arithmetic_test_size=5, addition_digits=3)
+    assert len(train) == 30 and all(int(q) >= 100 for q in re.findall(r"\d+", test[0]["question"]))
+
+
 def test_slipped_targets_carry_the_slip_to_the_answer():
     train, _ = builtin_tasks.arithmetic_task(100, 5, seed=2)
     rng = random.Random(0)

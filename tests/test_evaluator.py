@@ -23,6 +23,21 @@ def test_a_saved_run_evaluates_to_its_own_last_eval(tmp_path, extra):
     assert len(read(records)) == expected["n"]
 
 
+def test_eval_format_gives_the_share_of_answers_in_the_recipes_layout(tmp_path):
+    out = str(tmp_path / "run")
+    run_train(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_format", "bare_number", "--eval_every", "1"])
+    ev = last_eval(out)
+    records = read(f"{out}/eval/step_{ev['step']:06d}.jsonl")
+    flags = [f for rec in records for f in rec["in_format"]]
+    assert flags == [evaluator.rewards.bare_number(t, "") == 1.0 for rec in records for t in rec["completions"]]
+    assert ev["format"] == pytest.approx(sum(flags) / len(flags))
+    records = [{"correct": [True, False], "in_format": [True, True]}, {"correct": [False, False], "in_format": [False, True]}]
+    assert evaluator.task_metrics("math", records, 2)["format"] == 0.75
+    assert "format" not in evaluator.task_metrics("math", [{"correct": [True]}], 1)
+    with pytest.raises(config.UserError, match="unknown reward 'bare_numbr'.*'bare_number'"):
+        run_train(FAST + ["--out_dir", str(tmp_path / "bad"), "--eval_format", "bare_numbr"])
+
+
 def test_compare_gives_the_paired_difference_on_the_same_questions(tmp_path):
     out = str(tmp_path / "run")
     run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "2", "--sft_steps", "20"])

@@ -164,6 +164,17 @@ def test_integer_answer(text, expected):
     assert R.integer_answer(text, "72") == expected
 
 
+# what SmolLM2-135M-Instruct wrote to "What is 86 + 87?" (and its kin) before and during training
+@pytest.mark.parametrize("text, expected", [
+    ("173", 1.0), (" 173\n", 1.0), ("173.", 1.0), ("**173**", 1.0), ("`173`", 1.0), ("$173$", 1.0),
+    ("**173.**", 1.0), ("1,234", 1.0), ("-3", 1.0), ("2.5", 1.0),
+    ("86 + 87 = 173", 0.0), ("The answer is 173.", 0.0), ("173 apples", 0.0), ("To add 86 and 87, we", 0.0),
+    ("1 7 3", 0.0), ("173\n\n174", 0.0), ("**", 0.0), ("$$", 0.0), ("", 0.0), ("- 173", 0.0),
+])
+def test_bare_number(text, expected):
+    assert R.bare_number(text, "999") == expected  # the layout alone: a wrong sum is still a bare number
+
+
 # --- batch scoring ------------------------------------------------------------
 
 def test_score_shape_order_and_total():
