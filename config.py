@@ -189,6 +189,9 @@ class Config:
     #                                    (MiniMax-M1, arXiv 2506.13585); 5.0 is ScaleRL's eps_max (arXiv 2510.13786)
     num_iterations: int = 1            # optimizer steps per rollout (>1 uses stored old log-probs)
     micro_batch_size: int = 8          # chains per forward/backward; gradients accumulate over the step
+    share_prompt: bool = True          # the loss pass runs each group's prompt once, not once per chain (its keys
+    #                                    and values, with their gradient, go to every chain of the group);
+    #                                    text models without gradient checkpointing (losses.shared_prompt_hidden)
     sort_micro_batches: bool = True    # chains of similar length share a micro-batch, cropped after its longest
     #                                    (faster; the same loss, except bnpo's per-micro-batch normaliser,
     #                                    which under torchrun also differs from one process: distributed.py)

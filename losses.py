@@ -48,18 +48,46 @@ def hidden_states(body, input_ids, attention_mask, visual=None):
                 position_ids=rollout.position_ids(attention_mask)).last_hidden_state
 
 
+def shared_prompt_hidden(body, input_ids, attention_mask, start: int):
+    """The body's final hidden states (n, L - start + 1, H) at positions start - 1 .. L - 1, with the
+    columns before `start` (the prompt, which every chain of a group shares) run once per distinct
+    prompt: their keys and values, which keep their gradient, are then indexed out to each chain
+    (a KV cache) for the rest of the columns. Equal to hidden_states(...)[:, start - 1:] up to float
+    rounding, in a fraction of the work when G chains share each prompt; None when no two rows share
+    their first `start` columns."""
+    keys = torch.cat([input_ids[:, :start], attention_mask[:, :start].to(input_ids.dtype)], 1)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    if len(unique) == len(input_ids):
+        return None
+    prompt_mask = unique[:, start:].to(attention_mask.dtype)
+    out = body(input_ids=unique[:, :start], attention_mask=prompt_mask, position_ids=rollout.position_ids(prompt_mask),
+               use_cache=True)
+    out.cache.batch_select_indices(inverse)  # (u, ...) -> (n, ...): indexing, so the gradient flows back to u rows
+    rest = body(input_ids=input_ids[:, start:], attention_mask=attention_mask,
+                position_ids=rollout.position_ids(attention_mask)[:, start:], cache=out.cache,
+                use_cache=True).last_hidden_state
+    return torch.cat([out.last_hidden_state[inverse, start - 1:], rest], 1)
+
+
 def token_logps(model, input_ids, attention_mask, start: int, temperature, chunk: int, visual=None, *,
-                chunk_mb: float = 0.0):
+                chunk_mb: float = 0.0, share_prompt: bool = False):
     """log p(x_t | x_<t) for positions t >= start: (n, L - start) fp32, at `temperature`: one float for
     every chain, or an (n,) tensor, each chain's own (Rollout.temperature).
 
-    The body runs once; the output projection runs on `chunk` positions at a time (fewer under
+    The body runs once (share_prompt: the shared prompt columns once per distinct prompt, then the rest,
+    shared_prompt_hidden); the output projection runs on `chunk` positions at a time (fewer under
     chunk_mb, see head_logps) and is recomputed in backward (activation checkpointing), so only one
     chunk of logits ever exists.
     """
     body, head = llms.decoder_and_head(model)
+    banned = vision.banned_ids(model)
+    # share_prompt: text only, and not under gradient checkpointing, which turns the KV cache off
+    if share_prompt and visual is None and start > 1 and not body.is_activation_checkpointing:
+        hidden = shared_prompt_hidden(body, input_ids, attention_mask, start)  # (n, L - start + 1, H)
+        if hidden is not None:
+            return head_logps(hidden, head, input_ids[:, start - 1:], 1, temperature, chunk, banned, chunk_mb=chunk_mb)
     hidden = hidden_states(body, input_ids, attention_mask, visual)  # (n, L, H)
-    return head_logps(hidden, head, input_ids, start, temperature, chunk, vision.banned_ids(model), chunk_mb=chunk_mb)
+    return head_logps(hidden, head, input_ids, start, temperature, chunk, banned, chunk_mb=chunk_mb)
 
 
 def head_logps(hidden, head, input_ids, start: int, temperature, chunk: int, banned: list[int] | None = None,
@@ -252,7 +280,7 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
 
     def logps_of(m, mb):  # (n, end - start)
         return token_logps(m, *inputs(mb), start, temps[mb[0].cpu()], cfg.logp_chunk, r.visual_of(mb[0]),
-                           chunk_mb=cfg.logp_chunk_mb)
+                           chunk_mb=cfg.logp_chunk_mb, share_prompt=cfg.share_prompt)
 
     def all_logps(m):  # (N, T): every chain's log-probs in rollout order, 0 after a cropped chain's end
         out = torch.zeros(mask.shape, device=device)

@@ -651,3 +651,28 @@ def test_micro_batches_end_at_the_last_trained_column(lm, roll, monkeypatch):
     torch.optim.SGD(whole.parameters(), lr=0.5).step()
     for a, b in zip(cropped.parameters(), whole.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_shared_prompt_run_once_gives_the_log_probs_and_gradient_of_the_full_pass(lm):
+    """share_prompt: each group's prompt columns run once and its keys and values (with their gradient)
+    go to every chain: the same log-probs and weight gradients as running every chain in full."""
+    model, tok = lm
+    prompts = [llms.chat_prompt(tok, "", p) for p in PROMPTS[:2]]  # two lengths: left padding in the prompt columns
+    torch.manual_seed(0)
+    r = rollout.sample(model, tok, prompts, 3, max_prompt_tokens=64, max_new_tokens=6, temperature=1.0)
+    start = losses.first_trained_column(r.loss_mask)
+    body, _ = llms.decoder_and_head(model)
+    shared = losses.shared_prompt_hidden(body, r.input_ids, r.attention_mask, start)
+    full = losses.hidden_states(body, r.input_ids, r.attention_mask)[:, start - 1:]
+    assert shared.shape == full.shape and torch.allclose(shared, full, atol=1e-5)
+    got = {}
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        logps = token_logps(model, r.input_ids, r.attention_mask, start, 0.7, 3, share_prompt=share)
+        (logps * r.loss_mask[:, start:] * torch.tensor([1.0, -2.0, 0.5, 1.5, -1.0, 0.3])[:, None]).sum().backward()
+        got[share] = logps.detach(), param_grads(model)
+    model.zero_grad(set_to_none=True)
+    assert torch.allclose(got[True][0], got[False][0], atol=1e-5)
+    assert_grads_close(got[True][1], got[False][1])
+    distinct = torch.arange(len(r))[:, None].expand(-1, start)  # no two rows share a prompt: the full pass
+    assert losses.shared_prompt_hidden(body, distinct, torch.ones_like(distinct), start) is None
