@@ -125,6 +125,23 @@ class StopSequences(StoppingCriteria):
 
 
 @torch.no_grad()
+def prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """A KV cache of every column but the last of each distinct prompt row, run once per prompt and indexed
+    out to its rows (the G chains of a group), for generate to start from; None when no two rows share
+    a prompt. Sampling G chains then costs one prefill per prompt, not per chain."""
+    unique, inverse = torch.unique(torch.cat([input_ids, attention_mask.to(input_ids.dtype)], 1), dim=0,
+                                   return_inverse=True)
+    if len(unique) == len(input_ids) or input_ids.shape[1] < 2:
+        return None
+    width = input_ids.shape[1]
+    ids, mask = unique[:, :width - 1], unique[:, width:2 * width - 1].to(attention_mask.dtype)
+    body, _ = llms.decoder_and_head(model)
+    cache = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True).cache
+    cache.batch_select_indices(inverse)
+    return cache
+
+
+@torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float, top_p: float = 1.0, sampler: str = "dynamic",
              min_new_tokens: int = 0, stopping_criteria=None, visual: list[tuple] | None = None) -> torch.Tensor:
@@ -132,6 +149,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     row's images for a VL model (Rollout.visual).
 
     Every setting is explicit: no top-k, no repetition penalty, all EOS ids, temperature 0 = greedy.
+    Rows that share a prompt (G chains) share its prefill (prefilled_cache); the same tokens as each
+    row's own, up to float rounding.
     The model samples in eval mode with its KV cache, and is put back in train mode afterwards; the
     cache is freed when generate returns, before any backward pass. min_new_tokens > 0 forbids EOS
     before that many tokens (bench.py uses it to force full-length chains).
@@ -149,13 +168,15 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         repetition_penalty=1.0, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, use_cache=True,
         cache_implementation="static" if sampler == "static" else None, suppress_tokens=vision.banned_ids(model),
         eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)
-    images = vision.model_inputs(model, input_ids, visual) if visual is not None else {}
+    extra = vision.model_inputs(model, input_ids, visual) if visual is not None else {}
     multi = [s for s in stops_of(model) if len(s) > 1]  # callers cut rows at them (completion_mask, ends_at)
     criteria = (stopping_criteria or []) + ([StopSequences(multi, input_ids.shape[1])] if multi else [])
+    if visual is None and sampler == "dynamic" and (cache := prefilled_cache(model, input_ids, attention_mask)) is not None:
+        extra = {"cache": cache}  # (a static cache generate allocates itself)
     try:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                               stopping_criteria=StoppingCriteriaList(criteria),
-                              **images)[:, input_ids.shape[1]:]
+                              **extra)[:, input_ids.shape[1]:]
     except torch.OutOfMemoryError:  # sample the rows in two halves (recursively), down to one row
         if len(input_ids) == 1:
             raise

@@ -203,6 +203,30 @@ def test_gemma_training_logps_equal_generate_scores_through_sliding_window_layer
     torch.testing.assert_close(scored, sampled, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["gemma", "smol"])
+def test_the_shared_prompt_pass_equals_the_full_one_on_real_models(name, request):
+    """share_prompt on Gemma (sliding window 8, shorter than the prompts: both layer kinds see the
+    padding, and the window's cache) and on SmolLM2: the same log-probs as the full pass."""
+    model, tok = request.getfixturevalue(name)
+    layers = [m for m in model.modules() if getattr(m, "sliding_window", None)]
+    saved = [(m, m.sliding_window) for m in [model.config, *layers]] if layers else []  # Gemma's, not SmolLM2's
+    try:
+        for m, _ in saved:
+            m.sliding_window = 8
+        torch.manual_seed(0)
+        r = rollout.sample(model, tok, [llms.chat_prompt(tok, "", p) for p in PROMPTS[:2]], 2, max_prompt_tokens=256,
+                           max_new_tokens=5, temperature=0.7)
+        start = losses.first_trained_column(r.loss_mask)
+        with torch.no_grad():
+            shared, full = (losses.token_logps(model, r.input_ids, r.attention_mask, start, 0.7, 4, chunk_mb=64,
+                                               share_prompt=share) for share in (True, False))
+    finally:
+        for m, window in saved:
+            m.sliding_window = window
+    assert r.attention_mask[:, 0].tolist().count(0) == 2  # one prompt is left padded
+    torch.testing.assert_close(shared, full, atol=2e-4, rtol=1e-4)
+
+
 def test_smollm2_training_logps_equal_generate_scores(smol):
     model, tok = smol
     sampled, scored = sampled_vs_scored(model, tok, [llms.chat_prompt(tok, "", p) for p in PROMPTS])

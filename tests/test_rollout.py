@@ -190,3 +190,18 @@ def test_concat_keeps_each_chains_sampling_temperature():
     with pytest.raises(ValueError, match="some parts carry their chains' sampling temperatures and some do not"):
         rollout.concat([(toy_rollout(3, None), [0]), (toy_rollout(3, [1.0, 1.0]), [0])],
                        torch.zeros(2, dtype=torch.long), 0)
+
+
+def test_chains_of_one_prompt_share_its_prefill_and_sample_what_each_alone_would(tiny, task, monkeypatch):
+    model, tok = tiny
+    prompts = [llms.chat_prompt(tok, "Solve it." * (i + 1), ex["question"]) for i, ex in enumerate(task[0][:2])]
+    ids, mask = rollout.tokenize_prompts(tok, prompts, 96, "cpu")
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)  # 2 prompts x 3 chains, left padded
+    cache = rollout.prefilled_cache(model, ids, mask)
+    assert cache.get_seq_length() == ids.shape[1] - 1 and cache.layers[0].keys.shape[0] == 6
+    assert rollout.prefilled_cache(model, ids[::3], mask[::3]) is None  # no two rows share a prompt
+    shared = rollout.generate(model, ids, mask, max_new_tokens=12, temperature=0.0)
+    calls = []
+    monkeypatch.setattr(rollout, "prefilled_cache", lambda *a: calls.append(1))  # each row's own prefill
+    alone = rollout.generate(model, ids, mask, max_new_tokens=12, temperature=0.0)
+    assert calls and torch.equal(shared, alone)
