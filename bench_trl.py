@@ -1,4 +1,13 @@
-"""The other side of bench.py: TRL's GRPOTrainer on the same model, prompt, reward and settings.
+"""The other side of bench.py: TRL's GRPOTrainer on the same model, prompt, reward and settings; and a
+recipe of ours trained by TRL instead, evaluated by our evaluator before and after:
+
+    python bench_trl.py --config configs/smollm2_cpu.yaml --out_dir out/trl_smollm2 [--seed K]
+
+That writes <out_dir>/metrics.jsonl as train.py does (eval rows at step 0 and max_steps, one train row
+per step with its reward and step_time_s), so plot.py draws both. The prompts are the recipe's, in
+the model's layout (few-shot examples included); the rewards are the recipe's, through rewards.py.
+TRL stops a chain at EOS ids only: in the plain format a chain runs past its blank line, so its reward
+reads the text up to the blank line, as our own stop cuts it, and TRL trains the tokens after it too.
 
 Every setting of ours that TRL has is mapped here (chains, lengths, micro-batch and accumulation,
 dtype, sampling, loss, clipping, optimizer, schedule, gradient checkpointing, LoRA, reference
@@ -12,12 +21,11 @@ import torch
 TRL_LOSS = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo", "cispo": "cispo", "gspo": "grpo"}
 
 
-def run(cfg, device: str, model, tok, prompt: str, reward, warmup: int, steps: int, clock, lengths: list[int],
-        workdir: str) -> tuple[list[dict], torch.nn.Module]:
-    """Train warmup + steps steps; returns (the measured steps' times by phase, TRL's trained model)."""
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-    from transformers import TrainerCallback
+def trl_args(cfg, device: str, model, workdir: str, max_steps: int, chains_per_step: int,
+             generation_kwargs: dict | None = None):
+    """(GRPOConfig, peft LoraConfig or None): every setting of ours that TRL has, for max_steps steps of
+    chains_per_step chains (prompts_per_step x num_chains in a recipe, num_chains in bench.py)."""
+    from trl import GRPOConfig
 
     peft_config = None
     if cfg.lora_r > 0:
@@ -27,14 +35,15 @@ def run(cfg, device: str, model, tok, prompt: str, reward, warmup: int, steps: i
     elif cfg.beta > 0:  # TRL loads its reference model from the policy's path
         model.save_pretrained(os.path.join(workdir, "ref"))
         model.config._name_or_path = os.path.join(workdir, "ref")
-    accumulation = cfg.num_chains // cfg.micro_batch_size
+    micro = min(cfg.micro_batch_size, chains_per_step)
+    accumulation = chains_per_step // micro
     args = GRPOConfig(
         output_dir=workdir, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
         use_cpu=not device.startswith("cuda"), bf16=model.dtype == torch.bfloat16, seed=cfg.seed,
-        max_steps=warmup + steps, per_device_train_batch_size=cfg.micro_batch_size,
+        max_steps=max_steps, per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation, num_generations=cfg.num_chains,
         max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-        repetition_penalty=1.0, generation_kwargs={"min_new_tokens": cfg.max_completion_tokens},
+        repetition_penalty=1.0, generation_kwargs=generation_kwargs or {},
         beta=cfg.beta, loss_type=TRL_LOSS[cfg.loss_type], scale_rewards=cfg.adv_scale,
         importance_sampling_level="sequence" if cfg.loss_type == "gspo" else "token",
         epsilon=cfg.eps_low, epsilon_high=cfg.cispo_max_weight if cfg.loss_type == "cispo" else cfg.eps_high,
@@ -46,6 +55,18 @@ def run(cfg, device: str, model, tok, prompt: str, reward, warmup: int, steps: i
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         use_liger_kernel=cfg.liger and device.startswith("cuda"))  # its layer kernels, as llms.prepare does ours
+    return args, peft_config
+
+
+def run(cfg, device: str, model, tok, prompt: str, reward, warmup: int, steps: int, clock, lengths: list[int],
+        workdir: str) -> tuple[list[dict], torch.nn.Module]:
+    """Train warmup + steps steps; returns (the measured steps' times by phase, TRL's trained model)."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+    from transformers import TrainerCallback
+
+    args, peft_config = trl_args(cfg, device, model, workdir, warmup + steps, cfg.num_chains,
+                                 generation_kwargs={"min_new_tokens": cfg.max_completion_tokens})
     dataset = Dataset.from_dict({"prompt": [prompt] * (warmup + steps) * 2})
     measured = []
 
@@ -77,3 +98,82 @@ def run(cfg, device: str, model, tok, prompt: str, reward, warmup: int, steps: i
     if seen and abs(seen[-1] - mean_length) > 1e-3:  # TRL sampled some other way
         raise RuntimeError(f"TRL's chains have mean length {seen[-1]}, not the workload's {mean_length}")
     return measured, trainer.model
+
+
+def train_recipe(argv: list[str]) -> None:
+    """A recipe trained by TRL's GRPOTrainer for its max_steps (module docstring)."""
+    import json
+    import random
+    import time
+
+    from datasets import Dataset
+    from trl import GRPOTrainer
+    from transformers import TrainerCallback
+
+    import config
+    import data
+    import evaluator
+    import llms
+    import rewards
+    import rollout
+    import sft
+
+    cfg = config.load(argv)
+    device = llms.pick_device(cfg.device)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    train_set, test_set = data.load(cfg)
+    eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
+    model, tok = llms.from_config(cfg, cfg.model_name, device, train_set)
+    if cfg.sft_steps > 0:  # the warm start train.py gives the same recipe
+        sft.warm_start_cached(model, tok, train_set, cfg)
+    ours = model.generation_config  # TRL samples with its own; our evaluation with ours
+    plain = tok.chat_template == llms.plain_template(tok, llms.few_shot_examples(train_set, cfg.few_shot, cfg.seed))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w")
+
+    def write(row: dict) -> None:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+    def evaluate(step: int) -> None:
+        model.generation_config = ours
+        write({"step": step, "split": "eval", **evaluator.evaluate(model, tok, eval_set, cfg)[0]})
+
+    def reward(prompts, completions, answer, **_):
+        texts = [c.split(llms.PLAIN_STOP)[0] if plain else c for c in completions]
+        scores, names, _ = rewards.score(texts, answer, [{} for _ in texts], cfg.rewards, rewards.settings(cfg))
+        return rewards.total(scores, names, cfg.rewards).tolist()
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.time()
+
+        def on_step_end(self, args, state, control, **k):
+            self.dt = time.time() - self.t0
+
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "reward" in logs:
+                write({"step": state.global_step, "split": "train", "reward": logs["reward"],
+                       "completion_len": logs.get("completions/mean_length"), "step_time_s": self.dt})
+
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump({**vars(cfg), "system": "trl"}, f, indent=1)
+    evaluate(0)
+    args, peft_config = trl_args(cfg, device, model, os.path.join(cfg.out_dir, "trl"), cfg.max_steps,
+                                 cfg.prompts_per_step * cfg.num_chains)
+    dataset = Dataset.from_dict({"prompt": rollout.prompts_of(tok, cfg.system_prompt, train_set),
+                                 "answer": [ex["answer"] for ex in train_set]})
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tok,
+                          peft_config=peft_config, callbacks=[Steps()])
+    t0 = time.time()
+    trainer.train()
+    model = trainer.model
+    evaluate(cfg.max_steps)
+    write({"step": cfg.max_steps, "split": "wall", "train_s": time.time() - t0})
+    print(f"done: {cfg.out_dir}/metrics.jsonl")
+
+
+if __name__ == "__main__":
+    import sys
+    train_recipe(sys.argv[1:])

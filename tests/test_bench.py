@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import bench
+import bench_trl
 import measure
 import bench_head
+from helpers import FAST, read, run_train
 
 SMALL = ["--tiny", "--tiny_hidden", "32", "--tiny_layers", "2", "--num_chains", "4", "--micro_batch_size", "2",
          "--max_completion_tokens", "8", "--prompt_tokens", "16", "--steps", "1", "--warmup", "1"]
@@ -30,6 +32,17 @@ def test_tiny_bench_writes_a_row_per_system(tmp_path):
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 3 and all(line.count("|") == len(bench.COLUMNS) + 1 for line in table)
     assert re.search(r"Step time ours / TRL: \d+\.\d\d", text)
+
+
+def test_a_recipe_trained_by_trl_starts_from_our_policy_and_is_evaluated_our_way(tmp_path):
+    argv = FAST + ["--max_steps", "2", "--eval_every", "2", "--temperature", "0.7", "--eval_n", "4"]
+    run_train(argv + ["--out_dir", str(tmp_path / "ours")])
+    bench_trl.train_recipe(argv + ["--out_dir", str(tmp_path / "trl")])
+    ours, trl = (read(tmp_path / name / "metrics.jsonl") for name in ("ours", "trl"))
+    assert trl[0] == ours[0] and trl[0]["step"] == 0  # the same warm start, the same held-out figures
+    assert [r["step"] for r in trl if r["split"] == "train"] == [1, 2]
+    assert all(r["step_time_s"] > 0 and 0 <= r["reward"] <= 1 for r in trl if r["split"] == "train")
+    assert [r["step"] for r in trl if r["split"] == "eval"] == [0, 2]
 
 
 def test_unknown_system_and_key_are_clear_errors(tmp_path):
