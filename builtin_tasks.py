@@ -2,7 +2,7 @@
 
     arithmetic  GSM8K-shaped word problems of 2 to 4 steps: a solution with one equation per sentence,
                 the answer after `####` (`dataset: arithmetic`; the CPU demo and most tests use it)
-    addition    "What is 47 + 38?": two numbers of `addition_digits` digits, the sum the answer, the
+    addition    "What is 47 + 38?": two numbers of `addition_digits` digits (2: 10 to 99), the sum the answer, the
                 question saying nothing of the answer's layout (the recipe's system prompt does:
                 `dataset: addition`; the SmolLM2 recipe)
     digits      a visual task: one-digit numbers drawn as seven-segment digits in an image, their sum
@@ -113,8 +113,9 @@ def with_slips(solution: str, rate: float, rng: random.Random) -> tuple[str, str
 
 def addition_task(n_train: int, n_test: int, seed: int, digits: int = 2) -> tuple[list[dict], list[dict]]:
     """Every pair of `digits`-digit numbers (10 to 99 for 2) as "What is a + b?", shuffled by seed, the first
-    n_test held out; a + b and b + a are different questions. The solution is the sum written out (GHPO's
-    hints), the target the bare sum: what few-shot examples and a warm start show as the answer."""
+    n_test held out; a + b and b + a are different questions. The solution works it by place value
+    ("40 + 30 = 70", "7 + 8 = 15", "70 + 15 = 85": GHPO's hints), the target is the bare sum: what few-shot
+    examples and a warm start show as the answer."""
     low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
     count = (high - low + 1) ** 2
     if n_train + n_test > count:
@@ -127,7 +128,9 @@ def addition_task(n_train: int, n_test: int, seed: int, digits: int = 2) -> tupl
     examples = []
     for k in picked:
         a, b = low + k // width, low + k % width
-        examples.append({"question": f"What is {a} + {b}?", "answer": str(a + b), "solution": f"{a} + {b} = {a + b}",
+        tens, units = a // 10 * 10 + b // 10 * 10, a % 10 + b % 10
+        worked = f"{a // 10 * 10} + {b // 10 * 10} = {tens}\n{a % 10} + {b % 10} = {units}\n{tens} + {units} = {a + b}"
+        examples.append({"question": f"What is {a} + {b}?", "answer": str(a + b), "solution": worked,
                          "target": str(a + b)})
     return examples[n_test:], examples[:n_test]
 

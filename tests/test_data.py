@@ -46,7 +46,10 @@ def test_addition_task_is_every_pair_of_two_digit_numbers_shuffled_and_split():
     assert len(set(pairs)) == 8100 and all(10 <= a <= 99 and 10 <= b <= 99 for a, b in pairs)
     for ex, (a, b) in zip(train + test, pairs):
         assert ex["answer"] == str(a + b) and data.target_text(ex) == str(a + b)  # few-shot and warm start: bare
-        assert rewards.is_correct(ex["solution"], ex["answer"])
+        steps = [tuple(map(int, re.fullmatch(r"(\d+) \+ (\d+) = (\d+)", line).groups()))
+                 for line in ex["solution"].split("\n")]  # GHPO's hints: tens, units, then the two together
+        assert [(x + y == z) for x, y, z in steps] == [True] * 3 and steps[0][0] + steps[1][0] == a
+        assert steps[2][:2] == (steps[0][2], steps[1][2]) and steps[2][2] == a + b
     assert len(builtin_tasks.addition_task(50, 10, seed=0, digits=1)[0]) == 50
     with pytest.raises(config.UserError, match="only 100 additions of 1-digit numbers"):
         builtin_tasks.addition_task(100, 10, seed=0, digits=1)
