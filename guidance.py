@@ -133,7 +133,8 @@ def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_pr
     comps = [prefixes[b] + g + p for b, (g, _), p in zip(chains, guides, posts)]
     width = max(len(c) for c in comps)
     # a chain without EOS used its whole budget (length M = width), so padding only follows an EOS
-    assert all(len(c) == width or rollout.ends_at(c, len(c) - 1, eos) for c in comps), "a chain stopped short without EOS"
+    assert all(len(c) == width or rollout.ends_at(c, len(c) - 1, eos) for c in comps), \
+        "a chain stopped short without EOS"
     completions = torch.tensor([c + [pad] * (width - len(c)) for c in comps], dtype=torch.long, device=device)
     info = [{"prefix_len": len(prefixes[b]), "guide_len": len(g), "postfix_len": len(p),
              "prefix_fallback": picked[b][1], "guidance": tokenizer.decode(g, skip_special_tokens=True)}

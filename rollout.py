@@ -171,8 +171,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     extra = vision.model_inputs(model, input_ids, visual) if visual is not None else {}
     multi = [s for s in stops_of(model) if len(s) > 1]  # callers cut rows at them (completion_mask, ends_at)
     criteria = (stopping_criteria or []) + ([StopSequences(multi, input_ids.shape[1])] if multi else [])
-    if visual is None and sampler == "dynamic" and (cache := prefilled_cache(model, input_ids, attention_mask)) is not None:
-        extra = {"cache": cache}  # (a static cache generate allocates itself)
+    cache = prefilled_cache(model, input_ids, attention_mask) if visual is None and sampler == "dynamic" else None
+    if cache is not None:  # (a static cache generate allocates itself)
+        extra = {"cache": cache}
     try:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                               stopping_criteria=StoppingCriteriaList(criteria),

@@ -105,7 +105,8 @@ def is_step(text: str) -> bool:
 
 
 def cut_turn(ids: list[int], limit: int, eos, ends, decode) -> tuple[list[int], bool]:
-    """(the turn: ids up to a stop (EOS: rollout.as_stops), the first step end after some text, or `limit`; whether EOS ended it).
+    """(the turn: ids up to a stop (EOS, or a multi-token stop: rollout.as_stops), the first step end after
+    some text, or `limit`; whether a stop ended it).
 
     decode(ids) -> text; a step end counts once the turn's text up to it is_step. Decoding the turn so
     far (not token by token) also reads tags split over tokens ("<", "reason", "ing", ">\n")."""

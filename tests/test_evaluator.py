@@ -31,7 +31,8 @@ def test_eval_format_gives_the_share_of_answers_in_the_recipes_layout(tmp_path):
     flags = [f for rec in records for f in rec["in_format"]]
     assert flags == [evaluator.rewards.bare_number(t, "") == 1.0 for rec in records for t in rec["completions"]]
     assert ev["format"] == pytest.approx(sum(flags) / len(flags))
-    records = [{"correct": [True, False], "in_format": [True, True]}, {"correct": [False, False], "in_format": [False, True]}]
+    records = [{"correct": [True, False], "in_format": [True, True]},
+               {"correct": [False, False], "in_format": [False, True]}]
     assert evaluator.task_metrics("math", records, 2)["format"] == 0.75
     assert "format" not in evaluator.task_metrics("math", [{"correct": [True]}], 1)
     with pytest.raises(config.UserError, match="unknown reward 'bare_numbr'.*'bare_number'"):

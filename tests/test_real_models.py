@@ -204,9 +204,10 @@ def test_gemma_training_logps_equal_generate_scores_through_sliding_window_layer
 
 
 @pytest.mark.parametrize("name", ["gemma", "smol"])
-def test_the_shared_prompt_pass_equals_the_full_one_on_real_models(name, request):
+def test_the_shared_prompt_pass_equals_the_full_one_on_real_models(name, request, monkeypatch):
     """share_prompt on Gemma (sliding window 8, shorter than the prompts: both layer kinds see the
-    padding, and the window's cache) and on SmolLM2: the same log-probs as the full pass."""
+    padding, and the window's cache) and on SmolLM2: the same log-probs as the full pass, and the
+    shared prefill the same greedy tokens as each chain's own."""
     model, tok = request.getfixturevalue(name)
     layers = [m for m in model.modules() if getattr(m, "sliding_window", None)]
     saved = [(m, m.sliding_window) for m in [model.config, *layers]] if layers else []  # Gemma's, not SmolLM2's
@@ -220,11 +221,17 @@ def test_the_shared_prompt_pass_equals_the_full_one_on_real_models(name, request
         with torch.no_grad():
             shared, full = (losses.token_logps(model, r.input_ids, r.attention_mask, start, 0.7, 4, chunk_mb=64,
                                                share_prompt=share) for share in (True, False))
+        prompt_ids, prompt_mask = r.input_ids[:, :start], r.attention_mask[:, :start]
+        greedy = rollout.generate(model, prompt_ids, prompt_mask, max_new_tokens=5, temperature=0.0)
+        with monkeypatch.context() as m:
+            m.setattr(rollout, "prefilled_cache", lambda *a: None)  # each chain's own prefill
+            alone = rollout.generate(model, prompt_ids, prompt_mask, max_new_tokens=5, temperature=0.0)
     finally:
         for m, window in saved:
             m.sliding_window = window
     assert r.attention_mask[:, 0].tolist().count(0) == 2  # one prompt is left padded
     torch.testing.assert_close(shared, full, atol=2e-4, rtol=1e-4)
+    assert torch.equal(greedy, alone)
 
 
 def test_smollm2_training_logps_equal_generate_scores(smol):
@@ -267,7 +274,8 @@ def test_smollm2_in_the_plain_format_stops_at_the_blank_line_it_writes_as_two_to
     model, tok = llms.load(smol_dir, "cpu", prompt_format="plain", shots=[("What is 12 + 34?", "46")])
     blank = tok("\n", add_special_tokens=False)["input_ids"] * 2  # after a digit: "\n", "\n", not one "\n\n"
     assert model.generation_config.stop_sequences == [blank]
-    prompts = [llms.chat_prompt(tok, "Reply with just the number.", f"What is {a} + {b}?") for a, b in ((47, 38), (10, 11))]
+    prompts = [llms.chat_prompt(tok, "Reply with just the number.", f"What is {a} + {b}?")
+               for a, b in ((47, 38), (10, 11))]
     r = rollout.sample(model, tok, prompts, 1, max_prompt_tokens=96, max_new_tokens=12, temperature=0.0)
     for i, text in enumerate(r.texts):
         assert not r.info[i]["truncated"] and text.endswith("\n\n") and "Question" not in text, text
