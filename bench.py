@@ -11,8 +11,8 @@
 The workload: a model of the exact Qwen2.5-1.5B architecture (vocab 151,936, tied embeddings) with
 random weights, built from its config on the device (nothing is downloaded), bf16 on GPU (or the real
 model --model_name names, with its own tokenizer; the prompt is random ordinary tokens); one
-prompt of about 150 tokens x 16 chains, every chain forced to the full 786 new tokens (EOS is
-forbidden until then), a reward that varies between chains (distinct words), and `warmup` steps
+prompt of about 150 tokens x 16 chains (--prompts_per_step B: B distinct prompts, a group of chains
+each), every chain forced to the full 786 new tokens (EOS is forbidden until then), a reward that varies between chains (distinct words), and `warmup` steps
 before `steps` measured ones. --ragged then cuts each chain (EOS, padding after) to a length spread
 evenly over 1/G .. 1 of the maximum, shuffled, the same in both systems: sampling costs the same,
 the loss passes see chains of unequal length. Both systems start from the same weights with
@@ -209,7 +209,7 @@ def swapped(module, name: str, fn):
         setattr(module, name, original)
 
 
-def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, lengths: list[int]) -> dict:
+def run_ours(cfg, device: str, prompts: list[str], warmup: int, steps: int, bw: float, lengths: list[int]) -> dict:
     """Our steps as train.py takes them: llms.for_training, samplers.make (--rollout), grpo.step."""
     model, tok = build(cfg, device, cfg.gradient_checkpointing, lengths)
     policy = llms.for_training(model, tok, cfg, load_reference=lambda: build(cfg, device, False)[0])
@@ -218,7 +218,7 @@ def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, 
     optimizer.register_step_pre_hook(lambda *_: clock.start("optim"))
     optimizer.register_step_post_hook(lambda *_: clock.stop("optim"))
     sample = clock.wrap("sample", samplers.make(cfg, device=device, train_set=[]))
-    batch = [{"question": prompt, "answer": "", "solution": ""}]
+    batch = [{"question": prompt, "answer": "", "solution": ""} for prompt in prompts]
     measured = []
     with swapped(losses, "token_logps", clock.wrap("logp", losses.token_logps)), \
             swapped(losses, "liger_loss", clock.wrap("logp", losses.liger_loss)):
@@ -236,12 +236,12 @@ def run_ours(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, 
     return row
 
 
-def run_trl(cfg, device: str, prompt: str, warmup: int, steps: int, bw: float, lengths: list[int],
+def run_trl(cfg, device: str, prompts: list[str], warmup: int, steps: int, bw: float, lengths: list[int],
             workdir: str) -> dict:
     """TRL's GRPOTrainer on the same model, prompt, reward and settings (bench_trl.py)."""
     model, tok = build(cfg, device, False, lengths)  # gradient checkpointing: TRL switches it on itself
     clock = measure.Clock(device)
-    measured, trained = bench_trl.run(cfg, device, model, tok, prompt, reward, warmup, steps, clock, lengths,
+    measured, trained = bench_trl.run(cfg, device, model, tok, prompts, reward, warmup, steps, clock, lengths,
                                       workdir)
     row = summarise(f"trl {importlib.metadata.version('trl')}", measured, sum(lengths), cfg.max_completion_tokens,
                     measure.weight_bytes(trained), bw, clock)
@@ -274,8 +274,8 @@ def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_param
               f"{sum(bench['lengths'])} in all)" if bench["ragged"] else "")
     lines = measure.heading(device, argv, cap) + [
         f"{measure.versions()}. Model: {model}, {num_params / 1e6:.1f}M parameters, "
-        f"{str(llms.pick_dtype(cfg.dtype, device)).replace('torch.', '')}. Workload: 1 prompt "
-        f"({bench['prompt_tokens']} tokens) x {cfg.num_chains} chains x {cfg.max_completion_tokens} new tokens"
+        f"{str(llms.pick_dtype(cfg.dtype, device)).replace('torch.', '')}. Workload: "
+        f"{cfg.prompts_per_step} prompt(s) ({bench['prompt_tokens']} tokens each) x {cfg.num_chains} chains x {cfg.max_completion_tokens} new tokens"
         f"{ragged}, "
         f"micro-batch {cfg.micro_batch_size}, {'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full fine-tuning'}, "
         f"beta {cfg.beta:g}, {cfg.optimizer}, gradient checkpointing {cfg.gradient_checkpointing}, "
@@ -313,27 +313,29 @@ def main(argv: list[str]) -> list[dict]:
         raise ValueError(f"TRL samples plain chains only: --rollout {cfg.rollout} needs --systems ours")
     if "trl" in systems and cfg.loss_type not in bench_trl.TRL_LOSS:
         raise ValueError(f"TRL has no {cfg.loss_type!r} loss: pick another --loss_type or --systems ours")
-    if "trl" in systems and cfg.num_chains % cfg.micro_batch_size:
-        raise ValueError(f"TRL needs num_chains ({cfg.num_chains}) divisible by micro_batch_size "
+    chains = cfg.prompts_per_step * cfg.num_chains
+    if "trl" in systems and chains % min(cfg.micro_batch_size, chains):
+        raise ValueError(f"TRL needs prompts_per_step x num_chains ({chains}) divisible by micro_batch_size "
                          f"({cfg.micro_batch_size})")
     if bench["cap_gb"] and device.startswith("cuda"):  # before any allocation: the allocator enforces it
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, bench["cap_gb"] * 2**30 / total))
     bw = measure.bandwidth(device)
     model, tok = build(cfg, device, gradient_checkpointing=False)
-    prompt, num_params = make_prompt(tok, bench["prompt_tokens"], cfg.seed), model.num_parameters()
-    bench["prompt_tokens"] = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    prompts = [make_prompt(tok, bench["prompt_tokens"], cfg.seed + i) for i in range(cfg.prompts_per_step)]
+    num_params = model.num_parameters()
+    bench["prompt_tokens"] = len(tok(prompts[0], add_special_tokens=False)["input_ids"])
     del model
-    bench["lengths"] = lengths = chain_lengths(cfg.num_chains, cfg.max_completion_tokens, bench["ragged"], cfg.seed)
+    bench["lengths"] = lengths = chain_lengths(chains, cfg.max_completion_tokens, bench["ragged"], cfg.seed)
     rows = []
     for system in systems:
         measure.reset_memory(device)
         torch.manual_seed(cfg.seed)
         if system == "ours":
-            rows.append(run_ours(cfg, device, prompt, bench["warmup"], bench["steps"], bw, lengths))
+            rows.append(run_ours(cfg, device, prompts, bench["warmup"], bench["steps"], bw, lengths))
         else:
             with tempfile.TemporaryDirectory() as workdir:
-                rows.append(run_trl(cfg, device, prompt, bench["warmup"], bench["steps"], bw, lengths, workdir))
+                rows.append(run_trl(cfg, device, prompts, bench["warmup"], bench["steps"], bw, lengths, workdir))
     measure.publish(report(rows, cfg, bench, device, bw, num_params, argv), bench["benchmarks_file"])
     return rows
 

@@ -24,7 +24,7 @@ TRL_LOSS = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo"
 def trl_args(cfg, device: str, model, workdir: str, max_steps: int, chains_per_step: int,
              generation_kwargs: dict | None = None):
     """(GRPOConfig, peft LoraConfig or None): every setting of ours that TRL has, for max_steps steps of
-    chains_per_step chains (prompts_per_step x num_chains in a recipe, num_chains in bench.py)."""
+    chains_per_step chains (prompts_per_step x num_chains)."""
     from trl import GRPOConfig
 
     peft_config = None
@@ -58,16 +58,16 @@ def trl_args(cfg, device: str, model, workdir: str, max_steps: int, chains_per_s
     return args, peft_config
 
 
-def run(cfg, device: str, model, tok, prompt: str, reward, warmup: int, steps: int, clock, lengths: list[int],
+def run(cfg, device: str, model, tok, prompts: list[str], reward, warmup: int, steps: int, clock, lengths: list[int],
         workdir: str) -> tuple[list[dict], torch.nn.Module]:
     """Train warmup + steps steps; returns (the measured steps' times by phase, TRL's trained model)."""
     from datasets import Dataset
     from trl import GRPOTrainer
     from transformers import TrainerCallback
 
-    args, peft_config = trl_args(cfg, device, model, workdir, warmup + steps, cfg.num_chains,
+    args, peft_config = trl_args(cfg, device, model, workdir, warmup + steps, len(prompts) * cfg.num_chains,
                                  generation_kwargs={"min_new_tokens": cfg.max_completion_tokens})
-    dataset = Dataset.from_dict({"prompt": [prompt] * (warmup + steps) * 2})
+    dataset = Dataset.from_dict({"prompt": prompts * (warmup + steps) * 2})
     measured = []
 
     class Steps(TrainerCallback):  # a step ends at on_step_end; the optimizer step sits between two events

@@ -62,6 +62,15 @@ def test_ragged_chains_reach_both_systems(tmp_path):
     assert "(--ragged: then cut to 2..8, 20 in all)" in (tmp_path / "b.md").read_text()
 
 
+def test_several_prompts_each_get_their_group_in_both_systems(tmp_path):
+    rows = bench.main(SMALL + ["--prompts_per_step", "2", "--benchmarks_file", str(tmp_path / "b.md")])
+    for r in rows:  # 2 prompts x 4 chains x 8 tokens: ours counts its rollout's trained tokens
+        assert r["tokens_per_s"] * r["step_s"] == pytest.approx(2 * 4 * 8), r["system"]
+    assert "Workload: 2 prompt(s) (16 tokens each) x 4 chains" in (tmp_path / "b.md").read_text()
+    tok = bench.word_tokenizer(1000, bench.QWEN_SPECIAL)
+    assert bench.make_prompt(tok, 16, 0) != bench.make_prompt(tok, 16, 1)  # distinct prompts, distinct groups
+
+
 def test_bench_head_measures_one_chunk_of_the_log_prob_head(tmp_path):
     path = tmp_path / "b.md"
     row = bench_head.main(["--tiny", "--micro_batch_size", "4", "--logp_chunk", "32", "--benchmarks_file", str(path)])
