@@ -12,10 +12,11 @@ The workload: a model of the exact Qwen2.5-1.5B architecture (vocab 151,936, tie
 random weights, built from its config on the device (nothing is downloaded), bf16 on GPU (or the real
 model --model_name names, with its own tokenizer; the prompt is random ordinary tokens); one
 prompt of about 150 tokens x 16 chains (--prompts_per_step B: B distinct prompts, a group of chains
-each), every chain forced to the full 786 new tokens (EOS is forbidden until then), a reward that varies between chains (distinct words), and `warmup` steps
-before `steps` measured ones. --ragged then cuts each chain (EOS, padding after) to a length spread
-evenly over 1/G .. 1 of the maximum, shuffled, the same in both systems: sampling costs the same,
-the loss passes see chains of unequal length. Both systems start from the same weights with
+each), every chain forced to the full 786 new tokens (EOS is forbidden until then), a reward that
+varies between chains (distinct words), and `warmup` steps before `steps` measured ones. --ragged
+then cuts each chain (EOS, padding after) to a length spread evenly over 1/G .. 1 of the maximum,
+shuffled, the same in both systems: sampling costs the same, the loss passes see chains of unequal
+length. Both systems start from the same weights with
 matched settings (bench_trl.py maps ours onto TRL's); TRL samples with its own default (HF
 generate, dynamic cache), ours with `--sampler` (dynamic or static).
 
@@ -275,7 +276,8 @@ def report(rows: list[dict], cfg, bench: dict, device: str, bw: float, num_param
     lines = measure.heading(device, argv, cap) + [
         f"{measure.versions()}. Model: {model}, {num_params / 1e6:.1f}M parameters, "
         f"{str(llms.pick_dtype(cfg.dtype, device)).replace('torch.', '')}. Workload: "
-        f"{cfg.prompts_per_step} prompt(s) ({bench['prompt_tokens']} tokens each) x {cfg.num_chains} chains x {cfg.max_completion_tokens} new tokens"
+        f"{cfg.prompts_per_step} prompt(s) ({bench['prompt_tokens']} tokens each) x {cfg.num_chains} chains x "
+        f"{cfg.max_completion_tokens} new tokens"
         f"{ragged}, "
         f"micro-batch {cfg.micro_batch_size}, {'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full fine-tuning'}, "
         f"beta {cfg.beta:g}, {cfg.optimizer}, gradient checkpointing {cfg.gradient_checkpointing}, "
