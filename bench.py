@@ -16,9 +16,9 @@ each), every chain forced to the full 786 new tokens (EOS is forbidden until the
 varies between chains (distinct words), and `warmup` steps before `steps` measured ones. --ragged
 then cuts each chain (EOS, padding after) to a length spread evenly over 1/G .. 1 of the maximum,
 shuffled, the same in both systems: sampling costs the same, the loss passes see chains of unequal
-length. Both systems start from the same weights with
-matched settings (bench_trl.py maps ours onto TRL's); TRL samples with its own default (HF
-generate, dynamic cache), ours with `--sampler` (dynamic or static).
+length. Both systems start from the same weights with matched settings (bench_trl.py maps ours onto
+TRL's); TRL samples with its own default (HF generate, dynamic cache), ours with `--sampler` (dynamic
+or static).
 
 Each system gets one row, printed and appended to BENCHMARKS.md (date, device, versions, command):
 peak memory over its run (GPU: torch's allocated / reserved; CPU: the process's peak resident

@@ -249,9 +249,8 @@ def to_examples(rows: list[tuple[str, object]], source: str, task: str, template
 
 def load(cfg) -> tuple[list[dict], list[dict]]:
     """(train, test) examples of cfg.dataset: "arithmetic", "addition" or "digits" (builtin_tasks.py), a hub name,
-    or a local
-    file or folder; cfg.task says how rows become examples (math: question/answer columns; judge_*:
-    the OpenJudge layout)."""
+    or a local file or folder; cfg.task says how rows become examples (math: question/answer columns;
+    judge_*: the OpenJudge layout)."""
     template = load_template(cfg.prompt_template, cfg.task)
     if cfg.dataset == "digits":
         train, test = builtin_tasks.digits_task(cfg.digits_train_size, cfg.digits_test_size, cfg.seed,
