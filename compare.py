@@ -5,7 +5,8 @@
 
 Each recipe runs once per seed, as `python train.py --config RECIPE --seed K --out_dir out/compare/<recipe>/seed<K>`
 plus any other --key value given here (they apply to every run). A finished run there is read, not run
-again; an unfinished one is resumed. The runs share `--sft_cache <out>/sft_cache` (sft.py): recipes that
+again; an unfinished one is resumed; one whose config.json no longer matches what the recipe and flags
+give (the recipe was edited since) stops compare.py with the keys that differ. The runs share `--sft_cache <out>/sft_cache` (sft.py): recipes that
 differ only after the warm start train each seed's warm start once and start GRPO from the same weights
 (`--sft_cache ''` trains it in every run). Then, per recipe: the mean over seeds and its 95% interval
 (Student's t over seeds) of the accuracy at step 0, at the last eval and of the gain; each recipe's
@@ -15,6 +16,7 @@ taken as independent: a lower bound when a question's samples agree), next to th
 It prints a markdown table, writes it to <out>/compare.md, and draws <out>/compare.png: each recipe's
 mean accuracy curve with its 95% band over seeds.
 """
+import dataclasses
 import json
 import math
 import os
@@ -44,6 +46,24 @@ def finished(run_dir: str) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     return any(r["split"] == "eval" and r["step"] == max_steps for r in plot.read_metrics(run_dir))
+
+
+def check_same_settings(recipe: str, seed: int, run_dir: str, extra: list[str]) -> None:
+    """A run folder kept from before must have been trained with what the recipe and flags give now;
+    keys its config.json lacks (added to Config since) and where runs are written are not compared."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return  # no run there yet (or one that never got going): train.py starts it afresh
+    now = json.loads(json.dumps(dataclasses.asdict(config.load(
+        ["--config", recipe, "--seed", str(seed), "--out_dir", run_dir, *extra]))))
+    differ = [f"{k}: {saved[k]!r} there, {now[k]!r} now" for k in now
+              if k in saved and k not in ("out_dir", "sft_cache") and saved[k] != now[k]]
+    if differ:
+        raise config.UserError(f"{run_dir} was trained with other settings than {recipe} gives now ("
+                               f"{'; '.join(differ)}): delete that folder to train it again, or pass --out "
+                               f"for a fresh comparison")
 
 
 def run(recipe: str, seed: int, run_dir: str, extra: list[str]) -> None:
@@ -136,6 +156,7 @@ def main(argv: list[str]) -> dict:
         results[name_of(recipe)] = {}
         for seed in seeds:
             run_dir = os.path.join(out, name_of(recipe), f"seed{seed}")
+            check_same_settings(recipe, seed, run_dir, extra)
             if not finished(run_dir):
                 run(recipe, seed, run_dir, extra)
             results[name_of(recipe)][seed] = run_figures(run_dir)

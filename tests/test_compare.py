@@ -20,7 +20,9 @@ def test_finished_runs_are_read_and_summarised(tmp_path, monkeypatch):
             run_train(["--config", f"configs/{recipe}.yaml", *SHORT, "--seed", str(seed),
                        "--out_dir", str(out / recipe / f"seed{seed}")])
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a finished run was run again"))
-    results = compare.main(["configs/tiny.yaml", "configs/tiny_dapo.yaml", "--seeds", "0,1", "--out", str(out)])
+    with pytest.raises(config.UserError, match=r"seed0 was trained with other settings.*max_steps: 2 there, 80 now"):
+        compare.main(["configs/tiny.yaml", "--seeds", "0", "--out", str(out)])  # not the flags it was run with
+    results = compare.main(["configs/tiny.yaml", "configs/tiny_dapo.yaml", "--seeds", "0,1", "--out", str(out), *SHORT])
     for name in ("tiny", "tiny_dapo"):
         for seed in (0, 1):
             evals = [r for r in read(out / name / f"seed{seed}" / "metrics.jsonl") if r["split"] == "eval"]
