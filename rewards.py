@@ -192,10 +192,11 @@ def is_correct(completion: str, answer: str) -> bool:
 
 
 def has_final_answer(text: str) -> bool:
-    """The work states its answer explicitly (####, <answer>, \\boxed, "the answer is"); a bare last
-    number, which extract_answer falls back to, does not count (verifier turns ask for one)."""
+    """The work states its answer explicitly (####, <answer>, \\boxed, "the answer is"), or is one number and
+    nothing else (bare_number: what "Reply with just the number." asks for); a last number after other
+    work, which extract_answer falls back to, does not count (verifier turns ask for one)."""
     marked = any(m in text for m in ("####", "</answer>", "\\boxed{")) or "the answer is" in text.lower()
-    return marked and extract_answer(text) is not None
+    return (marked and extract_answer(text) is not None) or bare_number(text, "") == 1.0
 
 
 def checkable(answer: str) -> bool:

@@ -244,7 +244,7 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
             no_room = c.policy_tokens >= max_completion_tokens
             if stopped:
                 c.stopped = True
-                if rewards.has_final_answer("".join(job.steps)) or no_room:
+                if verifier_backends.answered(job.steps) or no_room:
                     c.done = True
                 else:  # STOP without a final answer: ask for it, and give one more turn
                     c.nudged = True

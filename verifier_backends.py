@@ -69,6 +69,13 @@ class Job(NamedTuple):
 # rules: a programmatic verifier for the arithmetic of the work (arithmetic.py) and its final answer
 
 
+def answered(steps: list[str]) -> bool:
+    """The policy's turns so far state a final answer: the work as a whole (rewards.has_final_answer), or its
+    latest turn is a bare number, a second try after "Your final answer is wrong." ("Reply with just the
+    number." recipes)."""
+    return bool(steps) and (rewards.has_final_answer("".join(steps)) or rewards.has_final_answer(steps[-1]))
+
+
 def rules_reply(answer: str, steps: list[str]) -> str:
     """Check every equation of the latest step (arithmetic.equation_errors); then, once the work states a final
     answer, that answer.
@@ -81,7 +88,7 @@ def rules_reply(answer: str, steps: list[str]) -> str:
     wrong, checked = arithmetic.equation_errors(latest)
     if wrong:  # short replies: every inserted token lengthens every later turn and the trained sequence
         return "; ".join(wrong) + ".\n[SCORE] hallucination_detect=1"
-    if rewards.has_final_answer(work):
+    if answered(steps):
         if rewards.is_correct(work, answer):
             return f"{STOP}\n[SCORE] hallucination_detect=0"
         return "Your final answer is wrong.\n[SCORE] hallucination_detect=1"

@@ -113,6 +113,27 @@ def test_the_tiny_variants_keep_the_demo_warm_start_and_schedule(variant):
     assert {k: other.get(k) for k in shared} == {k: demo[k] for k in shared}
 
 
+@pytest.mark.parametrize("variant", ["smollm2_ghpo", "smollm2_verifier", "smollm2_guided"])
+def test_the_smollm2_variants_change_only_their_idea(variant):
+    """A variant of configs/smollm2_cpu.yaml sets every key of the recipe as the recipe does (out_dir aside)
+    and adds only its sampling idea's keys, so compare.py's curves differ by the idea alone."""
+    import yaml
+
+    def recipe(name):
+        with open(os.path.join(ROOT, "configs", f"{name}.yaml")) as f:
+            return yaml.safe_load(f)
+    base, other = recipe("smollm2_cpu"), recipe(variant)
+    shared = [k for k in base if k != "out_dir" and not (variant == "smollm2_verifier" and k == "max_completion_tokens")]
+    assert len(shared) > 20
+    assert {k: other.get(k) for k in shared} == {k: base[k] for k in shared}
+    if variant == "smollm2_verifier":  # the budget counts the policy's tokens over both tries
+        assert other["max_completion_tokens"] == other["verifier_max_turns"] * base["max_completion_tokens"]
+    idea = {"smollm2_ghpo": ("rollout", "ghpo_"), "smollm2_verifier": ("rollout", "verifier_"),
+            "smollm2_guided": ("rollout", "guide_", "min_guide", "max_guide")}[variant]
+    assert all(k.startswith(idea) for k in other if k not in base), sorted(set(other) - set(base))
+    assert other["rollout"] == variant.split("_")[1] and other["out_dir"] != base["out_dir"]
+
+
 @pytest.mark.parametrize("base, variants", [("tiny", ["tiny_guided", "tiny_guided_postfix", "tiny_verifier",
                                                       "tiny_verifier_matched", "tiny_dapo"]),
                                             ("tiny_hard", ["tiny_ghpo"])])

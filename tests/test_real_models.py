@@ -9,6 +9,7 @@ Workloads are a few chains of a few tokens: a Gemma forward pass is slow on 2 co
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -22,9 +23,10 @@ import gguf_models
 import grpo
 import llms
 import losses
+import rewards
 import rollout
 import samplers
-from helpers import read, run_train
+from helpers import ROOT, read, run_train
 
 
 @pytest.fixture(scope="session")
@@ -346,3 +348,21 @@ def test_each_sampling_idea_takes_a_step_on_smollm2(smol, idea):
     prefix = {"guided": "guide/", "ghpo": "ghpo/", "verifier": "verifier/"}[idea]
     assert any(k.startswith(prefix) for k in out.figures) and out.figures["skipped"] == 0
     assert out.rollout.loss_mask.sum() > 0 and all(isinstance(t, str) for t in out.rollout.texts)
+
+
+def test_smollm2_verifier_recipe_gives_a_wrong_bare_number_a_second_try(smol_dir):
+    """configs/smollm2_verifier.yaml on the real model in its plain format: every first answer is a bare
+    number; against a reference no answer matches, the rules verifier says it is wrong and the policy
+    answers again, once (verifier_max_turns 2); both tries are trained, the verifier's text is not."""
+    cfg = config.load(["--config", os.path.join(ROOT, "configs", "smollm2_verifier.yaml"), "--num_chains", "2",
+                       "--model_name", smol_dir])
+    model, tok = llms.load(smol_dir, "cpu", prompt_format="plain", shots=[("What is 79 + 34?", "113")])
+    train, _ = builtin_tasks.addition_task(4, 2, seed=0)
+    batch = [{**ex, "answer": "1000"} for ex in train[:2]]  # no two-digit sum is 1000
+    r = samplers.make(cfg, device="cpu", train_set=train)(model, tok, batch, 1)
+    for i, info in enumerate(r.info):
+        assert info["turns"] == 2 and info["verifier_corrections"] == 1, info
+        assert "Your final answer is wrong." in info["conversation"], info["conversation"]
+        trained = tok.decode(r.input_ids[i][r.loss_mask[i].bool()])
+        assert "wrong" not in trained and len(re.findall(r"\d+", trained)) == 2, trained
+        assert rewards.bare_number(r.texts[i], "") == 0.0  # two tries joined are no bare number

@@ -102,6 +102,8 @@ def test_has_final_answer():
     assert rewards.has_final_answer("So the answer is 7.")
     assert not rewards.has_final_answer("3 + 4 = 7.")  # a last number alone is no stated answer
     assert not rewards.has_final_answer("####")
+    assert rewards.has_final_answer(" 85\n\n") and rewards.has_final_answer("**1,234**.")  # the answer alone
+    assert not rewards.has_final_answer("47 + 38 = 85") and not rewards.has_final_answer("")
 
 
 @pytest.mark.parametrize("steps, answer, expected", [
@@ -113,6 +115,9 @@ def test_has_final_answer():
     (["3 + 4 = 7.\n#### 7"], "7", f"{STOP}\n[SCORE] hallucination_detect=0"),
     (["3 + 4 = 7.\n", "#### 9"], "7", "Your final answer is wrong.\n[SCORE] hallucination_detect=1"),
     (["Tom has apples.\n"], "7", ""),  # nothing to check: no feedback, no score
+    ([" 85\n\n"], "85", f"{STOP}\n[SCORE] hallucination_detect=0"),  # a bare number is the answer
+    ([" 73\n\n"], "85", "Your final answer is wrong.\n[SCORE] hallucination_detect=1"),
+    ([" 73\n\n", " 85\n\n"], "85", f"{STOP}\n[SCORE] hallucination_detect=0"),  # the second try
     (["1 / 0 = 5"], "7", ""),
 ])
 def test_rules_reply(steps, answer, expected):
