@@ -50,7 +50,8 @@ def finished(run_dir: str) -> bool:
 
 def check_same_settings(recipe: str, seed: int, run_dir: str, extra: list[str]) -> None:
     """A run folder kept from before must have been trained with what the recipe and flags give now;
-    keys its config.json lacks (added to Config since) and where runs are written are not compared."""
+    keys its config.json lacks (added to Config since), where runs are written and whether they were
+    resumed (a resumed run's config.json names the folder it went on from) are not compared."""
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             saved = json.load(f)
@@ -59,7 +60,7 @@ def check_same_settings(recipe: str, seed: int, run_dir: str, extra: list[str]) 
     now = json.loads(json.dumps(dataclasses.asdict(config.load(
         ["--config", recipe, "--seed", str(seed), "--out_dir", run_dir, *extra]))))
     differ = [f"{k}: {saved[k]!r} there, {now[k]!r} now" for k in now
-              if k in saved and k not in ("out_dir", "sft_cache") and saved[k] != now[k]]
+              if k in saved and k not in ("out_dir", "sft_cache", "resume") and saved[k] != now[k]]
     if differ:
         raise config.UserError(f"{run_dir} was trained with other settings than {recipe} gives now ("
                                f"{'; '.join(differ)}): delete that folder to train it again, or pass --out "

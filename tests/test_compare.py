@@ -1,4 +1,5 @@
 """compare.py: recipes over seeds, read from finished runs or run; means, intervals, paired differences."""
+import json
 import math
 import os
 import subprocess
@@ -19,6 +20,8 @@ def test_finished_runs_are_read_and_summarised(tmp_path, monkeypatch):
         for seed in (0, 1):
             run_train(["--config", f"configs/{recipe}.yaml", *SHORT, "--seed", str(seed),
                        "--out_dir", str(out / recipe / f"seed{seed}")])
+    run_train(["--resume", str(out / "tiny" / "seed1")])  # its config.json now names where it went on from
+    assert json.loads((out / "tiny" / "seed1" / "config.json").read_text())["resume"] == str(out / "tiny" / "seed1")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a finished run was run again"))
     with pytest.raises(config.UserError, match=r"seed0 was trained with other settings.*max_steps: 2 there, 80 now"):
         compare.main(["configs/tiny.yaml", "--seeds", "0", "--out", str(out)])  # not the flags it was run with
