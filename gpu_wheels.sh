@@ -10,7 +10,7 @@ rm -rf .whl && mkdir -p .whl
 WHEELS=(
   bitsandbytes==0.50.2          # 8-bit AdamW's CUDA kernels (about 43 MB)
   liger-kernel==0.8.5           # --liger
-  transformers==5.24.0          # requirements.txt asks for >= 5.23
+  transformers==5.25.0          # requirements.txt asks for >= 5.23
   trl==1.16.0                   # bench.py's side-by-side comparison
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19  # trl imports datasets
   math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2  # rewards.py
