@@ -11,8 +11,10 @@ reads the text up to the blank line, as our own stop cuts it, and TRL trains the
 
 Every setting of ours that TRL has is mapped here (chains, lengths, micro-batch and accumulation,
 dtype, sampling, loss, clipping, optimizer, schedule, gradient checkpointing, LoRA, reference
-model), so a new TRL version or a new setting is one edit in one place. The timings come from
-TRL's own callbacks and two light wrappers around its sampling and log-prob methods.
+model), so a new TRL version or a new setting is one edit in one place. TRL's GRPOTrainer has no
+dynamic sampling (DAPO's filter, grpo.py) and none of our sampling ideas: with either in the recipe it
+trains plain GRPO on every group, and says so. The timings come from TRL's own callbacks and two light
+wrappers around its sampling and log-prob methods.
 """
 import os
 
@@ -119,6 +121,13 @@ def train_recipe(argv: list[str]) -> None:
     import sft
 
     cfg = config.load(argv)
+    missing = []  # what TRL cannot run: said, not silently dropped
+    if cfg.dynamic_sampling:
+        missing.append("dynamic sampling")
+    if cfg.rollout != "plain":
+        missing.append(f"{cfg.rollout} sampling")
+    if missing:
+        print(f"bench_trl: TRL's GRPOTrainer has no {' and no '.join(missing)}: it trains plain GRPO on every group")
     device = llms.pick_device(cfg.device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
