@@ -208,7 +208,9 @@ class Config:
     adam_beta1: float = 0.9            # AdamW's first-moment decay
     adam_beta2: float = 0.99           # AdamW's second-moment decay
     warmup_steps: int = 10             # linear warmup of the learning rate over this many steps
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup: constant, or cosine to 0 at max_steps
+    lr_schedule: Literal["constant", "cosine", "wsd"] = "constant"  # after warmup: constant, cosine to 0 at max_steps,
+    #                                    or wsd (warmup-stable-decay): constant, then linear to 0 over the last steps
+    lr_decay_steps: int = 20           # wsd: the last this many steps decay linearly (the final step at 1/this)
     max_grad_norm: float = 1.0         # gradients are clipped to this norm (logged before clipping)
     # --- supervised warm start on the reference solutions, before GRPO (sft.py)
     sft_steps: int = 0                 # supervised steps (0 = no warm start)
@@ -346,7 +348,7 @@ def validate(cfg: Config) -> None:
         raise UserError("group-normalised advantages need num_chains >= 2")
     for key in ("prompts_per_step", "num_chains", "micro_batch_size", "max_steps", "eval_every",
                 "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations", "keep_last",
-                "max_bad_steps", "sft_warmup_steps", "max_sampling_rounds", "sft_batch_size", "eval_samples",
+                "max_bad_steps", "sft_warmup_steps", "lr_decay_steps", "max_sampling_rounds", "sft_batch_size", "eval_samples",
                 "eval_batch_size", "logp_chunk", "tiny_hidden", "tiny_layers", "tiny_vocab_size",
                 "arithmetic_train_size", "arithmetic_test_size", "arithmetic_min_steps", "addition_digits",
                 "digits_count", "digits_train_size", "digits_test_size"):

@@ -388,11 +388,13 @@ def make_optimizer(model, cfg):
     if cfg.kahan_updates:  # bf16 weights: carry each update's rounding error instead of dropping it
         kahan.attach(optimizer)
 
-    def factor(step):  # step counts GRPO steps; linear warmup, then constant or cosine to 0
+    def factor(step):  # step counts GRPO steps from 0; linear warmup, then constant, cosine to 0 or wsd's tail
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule == "cosine":
             progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.lr_schedule == "wsd":  # the last lr_decay_steps steps: 1, ..., 1/lr_decay_steps
+            return max(0.0, min(1.0, (cfg.max_steps - step) / cfg.lr_decay_steps))
         return 1.0
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -676,3 +676,20 @@ def test_a_shared_prompt_run_once_gives_the_log_probs_and_gradient_of_the_full_p
     assert_grads_close(got[True][1], got[False][1])
     distinct = torch.arange(len(r))[:, None].expand(-1, start)  # no two rows share a prompt: the full pass
     assert losses.shared_prompt_hidden(body, distinct, torch.ones_like(distinct), start) is None
+
+
+@pytest.mark.parametrize("schedule, want", [
+    ("constant", [0.5, 1, 1, 1, 1, 1, 1, 1]),
+    ("wsd", [0.5, 1, 1, 1, 1, 0.75, 0.5, 0.25]),  # the last 4 steps down to 1/4, none at 0
+    ("cosine", [0.5, 1] + [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]),  # never at 0 either
+])
+def test_the_learning_rate_of_each_step_under_each_schedule(schedule, want):
+    cfg = config.Config(optimizer="adamw", kahan_updates=False, learning_rate=2.0, warmup_steps=2, max_steps=8,
+                        lr_schedule=schedule, lr_decay_steps=4)
+    optimizer, scheduler = losses.make_optimizer(torch.nn.Linear(2, 2), cfg)
+    got = []
+    for _ in range(cfg.max_steps):
+        got.append(optimizer.param_groups[0]["lr"] / cfg.learning_rate)
+        optimizer.step()
+        scheduler.step()
+    assert got == pytest.approx(want)
