@@ -21,6 +21,8 @@ import os
 import torch
 
 TRL_LOSS = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo", "cispo": "cispo", "gspo": "grpo"}
+# our lr_schedule as transformers names it (wsd: constant, then linear decay over lr_decay_steps)
+TRL_SCHEDULE = {"constant": "constant_with_warmup", "cosine": "cosine", "wsd": "warmup_stable_decay"}
 
 
 def trl_args(cfg, device: str, model, workdir: str, max_steps: int, chains_per_step: int,
@@ -52,9 +54,9 @@ def trl_args(cfg, device: str, model, workdir: str, max_steps: int, chains_per_s
         num_iterations=cfg.num_iterations,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm, warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type={"cosine": "cosine", "wsd": "warmup_stable_decay"}.get(cfg.lr_schedule, "constant_with_warmup"),
-        lr_scheduler_kwargs={"num_decay_steps": cfg.lr_decay_steps, "decay_type": "linear"} if cfg.lr_schedule == "wsd"
-        else None,
+        lr_scheduler_type=TRL_SCHEDULE[cfg.lr_schedule],
+        lr_scheduler_kwargs={"num_decay_steps": cfg.lr_decay_steps, "decay_type": "linear"}
+        if cfg.lr_schedule == "wsd" else None,
         optim="adamw_bnb_8bit" if cfg.optimizer == "adamw8bit" else "adamw_torch",
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},

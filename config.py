@@ -348,8 +348,8 @@ def validate(cfg: Config) -> None:
         raise UserError("group-normalised advantages need num_chains >= 2")
     for key in ("prompts_per_step", "num_chains", "micro_batch_size", "max_steps", "eval_every",
                 "save_every", "max_completion_tokens", "max_prompt_tokens", "num_iterations", "keep_last",
-                "max_bad_steps", "sft_warmup_steps", "lr_decay_steps", "max_sampling_rounds", "sft_batch_size", "eval_samples",
-                "eval_batch_size", "logp_chunk", "tiny_hidden", "tiny_layers", "tiny_vocab_size",
+                "max_bad_steps", "sft_warmup_steps", "lr_decay_steps", "max_sampling_rounds", "sft_batch_size",
+                "eval_samples", "eval_batch_size", "logp_chunk", "tiny_hidden", "tiny_layers", "tiny_vocab_size",
                 "arithmetic_train_size", "arithmetic_test_size", "arithmetic_min_steps", "addition_digits",
                 "digits_count", "digits_train_size", "digits_test_size"):
         if getattr(cfg, key) < 1:

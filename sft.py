@@ -46,7 +46,7 @@ AFTER_WARM_START = {
     "max_sampling_rounds", "min_guide_tokens", "max_guide_tokens", "rewards", "loss_type", "adv_scale", "beta",
     "eps_low", "eps_high", "cispo_max_weight", "num_iterations", "micro_batch_size", "sort_micro_batches",
     "optimizer", "kahan_updates", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "warmup_steps",
-    "lr_schedule", "train_only", "out_dir", "max_steps", "save_every", "keep_last", "max_bad_steps",
+    "lr_schedule", "lr_decay_steps", "train_only", "out_dir", "max_steps", "save_every", "keep_last", "max_bad_steps",
     "log_samples", "resume", "report_to", "wandb_project", "sft_cache"}
 # the sampling ideas' own fields (config.IDEA_PREFIXES), evaluation, LoRA and the reward settings
 AFTER_WARM_START_PREFIXES = (*(p for prefixes in config.IDEA_PREFIXES.values() for p in prefixes),
