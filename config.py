@@ -209,7 +209,7 @@ class Config:
     adam_beta2: float = 0.99           # AdamW's second-moment decay
     warmup_steps: int = 10             # linear warmup of the learning rate over this many steps
     lr_schedule: Literal["constant", "cosine", "wsd"] = "constant"  # after warmup: constant, cosine to 0 at max_steps,
-    #                                    or wsd (warmup-stable-decay): constant, then linear to 0 over the last steps
+    #                                    or wsd (warmup-stable-decay): constant, then linear toward 0 (lr_decay_steps)
     lr_decay_steps: int = 20           # wsd: the last this many steps decay linearly (the final step at 1/this)
     max_grad_norm: float = 1.0         # gradients are clipped to this norm (logged before clipping)
     # --- supervised warm start on the reference solutions, before GRPO (sft.py)
