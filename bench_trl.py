@@ -137,11 +137,13 @@ def train_recipe(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     train_set, test_set = data.load(cfg)
     eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
-    model, tok = llms.from_config(cfg, cfg.model_name, device, train_set)
+    shots = data.few_shot_examples(train_set, cfg.few_shot, cfg.seed)
+    model, tok = llms.from_config(cfg, cfg.model_name, device, shots=shots,
+                                  tiny_corpus=data.tiny_corpus(train_set, cfg.system_prompt))
     if cfg.sft_steps > 0:  # the warm start train.py gives the same recipe
         sft.warm_start_cached(model, tok, train_set, cfg)
     ours = model.generation_config  # TRL samples with its own; our evaluation with ours
-    plain = tok.chat_template == llms.plain_template(tok, llms.few_shot_examples(train_set, cfg.few_shot, cfg.seed))
+    plain = tok.chat_template == llms.plain_template(tok, shots)
     os.makedirs(cfg.out_dir, exist_ok=True)
     log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w")
 

@@ -306,6 +306,18 @@ def refill(examples: list[dict], step: int, round_: int, size: int, seed: int, *
     return pool[start:start + min(size, per_round)]
 
 
+def few_shot_examples(train_set: list[dict], k: int, seed: int) -> list[tuple[str, str]]:
+    """k solved training examples (question, worked solution) for the plain prompt format, the same
+    for a seed in every process."""
+    picked = random.Random(seed).sample(train_set, min(k, len(train_set)))
+    return [(ex["question"], target_text(ex)) for ex in picked]
+
+
+def tiny_corpus(train_set: list[dict], system_prompt: str) -> list[str]:
+    """The texts the built-in tiny model's tokenizer is trained on: the train set's chats."""
+    return [f"system\n{system_prompt}\nuser\n{ex['question']}\nassistant\n{target_text(ex)}" for ex in train_set]
+
+
 def target_text(example: dict, answer_only: bool = False, slip_rate: float = 0.0, rng: random.Random | None = None
                 ) -> str:
     """What the SFT warm start teaches: a judge example's verdict in its output format (its "target",

@@ -169,7 +169,7 @@ if __name__ == "__main__":
     cfg = config.Config(model_name=llms.TINY, device="cpu", optimizer="adamw", system_prompt="", num_chains=4,
                         max_completion_tokens=16, max_prompt_tokens=96, rewards={"integer_answer": 1.0})
     train, _ = builtin_tasks.arithmetic_task(200, 10, seed=0)
-    model, tok = llms.from_config(cfg, llms.TINY, "cpu", train)
+    model, tok = llms.from_config(cfg, llms.TINY, "cpu", tiny_corpus=data.tiny_corpus(train, cfg.system_prompt))
     policy = llms.for_training(model, tok, cfg, load_reference=lambda: None)
     optimizer, _ = losses.make_optimizer(model, cfg)
     sample = samplers.make(cfg, device="cpu", train_set=train)

@@ -13,7 +13,6 @@ Qwen's, the tokenizer splits numbers into single digits.
     python llms.py     # builds the tiny model and prints its size and a tokenized prompt
 """
 import os
-import random
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,6 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
                           GenerationConfig, PreTrainedTokenizerFast)
 
 import config
-import data
 import gguf_models
 import vision
 
@@ -226,25 +224,16 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
     return prepare(model, tokenizer, device, gradient_checkpointing, liger, prompt_format, shots)
 
 
-def from_config(cfg, name: str, device: str, train_set: list[dict], *, gradient_checkpointing: bool | None = None):
+def from_config(cfg, name: str, device: str, *, shots: list[tuple[str, str]] = (),
+                tiny_corpus: list[str] | None = None, gradient_checkpointing: bool | None = None):
     """`load` with the run's settings: the policy (name = model_name, a checkpoint or the warm-started
-    base) or its frozen reference. The tiny model's tokenizer trains on the train set's chats."""
-    corpus = None
-    if cfg.model_name in (TINY, TINY_VL):  # only the tiny tokenizer trains on it
-        corpus = [f"system\n{cfg.system_prompt}\nuser\n{ex['question']}\nassistant\n{data.target_text(ex)}"
-                  for ex in train_set]
+    base) or its frozen reference. shots: the plain format's solved examples (data.few_shot_examples);
+    tiny_corpus: the texts the built-in tiny model's tokenizer trains on (data.tiny_corpus)."""
     return load(name, device, dtype=cfg.dtype, liger=cfg.liger, trust_remote_code=cfg.trust_remote_code,
                 gradient_checkpointing=cfg.gradient_checkpointing if gradient_checkpointing is None
-                else gradient_checkpointing, tiny_corpus=corpus, tiny_vocab_size=cfg.tiny_vocab_size,
+                else gradient_checkpointing, tiny_corpus=tiny_corpus, tiny_vocab_size=cfg.tiny_vocab_size,
                 tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed, min_pixels=cfg.min_pixels,
-                max_pixels=cfg.max_pixels, model_cache=cfg.model_cache, prompt_format=cfg.prompt_format,
-                shots=few_shot_examples(train_set, cfg.few_shot, cfg.seed))
-
-
-def few_shot_examples(train_set: list[dict], k: int, seed: int) -> list[tuple[str, str]]:
-    """k solved training examples (question, worked solution), the same for a seed in every process."""
-    picked = random.Random(seed).sample(train_set, min(k, len(train_set)))
-    return [(ex["question"], data.target_text(ex)) for ex in picked]
+                max_pixels=cfg.max_pixels, model_cache=cfg.model_cache, prompt_format=cfg.prompt_format, shots=shots)
 
 
 def check_context(cfg) -> None:
@@ -378,6 +367,7 @@ def decoder_and_head(model):
 
 if __name__ == "__main__":
     import builtin_tasks
+    import data
 
     train, _ = builtin_tasks.arithmetic_task(2000, 100, seed=0)
     tok_corpus = [ex["question"] + "\n" + data.target_text(ex) for ex in train]

@@ -65,7 +65,9 @@ def main(argv: list[str]) -> None:
 
         # 2. the policy: a fresh run starts from model_name (warm-started if sft_steps), a resumed one from
         #    its latest checkpoint; then LoRA or train_only, and the frozen reference when beta > 0
-        model, tokenizer = llms.from_config(cfg, run.model_path, device, train_set)
+        shots = data.few_shot_examples(train_set, cfg.few_shot, cfg.seed)  # the plain format's solved examples
+        corpus = data.tiny_corpus(train_set, cfg.system_prompt)  # the built-in tiny model's tokenizer trains on it
+        model, tokenizer = llms.from_config(cfg, run.model_path, device, shots=shots, tiny_corpus=corpus)
         rollout.check_prompts_fit(tokenizer, cfg, train_set + eval_set)  # a judge prompt must keep its instructions
         vision.check(tokenizer, cfg, train_set + eval_set)  # images need a VL model (and no Liger)
         if run.fresh and cfg.sft_steps > 0:
@@ -74,7 +76,7 @@ def main(argv: list[str]) -> None:
         run.save_base(model, tokenizer)  # the starting weights: resume, LoRA and the reference load them
     with distributed.together():
         policy = llms.for_training(model, tokenizer, cfg, adapter_path=run.adapter_path, load_reference=lambda: (
-            llms.from_config(cfg, run.base, device, train_set, gradient_checkpointing=False)[0]))
+            llms.from_config(cfg, run.base, device, shots=shots, tiny_corpus=corpus, gradient_checkpointing=False)[0]))
         optimizer, scheduler = losses.make_optimizer(policy.model, cfg)
         first_step = run.restore(optimizer, scheduler)
     distributed.broadcast_weights(policy.model)  # torchrun: every rank starts from rank 0's weights
