@@ -54,7 +54,7 @@ def check_same_settings(recipe: str, seed: int, run_dir: str, extra: list[str]) 
     resumed (a resumed run's config.json names the folder it went on from) are not compared."""
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
-            saved = json.load(f)
+            saved = config.renamed(json.load(f))
     except (OSError, ValueError):
         return  # no run there yet (or one that never got going): train.py starts it afresh
     now = json.loads(json.dumps(dataclasses.asdict(config.load(

@@ -28,6 +28,11 @@ GSM8K_SYSTEM_PROMPT = ("Respond in the following format:\n<reasoning>\n...\n</re
                        "</answer>")
 
 
+# Keys that were renamed: a recipe or flag that still uses one gets an error naming the new key. A run
+# folder's config.json written before the rename is read with the new names (--resume, compare.py).
+RENAMED = {"rollout": "sampler"}  # `sampler` was the KV cache, now kv_cache (samplers.check names it)
+
+
 class UserError(ValueError):
     """A mistake in what a run was asked to do (a config key or value, a dataset field, a file or model
     that cannot be reached, a bad row): train.py prints its message alone, which names the cause and
@@ -35,7 +40,6 @@ class UserError(ValueError):
 
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"]
-LIGER_LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"]
 # Each loss type's own values from its paper, taken by load() for the keys a run does not set itself
 # (in its recipe, its flags, or its resumed config.json):
 LOSS_DEFAULTS = {
@@ -45,10 +49,6 @@ LOSS_DEFAULTS = {
     "gspo": {"eps_low": 3e-4, "eps_high": 4e-4},
     "dr_grpo": {"adv_scale": "none"},  # Dr. GRPO (arXiv 2503.20783) sec. 3.2: no division by the group std
 }
-# Each sampling idea's field prefixes (its section of Config): its fields are read only after the
-# supervised warm start, so sft.cache_key leaves them out and runs that differ in them alone share one
-# cached warm start (sft_cache). A new idea in samplers.SAMPLERS gets its line here (tests/test_train.py).
-IDEA_PREFIXES = {"plain": (), "guided": ("guide_",), "ghpo": ("ghpo_",), "verifier": ("verifier_",)}
 
 
 @dataclass
@@ -113,7 +113,7 @@ class Config:
     digits_train_size: int = 80        # the built-in visual task: train questions
     digits_test_size: int = 20         # the built-in visual task: held-out questions
     # --- sampling (samplers.py picks the idea; rollout.py holds plain sampling)
-    rollout: str = "plain"             # the sampling idea, a name in samplers.SAMPLERS: plain, guided, ghpo, verifier
+    sampler: str = "plain"             # the sampling idea, a name in samplers.SAMPLERS: plain, guided, ghpo, verifier
     prompts_per_step: int = 4          # B questions per step
     num_chains: int = 16               # G chains per question
     max_prompt_tokens: int = 256       # longer prompts keep their end (counted: prompt_truncated_frac); a judge
@@ -122,12 +122,12 @@ class Config:
     temperature: float = 1.0           # sampling and training log-probs use the same temperature
     top_p: float = 1.0                 # nucleus sampling (1 = off); log-probs stay over the whole vocabulary,
     #                                    so top_p < 1 is refused with num_iterations > 1
-    sampler: Literal["dynamic", "static"] = "dynamic"  # KV cache: dynamic (HF's default) or static (allocated
-    #                                    once, decode step compiled, CUDA graphs on GPU)
+    kv_cache: Literal["dynamic", "static"] = "dynamic"  # generate's KV cache: dynamic (HF's default) or static
+    #                                    (allocated once, decode step compiled, CUDA graphs on GPU)
     dynamic_sampling: bool = False     # DAPO's dynamic sampling (grpo.py): groups whose rewards are all equal are
     #                                    dropped and more questions sampled until prompts_per_step are informative
     max_sampling_rounds: int = 3       # dynamic sampling: sample calls per step at most, then train on what it kept
-    # --- guided sampling (guidance.py), used when rollout is "guided"
+    # --- guided sampling (guidance.py), used when sampler is "guided"
     guide_min_prefix_tokens: int = 16  # prefix budget per prompt, drawn in [min, max] new tokens, then cut
     guide_max_prefix_tokens: int = 256  # back to its last sentence boundary (capped so guidance fits)
     guide_prefix_retries: int = 2      # extra prefix candidates (budget halved each) for EOS or no boundary
@@ -136,7 +136,7 @@ class Config:
     guide_loss_on: Literal["guidance", "guidance+postfix", "all"] = "guidance"  # trained tokens: the guidance
     #                                    (Guide-GRPO), guidance and postfix, or all (the prefix too)
     guide_position_weight: bool = False  # scale rewards by guidance.position_weight: later guidance, more reward
-    # --- GHPO hints (ghpo.py), used when rollout is "ghpo"
+    # --- GHPO hints (ghpo.py), used when sampler is "ghpo"
     ghpo_accuracy_reward: str = "correctness"  # a group is all wrong when this reward is <= 0 on every chain
     ghpo_hint_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # share of the solution
     #                                    given as a hint at each stage, increasing; each stage regenerates
@@ -146,7 +146,7 @@ class Config:
     #                                    (GHPO); assistant: the response starts with the hint and the model
     #                                    continues it (suits a model never shown hints)
     ghpo_start_step: int = 1           # plain GRPO before this step
-    # --- verifier turns (verifier.py, verifier_backends.py), used when rollout is "verifier"
+    # --- verifier turns (verifier.py, verifier_backends.py), used when sampler is "verifier"
     verifier_backend: Literal["rules", "hf", "http"] = "rules"  # rules (built-in task, no model), hf (a local
     #                                    model), http (an OpenAI-compatible server)
     verifier_model: str = "policy"     # hf: hub name, folder, or policy (itself; with LoRA its base); http: served name
@@ -178,7 +178,7 @@ class Config:
     answer_contains_reward: float = 1.0  # think_answer: the answer contains the reference as a whole word
     answer_wrong_reward: float = -1.0  # think_answer: anything else, or no answer tags
     overlong_buffer_tokens: int = 128  # overlong (DAPO): 0 up to max_completion_tokens - this, then down to -1
-    # --- loss (losses.py)
+    # --- loss and update (grpo.py; the log-prob paths: logprobs.py)
     loss_type: LossType = "grpo"       # grpo, bnpo, dr_grpo, dapo, gspo, cispo, reinforce
     adv_scale: Literal["group", "batch", "none"] = "group"  # divide advantages by: group std, batch std, or
     #                                    nothing (dr_grpo's default, LOSS_DEFAULTS)
@@ -191,7 +191,7 @@ class Config:
     micro_batch_size: int = 8          # chains per forward/backward; gradients accumulate over the step
     share_prompt: bool = True          # the loss pass runs each group's prompt once, not once per chain (its keys
     #                                    and values, with their gradient, go to every chain of the group);
-    #                                    text models without gradient checkpointing (losses.shared_prompt_hidden)
+    #                                    text models without gradient checkpointing (logprobs.shared_prompt_hidden)
     sort_micro_batches: bool = True    # chains of similar length share a micro-batch, cropped after its longest
     #                                    (faster; the same loss, except bnpo's per-micro-batch normaliser,
     #                                    which under torchrun also differs from one process: distributed.py)
@@ -200,7 +200,7 @@ class Config:
     logp_chunk_mb: float = 64.0        # ... and fewer positions where one chunk's fp32 logits (chains x positions x
     #                                    vocab x 4 bytes) would pass this many MB: a wide vocabulary (Gemma 3's
     #                                    262,144) keeps the same peak; 0 = no cap
-    # --- optimizer (losses.make_optimizer)
+    # --- optimizer (optim.make_optimizer)
     optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"  # adamw8bit (bitsandbytes) or adamw (torch)
     kahan_updates: bool = True         # bf16 weights keep each step's rounding error (kahan.py): lr 5e-6 counts
     learning_rate: float = 5e-6        # peak learning rate of GRPO
@@ -212,7 +212,7 @@ class Config:
     #                                    or wsd (warmup-stable-decay): constant, then linear toward 0 (lr_decay_steps)
     lr_decay_steps: int = 20           # wsd: the last this many steps decay linearly (the final step at 1/this)
     max_grad_norm: float = 1.0         # gradients are clipped to this norm (logged before clipping)
-    # --- supervised warm start on the reference solutions, before GRPO (sft.py)
+    # --- warm start: supervised steps on the reference solutions, before GRPO (sft.py)
     sft_steps: int = 0                 # supervised steps (0 = no warm start)
     sft_batch_size: int = 32           # examples per supervised step
     sft_learning_rate: float = 1e-3    # peak learning rate of the warm start
@@ -309,9 +309,23 @@ def _unknown(key: str, valid) -> UserError:
     return UserError(f"unknown config key {key!r}.{hint} (python config.py --help lists all keys)")
 
 
+def renamed(values: dict) -> dict:
+    """A config.json written before keys were renamed, with today's names (the old KV-cache key `sampler`
+    becomes kv_cache where the sampling idea was still called rollout)."""
+    if "rollout" not in values:
+        return values
+    values = dict(values)
+    if "sampler" in values:
+        values["kv_cache"] = values.pop("sampler")
+    return {RENAMED.get(k, k): v for k, v in values.items()}
+
+
 def update(cfg: Config, values: dict) -> Config:
     types = _types()
     for key, value in values.items():
+        if key in RENAMED:
+            raise UserError(f"config key {key!r} is now {RENAMED[key]!r}: write {RENAMED[key]}: {value} in the "
+                            f"recipe (--{RENAMED[key]} {value} as a flag)")
         if key not in types:
             raise _unknown(key, list(types))
         setattr(cfg, key, _convert(key, value, types[key]))
@@ -342,8 +356,8 @@ def validate(cfg: Config) -> None:
     for key, kind in _types().items():  # Literal fields set directly, as Config(...) in code
         if (options := choices(kind)) and getattr(cfg, key) not in options:
             raise UserError(f"{key} must be one of {list(options)}, got {getattr(cfg, key)!r}")
-    if cfg.liger and cfg.loss_type not in LIGER_LOSSES:
-        raise UserError(f"--liger supports loss_type in {LIGER_LOSSES}; drop --liger for {cfg.loss_type!r}")
+    if cfg.liger and cfg.loss_type == "reinforce":  # logprobs.liger_loss maps every other loss type onto Liger's
+        raise UserError("Liger's fused loss has no plain REINFORCE (no ratio): drop --liger for loss_type reinforce")
     if cfg.num_chains < 2 and cfg.adv_scale != "none":
         raise UserError("group-normalised advantages need num_chains >= 2")
     for key in ("prompts_per_step", "num_chains", "micro_batch_size", "max_steps", "eval_every",
@@ -401,8 +415,8 @@ def validate(cfg: Config) -> None:
     if cfg.dataset == "arithmetic" and cfg.arithmetic_max_value < 12:
         raise UserError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "
                         f"got {cfg.arithmetic_max_value}")
-    if cfg.rollout != "verifier" and "verifier_score" in cfg.rewards:
-        raise UserError("the verifier_score reward reads the verifier's [SCORE] lines: use it with --rollout verifier")
+    if cfg.sampler != "verifier" and "verifier_score" in cfg.rewards:
+        raise UserError("the verifier_score reward reads the verifier's [SCORE] lines: use it with --sampler verifier")
     if cfg.eval_temperature == 0 and cfg.eval_samples > 1:
         raise UserError("greedy evaluation (eval_temperature 0) gives one answer per question: "
                         "set eval_samples 1 or eval_temperature > 0")
@@ -443,6 +457,7 @@ def load(argv: list[str]) -> Config:
             except json.JSONDecodeError as e:
                 raise UserError(f"--resume {flags['resume']}: its config.json is not valid JSON ({e}); train.py "
                                 f"writes it whole, so it was edited by hand: fix it there") from None
+        resumed = renamed(resumed)
         update(cfg, resumed)
     if "config" in flags:
         path = flags.pop("config")
@@ -482,6 +497,18 @@ def help_texts() -> dict[str, str]:
         elif tok.type == tokenize.COMMENT and current:
             texts[current] = (texts.get(current, "") + " " + tok.string.lstrip("# ").strip()).strip()
     return texts
+
+
+def sections() -> dict[str, str]:
+    """{field: the first word of its section}, from the `# --- name (...)` lines of Config's source:
+    model, data, sampling, guided, GHPO, verifier, rewards, loss, optimizer, warm, evaluation, run."""
+    names, out, current = {f.name for f in dataclasses.fields(Config)}, {}, ""
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(Config)).readline):
+        if tok.type == tokenize.COMMENT and tok.string.startswith("# ---"):
+            current = tok.string[len("# ---"):].split()[0]
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
+            out[tok.string] = current
+    return out
 
 
 def print_help() -> None:

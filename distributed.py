@@ -9,7 +9,7 @@ costs nothing, so `python train.py` is unchanged. Under torchrun:
 - each rank samples and scores its own prompts_per_step / N questions (shard); group advantages stay
   within a rank, since a group never spans two;
 - the loss normalisers that span the step (chains, tokens, micro-batches) are sums over the ranks
-  (losses.update), and the gradients are summed over the ranks once per step, after the micro-batches,
+  (grpo.update), and the gradients are summed over the ranks once per step, after the micro-batches,
   with one all-reduce per weight (all_reduce_grads) rather than DDP's wrapper, which would hide the
   model behind `.module` from generate, LoRA's adapter switch and Liger's head; the price is no overlap
   of that all-reduce with the backward pass. So N ranks take the update one process takes on the same
@@ -26,10 +26,10 @@ costs nothing, so `python train.py` is unchanged. Under torchrun:
   another number the questions are sharded and the streams seeded otherwise: it goes on correctly,
   with other draws);
 - rank 0 alone writes (logs, plots, checkpoints, trackers) and prints; the other ranks keep stderr;
-- an error in a `together` block on any rank stops every rank at the block's end, and the message is
+- an error in an `errors_stop_every_rank` block on any rank stops every rank at the block's end, and the message is
   printed once, by the lowest rank that raised it (the others raise OtherRankFailed and exit quietly);
   out of memory in the update (the loss pass, the zero gradients of all_reduce_grads, the optimizer
-  step) is agreed on the same way (losses.update, agree_on_oom), and rank 0 saves the checkpoint of
+  step) is agreed on the same way (grpo.update, agree_on_oom), and rank 0 saves the checkpoint of
   the last step its weights hold, whichever rank ran out (checkpoint.Guard).
 """
 import datetime
@@ -44,7 +44,7 @@ import config
 
 
 class OtherRankFailed(RuntimeError):
-    """Another rank raised in a `together` block, or ran out of memory in the update: it printed the
+    """Another rank raised in an `errors_stop_every_rank` block, or ran out of memory in the update: it printed the
     error; this rank stops quietly (after rank 0 saved a checkpoint, if out_of_memory: checkpoint.Guard).
     applied: rank 0 had finished the step's optimizer step when another rank ran out in its own, so its
     weights hold that step (the checkpoint is of that step)."""
@@ -189,7 +189,7 @@ def broadcast_weights(model) -> None:
 
 
 def local(error: Exception) -> Exception:
-    """Mark an error as this rank's alone (one rank's out-of-memory, a together block's report): train.py
+    """Mark an error as this rank's alone (one rank's out-of-memory, an errors_stop_every_rank block's report): train.py
     prints it on this rank. Other errors (a config check, which every rank makes alike) print on rank 0."""
     error.rank_local = True
     return error
@@ -200,8 +200,8 @@ def reports(error: Exception) -> bool:
     return is_main() or getattr(error, "rank_local", False)
 
 
-class together:
-    """`with together(): ...` — a block that holds no collective call. At its end the ranks compare
+class errors_stop_every_rank:
+    """`with errors_stop_every_rank(): ...` — a block that holds no collective call. At its end the ranks compare
     notes: if any raised, every rank stops; the lowest rank with each distinct message re-raises its own
     error (printed by train.py), the others raise OtherRankFailed. Without torchrun: a plain block."""
 

@@ -66,15 +66,15 @@ def needs_hint(accuracy: torch.Tensor, answer: str) -> bool:
 def check_solutions(examples: list[dict], source: str) -> None:
     """GHPO cuts its hints from reference solutions: a dataset without any is an error, named."""
     if not any(ex.get("solution") for ex in examples):
-        raise config.UserError(f"--rollout ghpo needs reference solutions, and dataset {source!r} has none: its "
+        raise config.UserError(f"--sampler ghpo needs reference solutions, and dataset {source!r} has none: its "
                                f"answers hold no solution steps before '#### <answer>' (GSM8K layout). Use a "
-                               f"dataset with worked solutions, or --rollout plain.")
+                               f"dataset with worked solutions, or --sampler plain.")
 
 
 def ghpo(model, tokenizer, examples: list[dict], num_chains: int, *, system_prompt: str, max_prompt_tokens: int,
          max_completion_tokens: int, temperature: float, top_p: float, weights: dict[str, float],
          reward_settings: dict | None, accuracy_reward: str, hint_ratios: list[float], hint_unit: str,
-         hint_in: str = "user", sampler: str = "dynamic") -> rollout.Rollout:
+         hint_in: str = "user", kv_cache: str = "dynamic") -> rollout.Rollout:
     """B examples {"question", "answer", "solution"} x G chains, all-wrong groups hinted (section above).
 
     Chains are scored here as grpo.step scores them, rewards.score with `weights` and `reward_settings`
@@ -108,7 +108,7 @@ def ghpo(model, tokenizer, examples: list[dict], num_chains: int, *, system_prom
         room = max(len(tokenizer(block, add_special_tokens=False)["input_ids"]) for block in blocks)
         r = rollout.sample(model, tokenizer, prompts, G, max_prompt_tokens=max_prompt_tokens + room,
                            max_new_tokens=max_completion_tokens, temperature=temperature, top_p=top_p,
-                           sampler=sampler, images=rollout.images_of([examples[b] for b in groups]))
+                           kv_cache=kv_cache, images=rollout.images_of([examples[b] for b in groups]))
         for i, d in enumerate(r.info):
             d["hint_ratio"], d["hint"] = ratio, hints[i // G]
         answers = [examples[b]["answer"] for b in groups for _ in range(G)]
@@ -142,7 +142,7 @@ def ghpo(model, tokenizer, examples: list[dict], num_chains: int, *, system_prom
         todo = [b for b in todo if b not in rescued]
 
     r = rollout.concat(source, plain.group, tokenizer.pad_token_id)
-    std0 = total0.view(B, G).std(1, unbiased=False)  # (B,), as losses.group_advantages computes it
+    std0 = total0.view(B, G).std(1, unbiased=False)  # (B,), as grpo.group_advantages computes it
     for i, d in enumerate(r.info):
         b = i // G
         d.update(hint_stages=len(hinted_at[b]), hinted_at=list(hinted_at[b]), accuracy=accuracy.view(-1)[i].item(),
@@ -166,7 +166,7 @@ def ghpo_summary(info: list[dict], hint_ratios: list[float]) -> dict:
 
 
 def make_sampler(cfg, *, device: str, train_set: list[dict]):
-    """`--rollout ghpo`: checks the ghpo_* settings and that the train set has solutions to cut hints
+    """`--sampler ghpo`: checks the ghpo_* settings and that the train set has solutions to cut hints
     from (at start-up, not at the first hint), then samples each batch with hints where all fail."""
     if cfg.ghpo_accuracy_reward not in cfg.rewards:
         raise config.UserError(f"ghpo_accuracy_reward {cfg.ghpo_accuracy_reward!r} must be one of the rewards "
@@ -184,7 +184,7 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
                  temperature=cfg.temperature, top_p=cfg.top_p, weights=cfg.rewards, reward_settings=settings,
                  accuracy_reward=cfg.ghpo_accuracy_reward,
                  hint_ratios=cfg.ghpo_hint_ratios if step >= cfg.ghpo_start_step else [],
-                 hint_unit=cfg.ghpo_hint_unit, hint_in=cfg.ghpo_hint_in, sampler=cfg.sampler)
+                 hint_unit=cfg.ghpo_hint_unit, hint_in=cfg.ghpo_hint_in, kv_cache=cfg.kv_cache)
         r.stats = ghpo_summary(r.info, cfg.ghpo_hint_ratios)  # ghpo/hinted@r, accuracy before and after, ...
         return r
     return sample_ghpo

@@ -1,11 +1,18 @@
-"""One GRPO step: sample, score, group advantages, update. train.py, bench.py and grad_agreement.py
-all take their steps through `step`, so what they run and measure is the same algorithm.
+"""THE ALGORITHM BOX: one GRPO step, and what a researcher changes in it.
 
     r          = sample(model, tokenizer, batch, step)              B questions x G chains -> Rollout
     rewards    = rewards.score(r.texts, answers, r.info, ...)       (N, K) raw values, one column per reward
     total      = weighted sum (N,), times r.reward_weight if the idea sets one
-    advantages = total normalised within each question's group     (N,)
-    stats      = losses.update(...)                                 micro-batches, guards, optimizer step
+    advantages = group_advantages(total, r.group)                   (N,) normalised within each group
+    update:      for each micro-batch: log-probs -> policy_loss -> backward;  one optimizer step
+
+The advantage (group_advantages), the loss family and its KL term (policy_loss) and the update loop
+(update) are written out here; which tokens the loss trains on is r.loss_mask, set by the sampling
+idea and cut further in update where a change should apply to every idea. The machinery around them
+is one named call each: the memory-saving log-prob paths (logprobs.token_logps, logprobs.liger_loss), the
+micro-batches that halve when memory runs out and the optimizer step that skips a non-finite update
+(guards.py), the normalisers summed over torchrun's ranks (distributed.all_sum), the train line's
+figures gathered from the ranks (tracking.train_metrics).
 
 With `dynamic_sampling` (DAPO, arXiv 2503.14476, sec. 3.2) the groups whose rewards are all equal, which
 give no gradient, are dropped after scoring, and more questions (from `refill`) are sampled and scored,
@@ -24,9 +31,11 @@ from dataclasses import dataclass
 import torch
 
 import distributed
-import losses
+import guards
+import logprobs
 import rewards
 import rollout
+import tracking
 
 
 @dataclass
@@ -37,7 +46,11 @@ class Step:
     rewards: torch.Tensor     # (N, K) raw values of the rewards `names`
     names: list[str]
     advantages: torch.Tensor  # (N,)
-    figures: dict             # the train line: rewards, GRPO health signals, update stats, the idea's stats
+    metrics: dict             # the train line: rewards, GRPO health signals, update stats, the idea's stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample and score; DAPO's dynamic sampling
 
 
 @dataclass
@@ -112,7 +125,7 @@ def step(policy, sample, batch: list[dict], step: int, optimizer, cfg, refill=No
     if cfg.dynamic_sampling and refill is None:
         raise ValueError("dynamic_sampling needs more questions than the step's batch, and this caller gives "
                          "none (refill): train with train.py, or set dynamic_sampling false")
-    with distributed.together():  # an error while any rank samples or scores stops every rank here
+    with distributed.errors_stop_every_rank():  # an error while any rank samples or scores stops them all here
         if cfg.dynamic_sampling:
             s, rounds, filtered = dynamic_sampling(policy, sample, batch, step, cfg, refill)
         else:
@@ -120,50 +133,161 @@ def step(policy, sample, batch: list[dict], step: int, optimizer, cfg, refill=No
             rounds, filtered = [s], {}
     r = s.rollout
     batch_std = torch.cat(distributed.gather(s.total.cpu())).std() if cfg.adv_scale == "batch" else None
-    advantages, zero_adv_frac = losses.group_advantages(s.total, r.group.cpu(), cfg.adv_scale, batch_std)
-    stats = losses.update(policy.model, policy.ref_model, r, advantages, optimizer, cfg)  # the whole step's
-    # the sampling figures are over every chain sampled in the step (all rounds of dynamic sampling), on
-    # every rank: each rank's part, gathered (one process: its own)
-    info = [d for x in rounds for d in x.rollout.info]
-    lengths = rollout.prompt_lengths(policy.tokenizer, rollout.prompts_of(
-        policy.tokenizer, cfg.system_prompt, [ex for x in rounds for ex in x.batch]))
-    parts = distributed.gather({
-        "total": torch.cat([x.total for x in rounds]).cpu(), "per_fn": torch.cat([x.rewards for x in rounds]).cpu(),
-        "errors": {k: sum(x.errors[k] for x in rounds) for k in s.names},
-        "completion_len": [d["completion_len"] for d in info], "truncated": [d["truncated"] for d in info],
-        "cut": [n > cfg.max_prompt_tokens for n in lengths], "groups": len(s.batch), "zero_adv_frac": zero_adv_frac,
-        "sampled": sum(len(x.batch) for x in rounds), **filtered, "chains": len(r),
-        **r.stats})  # the idea's figures are named with a slash (guide/..., ghpo/...): no clash
-    total, per_fn = torch.cat([p["total"] for p in parts]), torch.cat([p["per_fn"] for p in parts])
-    completion_lens = torch.tensor([n for p in parts for n in p["completion_len"]], dtype=torch.float)  # (N,)
-    truncated, cut = [t for p in parts for t in p["truncated"]], [c for p in parts for c in p["cut"]]
-    errors = {k: sum(p["errors"][k] for p in parts) for k in s.names}
-    figures = {"reward": total.mean().item(),
-               **{f"reward/{k}": per_fn[:, i].mean().item() for i, k in enumerate(s.names)},
-               **{f"reward_errors/{k}": n for k, n in errors.items() if n},
-               "reward_std": total.std().item(), "zero_adv_frac": mean_of(parts, "zero_adv_frac", "groups"),
-               **({"sampling_rounds": mean_of(parts, "sampling_rounds"),
-                   "filtered_frac": mean_of(parts, "filtered_frac", "sampled")} if filtered else {}),
-               "completion_len": completion_lens.mean().item(), "truncated_frac": sum(truncated) / len(truncated),
-               "prompt_truncated_frac": sum(cut) / len(cut), **stats,
-               **{k: mean_of(parts, k, "chains") for k in r.stats}}
-    return Step(r, s.batch, s.answers, s.rewards, s.names, advantages, figures)
+    advantages, zero_adv_frac = group_advantages(s.total, r.group.cpu(), cfg.adv_scale, batch_std)
+    stats = update(policy.model, policy.ref_model, r, advantages, optimizer, cfg)
+    metrics = tracking.train_metrics(rounds, s, zero_adv_frac, filtered, stats, policy.tokenizer, cfg)
+    return Step(r, s.batch, s.answers, s.rewards, s.names, advantages, metrics)
 
 
-def mean_of(parts: list[dict], key: str, weight: str = "") -> float:
-    """The ranks' figure `key`, averaged with the weights parts[k][weight] (equal weights without one);
-    one process's figure as it is."""
-    if len(parts) == 1:
-        return parts[0][key]
-    w = [p[weight] if weight else 1 for p in parts]
-    return sum(p[key] * wk for p, wk in zip(parts, w)) / max(1, sum(w))
+# ----------------------------------------------------------------------------------------------
+# Advantages and the loss family
+
+
+def group_advantages(rewards_total, group, scale: str, batch_std=None):
+    """(advantages (N,), share of groups whose rewards are all equal: they give no gradient).
+    scale "batch" divides by batch_std, the std of the whole step's rewards (default: of rewards_total)."""
+    n_groups = int(group.max()) + 1
+    count = torch.bincount(group, minlength=n_groups).float()
+    mean = torch.zeros(n_groups).index_add_(0, group, rewards_total) / count
+    centred = rewards_total - mean[group]
+    std = (torch.zeros(n_groups).index_add_(0, group, centred ** 2) / count).sqrt()
+    zero_frac = (std < 1e-6).float().mean().item()
+    centred = torch.where(std[group] < 1e-6, 0.0, centred)  # exactly 0, not float residue / 1e-4
+    if scale == "group":
+        return centred / (std[group] + 1e-4), zero_frac
+    if scale == "batch":
+        return centred / ((rewards_total.std() if batch_std is None else batch_std) + 1e-4), zero_frac
+    return centred, zero_frac
+
+
+def policy_loss(logps, old_logps, ref_logps, advantages, mask, cfg, num_seqs, num_tokens, num_micro):
+    """The loss of one micro-batch, scaled so that the sum over micro-batches is the step's loss.
+
+    logps, old_logps, ref_logps, mask: (n, T); advantages: (n,). The step has num_seqs chains with
+    num_tokens trained tokens in num_micro micro-batches. Per-token terms, then one normalisation:
+      grpo, gspo, reinforce: mean over each chain's tokens, then mean over chains
+      bnpo: mean over the micro-batch's tokens;   dapo, cispo: mean over all tokens of the step
+      dr_grpo: sum over tokens / (chains x max_completion_tokens), no length bias
+    """
+    A = advantages.unsqueeze(1)  # (n, 1)
+    log_ratio = logps - old_logps
+    if cfg.loss_type == "gspo":  # one ratio per sequence: the geometric mean of its token ratios
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    ratio = torch.exp(log_ratio)
+    lo, hi = 1 - cfg.eps_low, 1 + cfg.eps_high
+    if cfg.loss_type == "cispo":  # REINFORCE weighted by a capped, stop-gradient ratio
+        per_token = -torch.clamp(ratio, max=cfg.cispo_max_weight).detach() * A * logps
+    elif cfg.loss_type == "reinforce":  # plain policy gradient: no ratio, no clipping
+        per_token = -A * logps
+    else:  # PPO's clipped surrogate
+        per_token = -torch.min(ratio * A, torch.clamp(ratio, lo, hi) * A)
+    if cfg.loss_type == "reinforce":
+        clipped = torch.zeros_like(mask)
+    elif cfg.loss_type == "cispo":  # the cap scales a token's weight whatever the sign of its advantage
+        clipped = (ratio > cfg.cispo_max_weight).float() * torch.ones_like(mask)
+    else:
+        clipped = (((ratio < lo) & (A < 0)) | ((ratio > hi) & (A > 0))).float() * torch.ones_like(mask)
+    kl = torch.zeros_like(logps)
+    if cfg.beta > 0:  # k3 estimator of KL(policy || reference), always >= 0
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + cfg.beta * kl
+
+    masked = per_token * mask
+    if cfg.loss_type in ("grpo", "gspo", "reinforce"):
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_seqs
+    elif cfg.loss_type == "bnpo":
+        loss = masked.sum() / mask.sum().clamp(min=1) / num_micro
+    elif cfg.loss_type == "dr_grpo":
+        loss = masked.sum() / (num_seqs * cfg.max_completion_tokens)
+    else:  # dapo, cispo
+        loss = masked.sum() / num_tokens
+    stats = {"kl": (kl.detach() * mask).sum().item(), "clip": (clipped * mask).sum().item()}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# The update: log-probs, loss and backward over micro-batches, then one optimizer step
+
+
+def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> dict:
+    """num_iterations optimizer steps on one rollout, in micro-batches; returns the logged figures.
+
+    Log-probs are at each chain's sampling temperature (r.temperature; None: cfg.temperature for all).
+    Micro-batches are cropped after their chains' last trained column and, with sort_micro_batches,
+    hold chains of similar length (guards.MicroBatches). Every loss but bnpo sums per-chain or
+    per-token terms with normalisers of the whole step, so the micro-batches change nothing but the
+    speed; bnpo's normaliser is the micro-batch's token count, so sorting changes which chains share it.
+    Under torchrun r holds this rank's chains; the normalisers (chains, tokens, micro-batches) and the
+    gradients are summed over the ranks, so every rank takes the step one process would take on all
+    ranks' chains, and the figures returned are the whole step's.
+    """
+    start = logprobs.first_trained_column(r.loss_mask)  # columns before it are prompt in every chain
+    mask = r.loss_mask[:, start:]                     # (N, T) 1 on the tokens trained on
+    adv = advantages.to(mask.device)                  # (N,)
+    temps = (torch.full((len(r),), float(cfg.temperature)) if r.temperature is None
+             else r.temperature.float().cpu())       # (N,) each chain's sampling temperature
+    if cfg.liger:
+        logprobs.one_temperature(temps)  # Liger's fused loss takes one: every rank's chains must share it
+    batches = guards.MicroBatches(r.loss_mask, start, cfg.micro_batch_size, cfg.sort_micro_batches)
+    # the step's normalisers: chains, trained tokens and micro-batches of all ranks (one process: its own)
+    n, num_tokens, batches.total = distributed.all_sum([len(r), mask.sum().item(), len(batches)])
+
+    def logps_of(m, rows, end):  # (n, end - start): the micro-batch's log-probs under model m
+        return logprobs.token_logps(m, r.input_ids[rows, :end], r.attention_mask[rows, :end], start,
+                                 temps[rows.cpu()], cfg.logp_chunk, r.visual_of(rows), chunk_mb=cfg.logp_chunk_mb,
+                                 share_prompt=cfg.share_prompt)
+
+    @torch.no_grad()
+    def fixed_logps():  # per rollout, (N, T) each: the old policy's (when reused) and the reference's
+        def every_chain(m):  # in rollout order, 0 after a cropped chain's end
+            out = torch.zeros(mask.shape, device=mask.device)
+            for rows, end in batches:
+                out[rows, :end - start] = logps_of(m, rows, end)
+            return out
+        old = every_chain(model) if cfg.num_iterations > 1 else None
+        if cfg.beta == 0:
+            return old, None
+        if ref_model is not None:
+            return old, every_chain(ref_model)
+        with model.disable_adapter():  # LoRA: the reference is the base model, the adapter switched off
+            return old, every_chain(model)
+
+    def loss_and_backward():  # this rank's micro-batches; the sums of its figures
+        sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
+        for rows, end in batches:
+            cols = slice(0, end - start)
+            old_mb = None if old is None else old[rows, cols]
+            ref_mb = None if ref is None else ref[rows, cols]
+            if cfg.liger:  # log-probs and loss in one fused kernel, no logits tensor (logprobs.liger_loss)
+                loss, st = logprobs.liger_loss(model, r.input_ids[rows, :end], r.attention_mask[rows, :end],
+                                            mask[rows, cols], start, adv[rows], old_mb, ref_mb, cfg, n, num_tokens,
+                                            batches.total, r.visual_of(rows), temperature=temps[0].item())
+            else:
+                new = logps_of(model, rows, end)
+                loss, st = policy_loss(new, new.detach() if old_mb is None else old_mb, ref_mb, adv[rows],
+                                       mask[rows, cols], cfg, n, num_tokens, batches.total)
+            loss.backward()
+            sums["loss"] += loss.item()
+            sums["kl"] += st["kl"]
+            sums["clip"] += st["clip"]
+        return sums
+
+    old, ref = guards.retry_smaller_on_oom(fixed_logps, batches, optimizer)
+    steps = [guards.optimizer_step(model, optimizer, guards.retry_smaller_on_oom(loss_and_backward, batches, optimizer),
+                                   cfg.max_grad_norm) for _ in range(cfg.num_iterations)]
+    tokens = max(1, num_tokens * len(steps))
+    return {"loss": sum(s["loss"] for s in steps) / len(steps),
+            "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
+            "kl": sum(s["kl"] for s in steps) / tokens, "clip_frac": sum(s["clip"] for s in steps) / tokens,
+            "skipped": int(any(s["skipped"] for s in steps)), "micro_batch_size": batches.size}
 
 
 if __name__ == "__main__":
-    import config
     import builtin_tasks
+    import config
     import data
     import llms
+    import optim
     import samplers
 
     cfg = config.Config(model_name=llms.TINY, device="cpu", optimizer="adamw", system_prompt="", num_chains=4,
@@ -171,8 +295,8 @@ if __name__ == "__main__":
     train, _ = builtin_tasks.arithmetic_task(200, 10, seed=0)
     model, tok = llms.from_config(cfg, llms.TINY, "cpu", tiny_corpus=data.tiny_corpus(train, cfg.system_prompt))
     policy = llms.for_training(model, tok, cfg, load_reference=lambda: None)
-    optimizer, _ = losses.make_optimizer(model, cfg)
+    optimizer, _ = optim.make_optimizer(model, cfg)
     sample = samplers.make(cfg, device="cpu", train_set=train)
     for s in (1, 2):
         out = step(policy, sample, data.step_batch(train, s, 2, cfg.seed), s, optimizer, cfg)
-        print(f"step {s}:", {k: round(v, 4) if isinstance(v, float) else v for k, v in out.figures.items()})
+        print(f"step {s}:", {k: round(v, 4) if isinstance(v, float) else v for k, v in out.metrics.items()})

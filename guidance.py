@@ -1,6 +1,6 @@
 """Three-phase guided sampling (Guide-GRPO): a shared prefix, a few guidance tokens, a free postfix.
 
-It builds an ordinary Rollout, so the loss never learns about it (`--rollout guided`, make_sampler).
+It builds an ordinary Rollout, so the loss never learns about it (`--sampler guided`, make_sampler).
 
 For B prompts x G chains, all prompts of a step go through each phase together, one batched
 `rollout.generate` call per phase:
@@ -84,7 +84,7 @@ def pick_prefix(candidates: list[list[int]], budgets: list[int], boundaries, eos
 def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_prompt_tokens: int,
                 max_completion_tokens: int, temperature: float, top_p: float, min_prefix_tokens: int,
                 max_prefix_tokens: int, prefix_retries: int, min_guide_tokens: int, max_guide_tokens: int,
-                loss_on: str = "guidance", sampler: str = "dynamic",
+                loss_on: str = "guidance", kv_cache: str = "dynamic",
                 images: list[list] | None = None) -> rollout.Rollout:
     """B prompts x G chains sampled in three phases (module docstring); one generate call per phase.
     loss_on: "guidance", "guidance+postfix" or "all"; the budgets as make_sampler checks them. images:
@@ -109,7 +109,7 @@ def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_pr
     budgets = [n >> j for n in prefix_n for j in range(C)]
     ids, mask = rollout.left_pad([row for row in prompt_rows for _ in range(C)], pad, device)
     out = rollout.generate(model, ids, mask, max_new_tokens=max(1, max(budgets)), temperature=temperature,
-                           top_p=top_p, sampler=sampler,
+                           top_p=top_p, kv_cache=kv_cache,
                            visual=rollout.visual_rows(visual, [b for b in range(B) for _ in range(C)])).tolist()
     picked = [pick_prefix(out[b * C:(b + 1) * C], budgets[b * C:(b + 1) * C], boundaries, eos) for b in range(B)]
     prefixes = [p for p, _ in picked]
@@ -119,14 +119,14 @@ def three_phase(model, tokenizer, prompts: list[str], num_chains: int, *, max_pr
     chain_visual = rollout.visual_rows(visual, chains)  # each chain: its prompt's images (None for text)
     ids, mask = rollout.left_pad([prompt_rows[b] + prefixes[b] for b in chains], pad, device)  # (N, P + prefix)
     out = rollout.generate(model, ids, mask, max_new_tokens=max(guide_k), temperature=temperature,  # (N, <= max k)
-                           top_p=top_p, sampler=sampler, visual=chain_visual).tolist()
+                           top_p=top_p, kv_cache=kv_cache, visual=chain_visual).tolist()
     guides = [until_eos(out[i][:guide_k[b]], eos) for i, b in enumerate(chains)]  # (tokens, finished)
 
     # 3. postfix: the rest of the budget; a chain finished in the guidance phase keeps nothing of it
     ids, mask = rollout.left_pad([prompt_rows[b] + prefixes[b] + g for b, (g, _) in zip(chains, guides)], pad, device)
     room = [M - len(prefixes[b]) - len(g) for b, (g, _) in zip(chains, guides)]
     out = rollout.generate(model, ids, mask, max_new_tokens=max(1, max(room)), temperature=temperature,
-                           top_p=top_p, sampler=sampler, visual=chain_visual).tolist()  # (N, <= max room)
+                           top_p=top_p, kv_cache=kv_cache, visual=chain_visual).tolist()  # (N, <= max room)
     posts = [[] if done else until_eos(out[i][:room[i]], eos)[0] for i, (_, done) in enumerate(guides)]
 
     # the Rollout: prompt (N, P) left padded + completion (N, T) right padded, T <= M
@@ -185,7 +185,7 @@ def summary(info: list[dict]) -> dict:
 
 
 def make_sampler(cfg, *, device: str, train_set: list[dict]):
-    """`--rollout guided`: checks the guide_* settings once, then samples each batch in three phases."""
+    """`--sampler guided`: checks the guide_* settings once, then samples each batch in three phases."""
     if not 1 <= cfg.min_guide_tokens <= cfg.max_guide_tokens:
         raise config.UserError(f"guided sampling needs 1 <= min_guide_tokens <= max_guide_tokens, got "
                                f"{cfg.min_guide_tokens} and {cfg.max_guide_tokens}")
@@ -204,7 +204,7 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
                         temperature=cfg.temperature, top_p=cfg.top_p, min_prefix_tokens=cfg.guide_min_prefix_tokens,
                         max_prefix_tokens=cfg.guide_max_prefix_tokens, prefix_retries=cfg.guide_prefix_retries,
                         min_guide_tokens=cfg.min_guide_tokens, max_guide_tokens=cfg.max_guide_tokens,
-                        loss_on=cfg.guide_loss_on, sampler=cfg.sampler, images=rollout.images_of(batch))
+                        loss_on=cfg.guide_loss_on, kv_cache=cfg.kv_cache, images=rollout.images_of(batch))
         r.stats = summary(r.info)  # guide/prefix_len, guidance_len, postfix_len, prefix_fallback_frac
         if cfg.guide_position_weight:
             r.reward_weight = position_weights(r.info)

@@ -247,7 +247,7 @@ def check_context(cfg) -> None:
 
 def prepare(model, tokenizer, device: str, gradient_checkpointing: bool = False, liger: bool = False,
             prompt_format: str = "auto", shots: list[tuple[str, str]] = ()):
-    """Set up a built (model, tokenizer) pair as `load` returns it; bench.py builds its own model.
+    """Set up a built (model, tokenizer) pair as `load` returns it (for a model built in code, not loaded).
     prompt_format "plain" (or "auto" for a tokenizer without a chat template) installs plain_template
     as the chat template, so every prompt of the run (and the checkpoints' tokenizers) use it."""
     if tokenizer.pad_token is None:
@@ -300,8 +300,8 @@ class Policy:
 def for_training(model, tokenizer, cfg, *, load_reference, adapter_path: str = "") -> Policy:
     """The weights GRPO trains, as cfg says: LoRA adapters (new ones, or those saved at adapter_path),
     the weights train_only names, or all of them; and with beta > 0 and full fine-tuning the reference,
-    load_reference() -> a model with the starting weights, frozen here. train.py, bench.py and
-    grad_agreement.py all set up their policy through this."""
+    load_reference() -> a model with the starting weights, frozen here. Every caller that trains sets up
+    its policy through this."""
     if vision.is_vl(tokenizer) and not cfg.train_vision:
         print(f"the vision tower is frozen ({vision.freeze_vision(model):,} weights; train_vision to train it)")
     if cfg.lora_r > 0:
@@ -330,8 +330,8 @@ def train_only(model, names: list[str]) -> int:
     """Freeze every parameter whose name contains none of `names`; returns how many weights still train.
 
     ["norm"] trains the RMSNorm scales alone (LayerNorm tuning): on the tiny demo model the policy
-    gradients of two batches of questions agree only along the final norm (grad_agreement.py, figures
-    in FINDINGS.md), so GRPO can take large steps there without the noise of the other weights.
+    gradients of two batches of questions agree only along the final norm (FINDINGS.md: the tiny
+    demo), so GRPO can take large steps there without the noise of the other weights.
     """
     trained = 0
     for name, p in model.named_parameters():

@@ -18,7 +18,7 @@ A sampling idea only decides which tokens exist and which of them the policy is 
                                  images once, for all its chains (vision.model_inputs)
 
 N = B prompts x G chains, chains of one prompt are adjacent. Plain sampling is one batched HF
-`generate` call with every sampling setting passed explicitly. `sampler` picks its KV cache:
+`generate` call with every sampling setting passed explicitly. `kv_cache` picks its KV cache:
 "dynamic" (HF's default, grows per token) or "static" (allocated once for prompt + completion, so
 HF compiles the decode step with torch.compile and replays it as a CUDA graph on GPU, to cut the
 per-token Python and kernel launches; same distribution: tests/test_rollout.py checks both agree).
@@ -143,7 +143,7 @@ def prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-             temperature: float, top_p: float = 1.0, sampler: str = "dynamic",
+             temperature: float, top_p: float = 1.0, kv_cache: str = "dynamic",
              min_new_tokens: int = 0, stopping_criteria=None, visual: list[tuple] | None = None) -> torch.Tensor:
     """New tokens (N, T) for already-tokenized, left-padded prompts; T <= max_new_tokens. `visual`: each
     row's images for a VL model (Rollout.visual).
@@ -153,7 +153,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     row's own, up to float rounding.
     The model samples in eval mode with its KV cache, and is put back in train mode afterwards; the
     cache is freed when generate returns, before any backward pass. min_new_tokens > 0 forbids EOS
-    before that many tokens (bench.py uses it to force full-length chains).
+    before that many tokens (a benchmark forces full-length chains with it).
     `stopping_criteria` (transformers StoppingCriteria, with per-row state) may end rows early to save
     time, never to decide where a row ends: callers cut rows themselves (verifier.cut_turn).
     Out of GPU memory, the rows are sampled in halves (same settings; only the random draws differ;
@@ -166,12 +166,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
         top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
         repetition_penalty=1.0, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, use_cache=True,
-        cache_implementation="static" if sampler == "static" else None, suppress_tokens=vision.banned_ids(model),
+        cache_implementation="static" if kv_cache == "static" else None, suppress_tokens=vision.banned_ids(model),
         eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)
     extra = vision.model_inputs(model, input_ids, visual) if visual is not None else {}
     multi = [s for s in stops_of(model) if len(s) > 1]  # callers cut rows at them (completion_mask, ends_at)
     criteria = (stopping_criteria or []) + ([StopSequences(multi, input_ids.shape[1])] if multi else [])
-    cache = prefilled_cache(model, input_ids, attention_mask) if visual is None and sampler == "dynamic" else None
+    cache = prefilled_cache(model, input_ids, attention_mask) if visual is None and kv_cache == "dynamic" else None
     if cache is not None:  # (a static cache generate allocates itself)
         extra = {"cache": cache}
     try:
@@ -186,7 +186,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         half = len(input_ids) // 2
         print(f"out of memory sampling {len(input_ids)} sequences: sampling them in two halves")
         parts = [generate(model, input_ids[s], attention_mask[s], max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, sampler=sampler, min_new_tokens=min_new_tokens,
+                          temperature=temperature, top_p=top_p, kv_cache=kv_cache, min_new_tokens=min_new_tokens,
                           visual=visual_rows(visual, range(len(input_ids))[s]))
                  for s in (slice(0, half), slice(half, None))]
         width = max(p.shape[1] for p in parts)  # (n, T_i) -> (N, T): pad after the end, as generate does
@@ -247,7 +247,7 @@ def assemble(tokenizer, prompt_ids, prompt_mask, completions, stops, group, info
 
 
 def sample(model, tokenizer, prompts: list[str], num_chains: int, *, max_prompt_tokens: int,
-           max_new_tokens: int, temperature: float, top_p: float = 1.0, sampler: str = "dynamic",
+           max_new_tokens: int, temperature: float, top_p: float = 1.0, kv_cache: str = "dynamic",
            min_new_tokens: int = 0, images: list[list] | None = None) -> Rollout:
     """Plain GRPO sampling: B prompts x G chains in one batched generate call; `images`: each prompt's
     (images_of), for a VL model."""
@@ -257,7 +257,7 @@ def sample(model, tokenizer, prompts: list[str], num_chains: int, *, max_prompt_
     group = torch.arange(len(prompts), device=device).repeat_interleave(num_chains)
     visual = visual_rows(visual, group.tolist())  # each chain: its prompt's images
     completions = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,  # (N, T)
-                           top_p=top_p, sampler=sampler, min_new_tokens=min_new_tokens, visual=visual)
+                           top_p=top_p, kv_cache=kv_cache, min_new_tokens=min_new_tokens, visual=visual)
     info = [{} for _ in range(len(group))]
     return assemble(tokenizer, ids, mask, completions, stops_of(model), group, info, visual, temperature)
 
@@ -292,7 +292,7 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
     def sample_plain(model, tokenizer, batch: list[dict], step: int) -> Rollout:
         return sample(model, tokenizer, prompts_of(tokenizer, cfg.system_prompt, batch), cfg.num_chains,
                       max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_completion_tokens,
-                      temperature=cfg.temperature, top_p=cfg.top_p, sampler=cfg.sampler, images=images_of(batch))
+                      temperature=cfg.temperature, top_p=cfg.top_p, kv_cache=cfg.kv_cache, images=images_of(batch))
     return sample_plain
 
 

@@ -1,4 +1,4 @@
-"""The sampling ideas by name: `--rollout NAME` picks one of SAMPLERS.
+"""The sampling ideas by name: `--sampler NAME` picks one of SAMPLERS (the KV cache is `--kv_cache`).
 
 Each entry is a constructor `make_sampler(cfg, *, device, train_set)` that checks the idea's own
 settings once, at start-up (and builds what it needs: a verifier backend, say), and returns
@@ -7,9 +7,8 @@ settings once, at start-up (and builds what it needs: a verifier backend, say), 
 
 for a batch of B examples {"question", "answer", "solution"} and the 1-based step. The Rollout says
 which tokens exist and which are trained (loss_mask); its `stats` are the idea's figures for the
-train line, and its `reward_weight` (optional) scales each chain's reward. train.py, bench.py and
-grad_agreement.py reach every idea through this dict alone: a new idea is one constructor here plus
-its config fields.
+train line, and its `reward_weight` (optional) scales each chain's reward. Every caller reaches every
+idea through this dict alone: a new idea is one constructor here plus its config fields.
 """
 import difflib
 
@@ -28,15 +27,18 @@ SAMPLERS = {
 
 
 def check(cfg) -> None:
-    """Fail fast, before anything loads, on a misspelled --rollout."""
-    if cfg.rollout not in SAMPLERS:
-        close = difflib.get_close_matches(cfg.rollout, SAMPLERS, n=1)
+    """Fail fast, before anything loads, on a misspelled --sampler."""
+    if cfg.sampler in ("dynamic", "static"):  # the KV-cache values of `sampler` before it was renamed
+        raise config.UserError(f"sampler picks the sampling idea ({', '.join(SAMPLERS)}); the KV cache is now "
+                               f"kv_cache: write kv_cache: {cfg.sampler}")
+    if cfg.sampler not in SAMPLERS:
+        close = difflib.get_close_matches(cfg.sampler, SAMPLERS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise config.UserError(f"unknown rollout {cfg.rollout!r}.{hint} Valid names: {', '.join(SAMPLERS)} "
+        raise config.UserError(f"unknown sampler {cfg.sampler!r}.{hint} Valid names: {', '.join(SAMPLERS)} "
                                f"(samplers.py)")
 
 
 def make(cfg, *, device: str, train_set: list[dict]):
-    """The sample function of cfg.rollout, its start-up checks done."""
+    """The sample function of cfg.sampler, its start-up checks done."""
     check(cfg)
-    return SAMPLERS[cfg.rollout](cfg, device=device, train_set=train_set)
+    return SAMPLERS[cfg.sampler](cfg, device=device, train_set=train_set)

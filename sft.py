@@ -18,7 +18,6 @@ again: recipes that differ only after the warm start (the sampling idea, rewards
 optimizer, evaluation) then start from the same weights, and a comparison over seeds pays for each
 seed's warm start once.
 """
-import dataclasses
 import hashlib
 import json
 import math
@@ -29,30 +28,24 @@ import torch
 import transformers
 from tqdm import tqdm
 
-import arithmetic
 import builtin_tasks
 import config
 import data
 import llms
-import losses
+import logprobs
 import rollout
 import vision
 
-# Config keys read only after the warm start (by the sampling ideas, rewards, the GRPO loss and
-# optimizer, evaluation and the run's bookkeeping): cache_key leaves them out, so that recipes
-# differing in them alone share a warm start. A key not named here counts, so a new key is safe.
-AFTER_WARM_START = {
-    "rollout", "prompts_per_step", "num_chains", "temperature", "top_p", "sampler", "dynamic_sampling",
-    "max_sampling_rounds", "min_guide_tokens", "max_guide_tokens", "rewards", "loss_type", "adv_scale", "beta",
-    "eps_low", "eps_high", "cispo_max_weight", "num_iterations", "micro_batch_size", "sort_micro_batches",
-    "optimizer", "kahan_updates", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "warmup_steps",
-    "lr_schedule", "lr_decay_steps", "train_only", "out_dir", "max_steps", "save_every", "keep_last", "max_bad_steps",
-    "log_samples", "resume", "report_to", "wandb_project", "sft_cache"}
-# the sampling ideas' own fields (config.IDEA_PREFIXES), evaluation, LoRA and the reward settings
-AFTER_WARM_START_PREFIXES = (*(p for prefixes in config.IDEA_PREFIXES.values() for p in prefixes),
-                             "eval_", "lora_", "think_", "answer_", "overlong_")
-# the code that builds the warm start: an edit to any of these files makes a new key
-WARM_START_CODE = (arithmetic, builtin_tasks, data, llms, losses, rollout, vision)
+# What shapes the warm-started weights, and so names its cached copy (cache_key): the config's model,
+# data and warm-start sections (config.sections), but for what applies after the warm start (LoRA,
+# train_only) and the cache's own folder; and the keys of other sections that warm_start reads
+# (tests/test_train.py runs it and checks that it reads no other). A new key in those sections counts.
+SHAPING_SECTIONS = ("model", "data", "warm")
+APPLIED_AFTER = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "train_only", "sft_cache")
+WARM_START_READS = ("seed", "device", "max_prompt_tokens", "max_completion_tokens", "logp_chunk", "logp_chunk_mb",
+                    "max_grad_norm")
+# the code the warm start runs: an edit to any of these files makes a new key
+WARM_START_CODE = (builtin_tasks, data, llms, logprobs, rollout, vision)
 
 
 def warm_start(model, tokenizer, examples: list[dict], cfg, probe=None, probe_every: int = 0) -> None:
@@ -77,9 +70,9 @@ def warm_start(model, tokenizer, examples: list[dict], cfg, probe=None, probe_ev
                    for ex in batch]
         r = rollout.teacher_forced(tokenizer, prompts, targets, cfg.max_prompt_tokens, cfg.max_completion_tokens,
                                    images=rollout.images_of(batch))
-        start = losses.first_trained_column(r.loss_mask)
+        start = logprobs.first_trained_column(r.loss_mask)
         mask = r.loss_mask[:, start:].to(device)
-        logps = losses.token_logps(model, r.input_ids.to(device), r.attention_mask.to(device), start, 1.0,
+        logps = logprobs.token_logps(model, r.input_ids.to(device), r.attention_mask.to(device), start, 1.0,
                                    cfg.logp_chunk, r.visual, chunk_mb=cfg.logp_chunk_mb)
         nll = -(logps * mask).sum() / mask.sum()  # mean over the target tokens
         nll.backward()
@@ -93,12 +86,19 @@ def warm_start(model, tokenizer, examples: list[dict], cfg, probe=None, probe_ev
                 probe(step, running)
 
 
-def cache_key(cfg) -> str:
-    """A hash of everything that shapes the warm-started weights: the config but AFTER_WARM_START, the
-    source of this file and of WARM_START_CODE, and the torch and transformers versions."""
-    keys = {k: v for k, v in sorted(dataclasses.asdict(cfg).items())
-            if k not in AFTER_WARM_START and not k.startswith(AFTER_WARM_START_PREFIXES)}
+def shaping_keys() -> list[str]:
+    """The config keys that shape the warm-started weights (see SHAPING_SECTIONS)."""
+    return sorted(k for k, section in config.sections().items()
+                  if (section in SHAPING_SECTIONS and k not in APPLIED_AFTER) or k in WARM_START_READS)
+
+
+def cache_key(cfg, prompt_layout: str = "") -> str:
+    """A hash of everything that shapes the warm-started weights: the config's shaping_keys, the prompt
+    layout installed on the tokenizer (its chat template: few-shot examples included), the source of
+    this file and of WARM_START_CODE, and the torch and transformers versions."""
+    keys = {k: getattr(cfg, k) for k in shaping_keys()}
     h = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode())
+    h.update((prompt_layout or "").encode())
     for path in (__file__, *(module.__file__ for module in WARM_START_CODE)):
         with open(path, "rb") as f:
             h.update(f.read())
@@ -110,7 +110,7 @@ def warm_start_cached(model, tokenizer, examples: list[dict], cfg) -> None:
     """warm_start, or with cfg.sft_cache the weights a run with the same cache_key left there."""
     if not cfg.sft_cache:
         return warm_start(model, tokenizer, examples, cfg)
-    path = os.path.join(cfg.sft_cache, f"{cache_key(cfg)}.pt")
+    path = os.path.join(cfg.sft_cache, f"{cache_key(cfg, tokenizer.chat_template)}.pt")
     if os.path.isfile(path):
         model.load_state_dict(torch.load(path, map_location=next(model.parameters()).device))
         print(f"warm start: loaded {path} (sft_cache)")

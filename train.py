@@ -5,10 +5,10 @@
     python train.py --resume out/run                                 # continue from the last checkpoint
     torchrun --nproc_per_node 4 train.py --config X                  # 4 GPUs: the same run (distributed.py)
 
-For each step: take B questions, sample G chains for each with the sampling idea `--rollout` names
+For each step: take B questions, sample G chains for each with the sampling idea `--sampler` names
 (samplers.py), score every chain with the reward functions (rewards.py), normalise rewards within
 each question's group into advantages, and take an optimizer step on the policy loss over the tokens
-the policy sampled (Rollout.loss_mask): grpo.step, with the loss family and the update in losses.py.
+the policy sampled (Rollout.loss_mask): grpo.step, the algorithm box, with the loss family and the update.
 Under torchrun each rank samples its share of the B questions and the update is the one of all ranks'
 chains (distributed.py); rank 0 writes.
 
@@ -35,7 +35,7 @@ import distributed
 import evaluator
 import grpo
 import llms
-import losses
+import optim
 import plot
 import rewards
 import rollout
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     run = checkpoint.Run(cfg)  # a fresh run, or --resume: its latest checkpoint and trimmed logs
 
-    with distributed.together():  # an error on any rank stops every rank, printed once
+    with distributed.errors_stop_every_rank():  # an error on any rank stops every rank, printed once
         # 1. data: train and held-out test examples {"question", "answer", "solution"}
         train_set, test_set = data.load(cfg)
         eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
@@ -74,10 +74,10 @@ def main(argv: list[str]) -> None:
             sft.warm_start_cached(model, tokenizer, train_set, cfg)
     if run.fresh and (cfg.sft_steps > 0 or cfg.model_name in (llms.TINY, llms.TINY_VL)):
         run.save_base(model, tokenizer)  # the starting weights: resume, LoRA and the reference load them
-    with distributed.together():
+    with distributed.errors_stop_every_rank():
         policy = llms.for_training(model, tokenizer, cfg, adapter_path=run.adapter_path, load_reference=lambda: (
             llms.from_config(cfg, run.base, device, shots=shots, tiny_corpus=corpus, gradient_checkpointing=False)[0]))
-        optimizer, scheduler = losses.make_optimizer(policy.model, cfg)
+        optimizer, scheduler = optim.make_optimizer(policy.model, cfg)
         first_step = run.restore(optimizer, scheduler)
     distributed.broadcast_weights(policy.model)  # torchrun: every rank starts from rank 0's weights
 
@@ -103,20 +103,20 @@ def main(argv: list[str]) -> None:
                             refill=lambda n, k: data.refill(train_set, step, k, n, cfg.seed, taken=questions,
                                                             per_round=len(batch), rank=rank, world=world))
             scheduler.step()
-            guard.applied(step, out.figures["skipped"])
+            guard.applied(step, out.metrics["skipped"])
 
             # 4. log, evaluate, plot, checkpoint
             dt = time.time() - t0
             tokens = distributed.all_sum([sum(d["completion_len"] for d in out.rollout.info)])[0]  # all ranks
-            run.log({"step": step, "split": "train", **out.figures, "lr": scheduler.get_last_lr()[0],
+            run.log({"step": step, "split": "train", **out.metrics, "lr": scheduler.get_last_lr()[0],
                      "step_time_s": dt, "tokens_per_s": tokens / dt, "peak_mem_gb": checkpoint.peak_mem_gb()})
             run.log_samples(step, out, cfg.log_samples)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 accuracy = evaluate(step)
             if guard.end_of_step(step):  # Ctrl-C: checkpoint saved, stop here
                 break
-            bar.set_postfix(reward=f"{out.figures['reward']:.2f}", acc=f"{accuracy:.2f}",
-                            loss=f"{out.figures['loss']:.3f}")
+            bar.set_postfix(reward=f"{out.metrics['reward']:.2f}", acc=f"{accuracy:.2f}",
+                            loss=f"{out.metrics['loss']:.3f}")
     run.close()  # the trackers of report_to
     distributed.teardown()
     if not guard.interrupted:

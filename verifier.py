@@ -189,10 +189,10 @@ class Conversation:
         return sum(len(t) for t in self.turns)
 
 
-def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: list[str], num_chains: int, *,
+def run_turns(model, tokenizer, prompts: list[str], questions: list[str], answers: list[str], num_chains: int, *,
            backend, max_prompt_tokens: int, max_completion_tokens: int, temperature: float, top_p: float,
            turn_tokens: int, max_turns: int, step_end: str, train_on: str, nudge: str,
-           sampler: str = "dynamic", images: list[list] | None = None) -> rollout.Rollout:
+           kv_cache: str = "dynamic", images: list[list] | None = None) -> rollout.Rollout:
     """B prompts x G conversations with a verifier (module docstring); one generate call per turn.
 
     backend(jobs, model, tokenizer) -> one reply string per Job, None where the call failed
@@ -216,7 +216,7 @@ def guided(model, tokenizer, prompts: list[str], questions: list[str], answers: 
         steps = torch.tensor([not c.nudged for c in live], device=device)
         stop = [StepEnd(ends, decode, ids.shape[1], steps)] if ends else None
         out = rollout.generate(model, ids, mask, max_new_tokens=max(room), temperature=temperature, top_p=top_p,
-                               sampler=sampler, stopping_criteria=stop,
+                               kv_cache=kv_cache, stopping_criteria=stop,
                                visual=rollout.visual_rows(visual, [c.group for c in live])).tolist()
         for c, row, n in zip(live, out, room):
             turn, c.eos = cut_turn(row, n, eos, frozenset() if c.nudged else ends, decode)
@@ -297,7 +297,7 @@ def summary(info: list[dict]) -> dict:
 
 
 def make_sampler(cfg, *, device: str, train_set: list[dict]):
-    """`--rollout verifier`: checks the verifier_* settings and builds the backend once (an http server
+    """`--sampler verifier`: checks the verifier_* settings and builds the backend once (an http server
     that does not answer fails the run here, before the policy is loaded), then samples conversations."""
     for key in ("verifier_turn_tokens", "verifier_max_turns", "verifier_concurrency", "verifier_max_tokens"):
         if getattr(cfg, key) < 1:
@@ -309,13 +309,13 @@ def make_sampler(cfg, *, device: str, train_set: list[dict]):
     backend = verifier_backends.make(cfg, device)
 
     def sample_verifier(model, tokenizer, batch: list[dict], step: int) -> rollout.Rollout:
-        r = guided(model, tokenizer, rollout.prompts_of(tokenizer, cfg.system_prompt, batch),
+        r = run_turns(model, tokenizer, rollout.prompts_of(tokenizer, cfg.system_prompt, batch),
                    [ex["question"] for ex in batch], [ex["answer"] for ex in batch], cfg.num_chains,
                    backend=backend, max_prompt_tokens=cfg.max_prompt_tokens,
                    max_completion_tokens=cfg.max_completion_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                    turn_tokens=cfg.verifier_turn_tokens, max_turns=cfg.verifier_max_turns,
                    step_end=cfg.verifier_step_end, train_on=cfg.verifier_train_on, nudge=cfg.verifier_nudge,
-                   sampler=cfg.sampler, images=rollout.images_of(batch))
+                   kv_cache=cfg.kv_cache, images=rollout.images_of(batch))
         r.stats = summary(r.info)  # verifier/turns, stop_rate, latency_s, failed_calls, ...
         return r
     return sample_verifier

@@ -32,7 +32,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 
-import arithmetic
+import equations
 import config
 import llms
 import rewards
@@ -66,7 +66,7 @@ class Job(NamedTuple):
     images: tuple | list = ()  # empty for a text problem; never a shared mutable default
 
 # ----------------------------------------------------------------------------------------------
-# rules: a programmatic verifier for the arithmetic of the work (arithmetic.py) and its final answer
+# rules: a programmatic verifier for the arithmetic of the work (equations.py) and its final answer
 
 
 def answered(steps: list[str]) -> bool:
@@ -77,7 +77,7 @@ def answered(steps: list[str]) -> bool:
 
 
 def rules_reply(answer: str, steps: list[str]) -> str:
-    """Check every equation of the latest step (arithmetic.equation_errors); then, once the work states a final
+    """Check every equation of the latest step (equations.equation_errors); then, once the work states a final
     answer, that answer.
 
     A wrong equation gets its correct value; a wrong final answer is flagged (the reference is not
@@ -85,7 +85,7 @@ def rules_reply(answer: str, steps: list[str]) -> str:
     score (the policy goes on unprompted); a step without any equation gets an empty reply.
     """
     latest, work = (steps[-1] if steps else ""), "".join(steps)
-    wrong, checked = arithmetic.equation_errors(latest)
+    wrong, checked = equations.equation_errors(latest)
     if wrong:  # short replies: every inserted token lengthens every later turn and the trained sequence
         return "; ".join(wrong) + ".\n[SCORE] hallucination_detect=1"
     if answered(steps):

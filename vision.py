@@ -139,7 +139,7 @@ def no_images() -> tuple:
 def banned_ids(model) -> list[int] | None:
     """A VL model's vision tokens, which it must never sample: an <|image_pad|> in a completion has no
     image behind it, and the forward pass would refuse the chain. Sampling suppresses them
-    (rollout.generate) and log-probs leave them out (losses.head_logps), so both use one distribution.
+    (rollout.generate) and log-probs leave them out (logprobs.head_logps), so both use one distribution.
     None for a text model."""
     cfg = model.config
     if getattr(cfg, "image_token_id", None) is None:

@@ -5,7 +5,9 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(1, os.path.join(ROOT, "tools"))  # the instruments (bench.py, gpu_check.py, ...), tested here too
 torch.set_num_threads(2)
 
 import builtin_tasks  # noqa: E402

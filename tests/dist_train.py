@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import config  # noqa: E402
 import distributed  # noqa: E402
-import losses  # noqa: E402
+import logprobs  # noqa: E402
+import optim  # noqa: E402
 import rewards  # noqa: E402
 import samplers  # noqa: E402
 
@@ -45,16 +46,16 @@ elif mode == "flaky_reward":
         return 1.0
     rewards.REWARDS["flaky"] = flaky
 elif mode in ("oom_once", "oom_always"):
-    token_logps, failed = losses.token_logps, []
+    token_logps, failed = logprobs.token_logps, []
 
     def tight(model, input_ids, *args, **kwargs):  # GRPO's micro-batches (the warm start's batches are larger)
         if distributed.rank() == 1 and input_ids.shape[0] <= 4 and (mode == "oom_always" or not failed):
             failed.append(input_ids.shape[0])
             raise torch.OutOfMemoryError("CUDA out of memory (rank 1's test fault)")
         return token_logps(model, input_ids, *args, **kwargs)
-    losses.token_logps = tight
+    logprobs.token_logps = tight
 elif mode == "optimizer_oom":
-    make_optimizer = losses.make_optimizer
+    make_optimizer = optim.make_optimizer
 
     def tight_optimizer(model, cfg):
         optimizer, scheduler = make_optimizer(model, cfg)
@@ -67,6 +68,6 @@ elif mode == "optimizer_oom":
             return step(*args, **kwargs)
         optimizer.step = tight_step
         return optimizer, scheduler
-    losses.make_optimizer = tight_optimizer
+    optim.make_optimizer = tight_optimizer
 sys.argv = [os.path.join(ROOT, "train.py"), *argv]
 runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")

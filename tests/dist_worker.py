@@ -24,7 +24,8 @@ import distributed  # noqa: E402
 import evaluator  # noqa: E402
 import grpo  # noqa: E402
 import llms  # noqa: E402
-import losses  # noqa: E402
+import grpo  # noqa: E402
+import optim  # noqa: E402
 import rewards  # noqa: E402
 import rollout  # noqa: E402
 import samplers  # noqa: E402
@@ -65,15 +66,15 @@ def exact(out: str) -> None:
         cfg = config.Config(**{"optimizer": "adamw", "kahan_updates": False, "learning_rate": LR,
                                "micro_batch_size": 2, "max_completion_tokens": 40, "logp_chunk": 16, **change})
         batch_std = torch.cat(distributed.gather(totals[mine])).std()  # the whole step's, as grpo.step takes it
-        adv = losses.group_advantages(totals[mine], part.group, cfg.adv_scale, batch_std)[0]
+        adv = grpo.group_advantages(totals[mine], part.group, cfg.adv_scale, batch_std)[0]
         torch.manual_seed(1)
         model, _ = llms.prepare(copy.deepcopy(base).to(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32),
                                 tokenizer, "cpu", cfg.gradient_checkpointing, cfg.liger)
         if name == UNUSED_WEIGHT:
             model.unused = torch.nn.Parameter(torch.ones(4))
         policy = llms.for_training(model, tokenizer, cfg, load_reference=lambda: copy.deepcopy(model))
-        optimizer, _ = losses.make_optimizer(policy.model, cfg)
-        figures = losses.update(policy.model, policy.ref_model, part, adv, optimizer, cfg)
+        optimizer, _ = optim.make_optimizer(policy.model, cfg)
+        figures = grpo.update(policy.model, policy.ref_model, part, adv, optimizer, cfg)
         if distributed.is_main():
             # a bf16 weight with Kahan updates is w + its residual: the weight the optimizer meant
             weights = {k: v.detach().float() + optimizer.state[v].get("residual", torch.zeros(())).float()
@@ -90,7 +91,7 @@ def figures(out: str) -> None:
     cfg = config.Config(optimizer="adamw", kahan_updates=False, micro_batch_size=4, system_prompt="",
                         max_completion_tokens=40, rewards={"correctness": 1.0})
     policy = llms.for_training(model, tokenizer, cfg, load_reference=lambda: None)
-    optimizer, _ = losses.make_optimizer(model, cfg)
+    optimizer, _ = optim.make_optimizer(model, cfg)
 
     def sample(model, tokenizer, batch, step):  # 2 chains per question: the answer, or a wrong one
         good = distributed.rank() == 1
@@ -102,7 +103,7 @@ def figures(out: str) -> None:
         return r
     step = grpo.step(policy, sample, distributed.shard(train[:4]), 1, optimizer, cfg)
     if distributed.is_main():
-        torch.save(step.figures, os.path.join(out, f"figures_world{distributed.world()}.pt"))
+        torch.save(step.metrics, os.path.join(out, f"figures_world{distributed.world()}.pt"))
 
 
 # each idea's settings for one short step (an idea not named here runs with its defaults)
@@ -128,7 +129,7 @@ def ideas(out: str) -> None:
                                "max_completion_tokens": 24, "micro_batch_size": 8, "learning_rate": 1e-2,
                                "rewards": {"length_mod_3": 1.0}, **change})
         policy = llms.for_training(copy.deepcopy(base), tokenizer, cfg, load_reference=lambda: None)
-        optimizer, _ = losses.make_optimizer(policy.model, cfg)
+        optimizer, _ = optim.make_optimizer(policy.model, cfg)
         idea, stats_keys = samplers.make(cfg, device="cpu", train_set=train), set()
 
         def sample(*args):  # the idea's own figures, which the train line must carry
@@ -138,7 +139,7 @@ def ideas(out: str) -> None:
         distributed.seed_step(cfg.seed, 1)
         step = grpo.step(policy, sample, distributed.shard(train[:4]), 1, optimizer, cfg)
         weights = distributed.gather([p.detach().clone() for p in policy.model.parameters()])
-        results[name] = {"figures": step.figures, "stats_keys": stats_keys, "in_sync": all(
+        results[name] = {"figures": step.metrics, "stats_keys": stats_keys, "in_sync": all(
             torch.equal(a, b) for other in weights[1:] for a, b in zip(weights[0], other))}
     cfg = config.Config(system_prompt="", max_prompt_tokens=96, max_completion_tokens=16, eval_temperature=0.0,
                         eval_samples=1, eval_batch_size=2)

@@ -28,7 +28,7 @@ def test_tiny_bench_writes_a_row_per_system(tmp_path):
     text = path.read_text()
     assert text.startswith("# Benchmarks\n")  # appended, never overwritten
     assert re.search(r"### \d{4}-\d\d-\d\d \d\d:\d\d · CPU", text)
-    assert "`python bench.py --tiny" in text and "trl " in text and "transformers " in text
+    assert "`python tools/bench.py --tiny" in text and "trl " in text and "transformers " in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 3 and all(line.count("|") == len(bench.COLUMNS) + 1 for line in table)
     assert re.search(r"Step time ours / TRL: \d+\.\d\d", text)
@@ -77,7 +77,7 @@ def test_bench_head_measures_one_chunk_of_the_log_prob_head(tmp_path):
     assert (row["vocab"], row["hidden"], row["chains"], row["positions"]) == (512, 128, 4, 32)
     assert row["seconds"] > 0 and row["peak_gb"] >= 0  # CPU: resident memory, whose growth is often 0 here
     text = path.read_text()
-    assert "`python bench_head.py --tiny" in text and "4 chains x 32 positions = 0.1M logits" in text
+    assert "`python tools/bench_head.py --tiny" in text and "4 chains x 32 positions = 0.1M logits" in text
 
 
 def test_peak_memory_is_split_by_phase_and_counts_from_each_systems_start():
@@ -99,9 +99,9 @@ def test_peak_memory_is_split_by_phase_and_counts_from_each_systems_start():
 
 def test_any_sampling_idea_reaches_our_side_and_trl_refuses_it(tmp_path):
     path = str(tmp_path / "b.md")
-    rows = bench.main(SMALL + ["--rollout", "guided", "--systems", "ours", "--guide_min_prefix_tokens", "2",
+    rows = bench.main(SMALL + ["--sampler", "guided", "--systems", "ours", "--guide_min_prefix_tokens", "2",
                                "--guide_max_prefix_tokens", "4", "--min_guide_tokens", "2", "--max_guide_tokens", "3",
                                "--benchmarks_file", path])
     assert [r["system"] for r in rows] == ["ours (dynamic)"] and rows[0]["sample_s"] > 0
     with pytest.raises(ValueError, match="TRL samples plain chains only"):
-        bench.main(SMALL + ["--rollout", "guided", "--benchmarks_file", path])
+        bench.main(SMALL + ["--sampler", "guided", "--benchmarks_file", path])

@@ -8,7 +8,7 @@ import torch
 import checkpoint
 import config
 import llms
-import losses
+import optim
 
 
 def saved_run(tmp_path, tiny, steps=(2, 4)):
@@ -17,7 +17,7 @@ def saved_run(tmp_path, tiny, steps=(2, 4)):
     out = tmp_path / "run"
     cfg = config.Config(model_name=llms.TINY, optimizer="adamw", out_dir=str(out), keep_last=5)
     checkpoint.Run(cfg)  # writes config.json
-    optimizer, scheduler = losses.make_optimizer(model, cfg)
+    optimizer, scheduler = optim.make_optimizer(model, cfg)
     for step in steps:
         checkpoint.save(str(out), step, model, tokenizer, optimizer, scheduler, keep_last=5)
     return out, cfg

@@ -13,7 +13,7 @@ def test_defaults_are_the_reference_setup():
     cfg = config.load([])
     assert (cfg.model_name, cfg.num_chains, cfg.temperature) == ("Qwen/Qwen2.5-1.5B-Instruct", 16, 1.0)
     assert (cfg.learning_rate, cfg.max_completion_tokens, cfg.max_prompt_tokens) == (5e-6, 786, 256)
-    assert cfg.dataset == "openai/gsm8k" and cfg.rollout == "plain"
+    assert cfg.dataset == "openai/gsm8k" and cfg.sampler == "plain"
 
 
 def test_yaml_then_flags_override(tmp_path):

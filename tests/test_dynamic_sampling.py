@@ -68,9 +68,9 @@ def test_uninformative_groups_are_replaced_until_the_step_is_full(policy):
     # of which 6 and 7 fill the step (9 is informative but not needed)
     assert [len(c) for c in calls] == [4, 4]
     assert [ex["answer"] for ex in out.batch] == ["1", "4", "6", "7"]
-    assert out.figures["sampling_rounds"] == 2
-    assert out.figures["filtered_frac"] == pytest.approx(1 - 4 / 8)
-    assert out.figures["zero_adv_frac"] == 0.0  # every trained group has signal
+    assert out.metrics["sampling_rounds"] == 2
+    assert out.metrics["filtered_frac"] == pytest.approx(1 - 4 / 8)
+    assert out.metrics["zero_adv_frac"] == 0.0  # every trained group has signal
     r = out.rollout
     assert len(r) == 4 * G and r.group.tolist() == [g for g in range(4) for _ in range(G)]
     assert out.answers == [out.batch[g]["answer"] for g in r.group.tolist()]  # groups index the kept batch
@@ -78,8 +78,8 @@ def test_uninformative_groups_are_replaced_until_the_step_is_full(policy):
     # round 1 has no reward weights and round 2 weighs 2: the kept chains carry theirs
     assert r.reward_weight.tolist() == [1.0] * 2 * G + [2.0] * 2 * G
     # the reward figures are over all 8 x G chains sampled: 2 + 4 + 0 + 2 | 4 + 2 + 2 + 0 right of 32
-    assert out.figures["reward/correctness"] == pytest.approx(16 / 32)
-    assert out.figures["toy/chains"] == pytest.approx(16.0)  # the idea's figures: averaged over the rounds
+    assert out.metrics["reward/correctness"] == pytest.approx(16 / 32)
+    assert out.metrics["toy/chains"] == pytest.approx(16.0)  # the idea's figures: averaged over the rounds
 
 
 def test_rounds_stop_at_max_sampling_rounds(policy):
@@ -87,15 +87,15 @@ def test_rounds_stop_at_max_sampling_rounds(policy):
     pool = [question(i, "wrong") for i in range(3, 20)]
     out, calls = run_step(policy, batch, pool, rounds=3)
     assert [len(c) for c in calls] == [2, 2, 2]  # 1 kept of 2 sampled: 1 missing x 2 / 1 = 2 per round
-    assert [ex["answer"] for ex in out.batch] == ["2"] and out.figures["sampling_rounds"] == 3
-    assert out.figures["filtered_frac"] == pytest.approx(5 / 6)
+    assert [ex["answer"] for ex in out.batch] == ["2"] and out.metrics["sampling_rounds"] == 3
+    assert out.metrics["filtered_frac"] == pytest.approx(5 / 6)
 
 
 def test_a_step_without_any_informative_group_trains_its_first_round(policy):
     batch = [question(1, "right"), question(2, "wrong")]
     out, calls = run_step(policy, batch, [question(i, "right") for i in range(3, 20)], rounds=2)
     assert len(calls) == 2 and [ex["answer"] for ex in out.batch] == ["1", "2"]
-    assert out.figures["filtered_frac"] == 1.0 and out.figures["zero_adv_frac"] == 1.0
+    assert out.metrics["filtered_frac"] == 1.0 and out.metrics["zero_adv_frac"] == 1.0
 
 
 def test_callers_without_more_questions_are_refused(policy):
@@ -154,7 +154,7 @@ def test_no_question_is_sampled_twice_in_a_step_of_train_py(tmp_path, monkeypatc
 @pytest.mark.parametrize("sampler", list(samplers.SAMPLERS))  # a new idea is covered at once
 def test_dynamic_sampling_trains_with_every_sampler(tmp_path, sampler):
     out = str(tmp_path / sampler)
-    run_train(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--rollout", sampler,
+    run_train(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--sampler", sampler,
                       "--dynamic_sampling", "--max_sampling_rounds", "2", "--max_completion_tokens", "16",
                       "--guide_max_prefix_tokens", "8", "--guide_min_prefix_tokens", "2", "--max_guide_tokens", "3",
                       "--verifier_turn_tokens", "8", "--verifier_max_turns", "2"])

@@ -15,7 +15,9 @@ import torch
 
 import checkpoint
 import rollout
-import losses
+import grpo
+import logprobs
+import optim
 from helpers import FAST, read, run_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,33 +90,33 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, straight, wher
 def test_ctrl_c_saves_a_checkpoint_and_resume_goes_on(tmp_path, straight, monkeypatch):
     out = str(tmp_path / "run")
     handler_before = signal.getsignal(signal.SIGINT)
-    original, calls = losses.group_advantages, [0]
+    original, calls = grpo.group_advantages, [0]
 
     def interrupted(*args, **kwargs):  # Ctrl-C in the middle of step 3 (called once per step)
         calls[0] += 1
         if calls[0] == 3:
             signal.raise_signal(signal.SIGINT)
         return original(*args, **kwargs)
-    monkeypatch.setattr(losses, "group_advantages", interrupted)
+    monkeypatch.setattr(grpo, "group_advantages", interrupted)
     run_train(RUN + ["--out_dir", out])  # returns cleanly after finishing step 3
     assert checkpoint.latest(out).endswith("step_000003")
     assert max(r["step"] for r in read(f"{out}/metrics.jsonl")) == 3
     assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is given back
-    monkeypatch.setattr(losses, "group_advantages", original)
+    monkeypatch.setattr(grpo, "group_advantages", original)
     run_train(["--resume", out])
     same_logs(straight, out)
 
 
 def nan_loss_at(monkeypatch, bad_steps, micro_batches_per_step=2):
     """policy_loss returns NaN during the given steps (counted by its calls)."""
-    original, calls = losses.policy_loss, [0]
+    original, calls = grpo.policy_loss, [0]
 
     def poisoned(*args, **kwargs):
         calls[0] += 1
         loss, stats = original(*args, **kwargs)
         step = (calls[0] - 1) // micro_batches_per_step + 1
         return (loss * float("nan"), stats) if step in bad_steps else (loss, stats)
-    monkeypatch.setattr(losses, "policy_loss", poisoned)
+    monkeypatch.setattr(grpo, "policy_loss", poisoned)
 
 
 def test_a_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -146,14 +148,14 @@ def test_max_bad_steps_in_a_row_stop_with_a_checkpoint_of_the_last_good_weights(
 
 def test_out_of_memory_in_the_loss_retries_with_smaller_micro_batches(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
-    original, failed = losses.token_logps, []
+    original, failed = logprobs.token_logps, []
 
     def tight(model, input_ids, *args, **kwargs):  # 4 chains do not fit, once (not the warm start's 32)
         if input_ids.shape[0] == 4 and not failed:
             failed.append(input_ids.shape[0])
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(model, input_ids, *args, **kwargs)
-    monkeypatch.setattr(losses, "token_logps", tight)
+    monkeypatch.setattr(logprobs, "token_logps", tight)
     run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "10", "--save_every", "10"])
     rows = [r for r in read(f"{out}/metrics.jsonl") if r["split"] == "train"]
     assert failed == [4] and [r["micro_batch_size"] for r in rows] == [2, 4]  # halved for that step only
@@ -163,13 +165,13 @@ def test_out_of_memory_in_the_loss_retries_with_smaller_micro_batches(tmp_path, 
 def test_out_of_memory_at_one_chain_stops_with_a_checkpoint_and_the_settings_to_lower(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
 
-    original = losses.token_logps
+    original = logprobs.token_logps
 
     def never_fits(model, input_ids, *args, **kwargs):  # no GRPO micro-batch fits (the warm start's batch of 32 does)
         if input_ids.shape[0] <= 4:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(model, input_ids, *args, **kwargs)
-    monkeypatch.setattr(losses, "token_logps", never_fits)
+    monkeypatch.setattr(logprobs, "token_logps", never_fits)
     with pytest.raises(checkpoint.RunStopped, match="out of memory at step 1.*max_completion_tokens.*--resume"):
         run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "10"])
     assert checkpoint.latest(out).endswith("step_000000")  # the warm-started weights, resumable
@@ -179,7 +181,7 @@ def test_out_of_memory_at_one_chain_stops_with_a_checkpoint_and_the_settings_to_
 def test_out_of_memory_in_the_optimizer_step_stops_with_a_checkpoint_and_the_settings_to_lower(tmp_path,
                                                                                                 monkeypatch):
     out = str(tmp_path / "run")
-    make_optimizer = losses.make_optimizer
+    make_optimizer = optim.make_optimizer
 
     def tight_optimizer(model, cfg):  # GRPO's optimizer (not the warm start's) runs out in its second step
         optimizer, scheduler = make_optimizer(model, cfg)
@@ -192,7 +194,7 @@ def test_out_of_memory_in_the_optimizer_step_stops_with_a_checkpoint_and_the_set
             return step(*args, **kwargs)
         optimizer.step = tight_step
         return optimizer, scheduler
-    monkeypatch.setattr(losses, "make_optimizer", tight_optimizer)
+    monkeypatch.setattr(optim, "make_optimizer", tight_optimizer)
     with pytest.raises(checkpoint.RunStopped, match="out of memory at step 2 in the optimizer step.*Checkpoint of "
                                                     "step 1 saved.*lora_r > 0.*--resume"):
         run_train(FAST + ["--out_dir", out, "--max_steps", "3", "--eval_every", "10"])

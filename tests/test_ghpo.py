@@ -9,7 +9,7 @@ import ghpo
 import llms
 import rewards
 import rollout
-import losses
+import logprobs
 import samplers
 from helpers import FAST, run_train
 
@@ -230,9 +230,9 @@ def test_hint_tokens_are_prompt_and_never_trained(tiny, examples, monkeypatch, h
         assert r.loss_mask[i, :first].sum() == 0 and r.attention_mask[i, first - len(prompt_ids):first].all()
     # joined rows of different widths score exactly as in their own rollouts: padding changes nothing
     def chain_logps(x):
-        start = losses.first_trained_column(x.loss_mask)
+        start = logprobs.first_trained_column(x.loss_mask)
         with torch.no_grad():
-            lp = losses.token_logps(model, x.input_ids, x.attention_mask, start, 1.0, chunk=64)
+            lp = logprobs.token_logps(model, x.input_ids, x.attention_mask, start, 1.0, chunk=64)
         return (lp * x.loss_mask[:, start:]).sum(1)
     joined, plain, half = chain_logps(r), chain_logps(calls[0][1]), chain_logps(calls[2][1])
     torch.testing.assert_close(joined, torch.cat([plain[:G], half[:G], plain[2 * G:]]), rtol=1e-4, atol=1e-4)
@@ -276,7 +276,7 @@ def test_dataset_without_solutions_is_a_clear_error(tmp_path):
     path.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
     with pytest.raises(ValueError, match="needs reference solutions.*bare.jsonl"):
         run_train(FAST + ["--out_dir", str(tmp_path / "run"), "--dataset", str(path), "--test_dataset", str(path),
-                           "--rollout", "ghpo", "--sft_slip_rate", "0"])
+                           "--sampler", "ghpo", "--sft_slip_rate", "0"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -290,19 +290,19 @@ def test_dataset_without_solutions_is_a_clear_error(tmp_path):
 ])
 def test_ghpo_config_errors(argv, message):
     with pytest.raises(ValueError, match=message):  # the config, or the GHPO sampler's start-up check
-        cfg = config.load(["--rollout", "ghpo", "--rewards", "correctness=1"] + argv)
+        cfg = config.load(["--sampler", "ghpo", "--rewards", "correctness=1"] + argv)
         samplers.make(cfg, device="cpu", train_set=[{"question": "1 + 1?", "answer": "2", "solution": "1 + 1 = 2."}])
 
 
 def test_ghpo_config_reads_ratios_as_numbers():
-    cfg = config.load(["--rollout", "ghpo", "--ghpo_hint_ratios", "0.3,0.6"])
+    cfg = config.load(["--sampler", "ghpo", "--ghpo_hint_ratios", "0.3,0.6"])
     assert cfg.ghpo_hint_ratios == [0.3, 0.6]
 
 
 def test_ghpo_run_logs_hint_metrics(tmp_path):
     out = str(tmp_path / "ghpo")
     run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "5", "--eval_every", "5",
-                       "--rollout", "ghpo", "--ghpo_hint_unit", "chars", "--ghpo_start_step", "2",
+                       "--sampler", "ghpo", "--ghpo_hint_unit", "chars", "--ghpo_start_step", "2",
                        "--ghpo_hint_in", "assistant"])
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     first, second = [row for row in rows if row["split"] == "train"]

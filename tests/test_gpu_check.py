@@ -64,7 +64,7 @@ def test_a_part_over_its_budget_records_the_item_and_skips_the_rest():
 def test_the_wheel_script_fetches_what_ci_tests():
     # the device's Python lacks these; the script pins each to the version installed here, so that the
     # GPU runs what CI tests (the script itself needs the network: bash gpu_wheels.sh)
-    script = open(os.path.join(ROOT, "gpu_wheels.sh")).read()
+    script = open(os.path.join(ROOT, "tools", "gpu_wheels.sh")).read()
     pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s]*)", script))
     for package in ("bitsandbytes", "liger-kernel", "transformers", "trl", "math-verify", "datasets"):
         assert pins.get(package) == importlib.metadata.version(package), package

@@ -11,7 +11,8 @@ import samplers
 from sft import warm_start
 import llms
 import rollout
-import losses
+import grpo
+import logprobs
 from helpers import FAST, run_train
 
 
@@ -163,12 +164,12 @@ def test_loss_on_trains_exactly_the_intended_tokens(sft, task, loss_on):
         expected = [0] * P + [int(start <= j < end) for j in range(r.input_ids.shape[1] - P)]
         assert r.loss_mask[i].long().tolist() == expected
     # the loss's gradient reaches the per-token log-probs exactly where the mask is 1
-    start = losses.first_trained_column(r.loss_mask)
+    start = logprobs.first_trained_column(r.loss_mask)
     mask = r.loss_mask[:, start:]
-    logps = losses.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, chunk=16)
+    logps = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, chunk=16)
     logps.retain_grad()
     cfg = config.Config(loss_type="grpo")
-    loss, _ = losses.policy_loss(logps, logps.detach(), None, torch.ones(len(r)), mask, cfg, len(r), mask.sum(), 1)
+    loss, _ = grpo.policy_loss(logps, logps.detach(), None, torch.ones(len(r)), mask, cfg, len(r), mask.sum(), 1)
     loss.backward()
     model.zero_grad(set_to_none=True)
     assert torch.equal(logps.grad != 0, mask.bool())
@@ -193,17 +194,17 @@ def test_one_generate_call_per_phase(sft, task, monkeypatch):
     calls = []
     real = rollout.generate
 
-    def counting(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p=1.0, sampler="dynamic",
+    def counting(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p=1.0, kv_cache="dynamic",
                  visual=None):
-        calls.append((input_ids.shape[0], max_new_tokens, sampler))
+        calls.append((input_ids.shape[0], max_new_tokens, kv_cache))
         return real(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, visual=visual)
 
     monkeypatch.setattr(rollout, "generate", counting)
-    sample(model, tok, prompts_of(tok, task, 2), num_chains=3, prefix_retries=1, max_guide_tokens=4, sampler="static")
+    sample(model, tok, prompts_of(tok, task, 2), num_chains=3, prefix_retries=1, max_guide_tokens=4, kv_cache="static")
     assert [rows for rows, _, _ in calls] == [2 * 2, 2 * 3, 2 * 3]  # prefix: B x (1 + retries); then B x G twice
     assert calls[0][1] <= 20 and 2 <= calls[1][1] <= 4 and calls[2][1] <= 24 - 2
-    assert {s for _, _, s in calls} == {"static"}  # --sampler reaches every phase
+    assert {s for _, _, s in calls} == {"static"}  # --kv_cache reaches every phase
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def test_position_weight_and_summary():
 ])
 def test_guided_config_errors(argv, message):
     with pytest.raises(ValueError, match=message):  # the config, or the guided sampler's start-up check
-        samplers.make(config.load(["--rollout", "guided"] + argv), device="cpu", train_set=[])
+        samplers.make(config.load(["--sampler", "guided"] + argv), device="cpu", train_set=[])
     if "--guide_loss_on" not in argv:  # plain sampling ignores the guided keys
         samplers.make(config.load(argv), device="cpu", train_set=[])
 
@@ -238,7 +239,7 @@ def test_guided_config_errors(argv, message):
 def test_guided_run_logs_guide_metrics(tmp_path):
     out = str(tmp_path / "guided")
     run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--save_every", "2", "--eval_every", "5",
-                       "--rollout", "guided", "--guide_min_prefix_tokens", "2", "--guide_max_prefix_tokens", "12",
+                       "--sampler", "guided", "--guide_min_prefix_tokens", "2", "--guide_max_prefix_tokens", "12",
                        "--guide_loss_on", "guidance+postfix", "--guide_position_weight"])
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     trains = [row for row in rows if row["split"] == "train"]

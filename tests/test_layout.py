@@ -18,8 +18,9 @@ from helpers import FAST, ROOT, read, run_train
 
 
 def project_imports() -> dict[str, set[str]]:
-    """{module: the project modules it imports, anywhere in its file (functions and __main__ included)}."""
-    paths = glob.glob(os.path.join(ROOT, "*.py"))
+    """{module: the project modules it imports, anywhere in its file (functions and __main__ included)}, for
+    the top level and the instruments in tools/."""
+    paths = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tools", "*.py"))
     names = {os.path.basename(p)[:-3] for p in paths}
     graph = {}
     for path in paths:
@@ -49,6 +50,9 @@ def test_no_import_circles_and_nothing_imports_train():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+    tools = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "tools", "*.py"))}
+    assert {"bench", "gpu_check", "grad_agreement"} <= tools and not tools & {"train", "grpo"}
+    assert [m for m, deps in graph.items() if m not in tools and deps & tools] == []  # the instruments stay aside
     for path in glob.glob(os.path.join(ROOT, "tests", "test_*.py")):  # test files do not import each other
         for node in ast.walk(ast.parse(open(path).read())):
             modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
@@ -72,17 +76,17 @@ def test_a_sampler_added_through_the_dict_alone_trains(tmp_path, monkeypatch):
     monkeypatch.setitem(samplers.SAMPLERS, "toy", make_toy_sampler)
     out = str(tmp_path / "toy")
     run_train(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--save_every", "5",
-                      "--rollout", "toy", "--rewards", "integer_answer=1"])
+                      "--sampler", "toy", "--rewards", "integer_answer=1"])
     row = [r for r in read(f"{out}/metrics.jsonl") if r["split"] == "train"][0]
     assert row["toy/calls"] == 1.0 and row["toy/step"] == 1.0  # its figures reach the train line
     assert row["reward"] == 0.5 * row["reward/integer_answer"]  # and its weight the total reward
     assert row["skipped"] == 0 and row["grad_norm"] >= 0
-    assert json.load(open(f"{out}/config.json"))["rollout"] == "toy"
+    assert json.load(open(f"{out}/config.json"))["sampler"] == "toy"
 
 
 def test_an_unknown_rollout_names_the_close_ones(tmp_path):
-    with pytest.raises(ValueError, match="unknown rollout 'guidde'. Did you mean 'guided'"):
-        run_train(FAST + ["--out_dir", str(tmp_path / "run"), "--rollout", "guidde"])
+    with pytest.raises(ValueError, match="unknown sampler 'guidde'. Did you mean 'guided'"):
+        run_train(FAST + ["--out_dir", str(tmp_path / "run"), "--sampler", "guidde"])
 
 
 def test_config_help_prints_every_field_with_its_help():
@@ -128,10 +132,10 @@ def test_the_smollm2_variants_change_only_their_idea(variant):
     assert {k: other.get(k) for k in shared} == {k: base[k] for k in shared}
     if variant == "smollm2_verifier":  # the budget counts the policy's tokens over both tries
         assert other["max_completion_tokens"] == other["verifier_max_turns"] * base["max_completion_tokens"]
-    idea = {"smollm2_ghpo": ("rollout", "ghpo_"), "smollm2_verifier": ("rollout", "verifier_"),
-            "smollm2_guided": ("rollout", "guide_", "min_guide", "max_guide")}[variant]
+    idea = {"smollm2_ghpo": ("sampler", "ghpo_"), "smollm2_verifier": ("sampler", "verifier_"),
+            "smollm2_guided": ("sampler", "guide_", "min_guide", "max_guide")}[variant]
     assert all(k.startswith(idea) for k in other if k not in base), sorted(set(other) - set(base))
-    assert other["rollout"] == variant.split("_")[1] and other["out_dir"] != base["out_dir"]
+    assert other["sampler"] == variant.split("_")[1] and other["out_dir"] != base["out_dir"]
 
 
 @pytest.mark.parametrize("base, variants", [("tiny", ["tiny_guided", "tiny_guided_postfix", "tiny_verifier",

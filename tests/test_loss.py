@@ -1,5 +1,5 @@
 """The GRPO loss family in losses.py: policy_loss against hand-written formulas, micro-batching,
-group advantages, loss masks, Liger's fused loss against our path, and losses.update.
+group advantages, loss masks, Liger's fused loss against our path, and grpo.update.
 
 Everything runs on CPU in fp32 with a 2-layer, 32-wide random Qwen2 built in about a second.
 """
@@ -18,8 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import llms  # noqa: E402
 import rollout  # noqa: E402
-import losses
-from losses import group_advantages, liger_loss, policy_loss, token_logps  # noqa: E402
+import grpo
+import logprobs
+import optim
+from grpo import group_advantages, policy_loss  # noqa: E402
+from logprobs import liger_loss, token_logps  # noqa: E402
 
 ALL_LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce"]
 LIGER_LOSSES = ["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo"]
@@ -48,7 +51,7 @@ def make_cfg(loss_type, beta=0.0, **kw):
 
 
 def reference_loss(logps, old, ref, adv, mask, loss_type, beta, num_seqs, num_tokens, num_micro):
-    """(loss, clipped token count, kl sum), written independently of losses.policy_loss."""
+    """(loss, clipped token count, kl sum), written independently of grpo.policy_loss."""
     lo, hi = 1 - EPS_LOW, 1 + EPS_HIGH
     rows, clipped, kl_sum = [], 0, 0.0
     for i in range(logps.shape[0]):
@@ -278,7 +281,7 @@ def roll(lm):
 def fixed(lm, roll):
     """old and ref log-probs: the model's own, perturbed so that ratios differ from 1 and clip."""
     model, _ = lm
-    start = losses.first_trained_column(roll.loss_mask)
+    start = logprobs.first_trained_column(roll.loss_mask)
     with torch.no_grad():
         base = token_logps(model, roll.input_ids, roll.attention_mask, start, 0.7, 3)
     g = torch.Generator().manual_seed(1)
@@ -326,7 +329,7 @@ def test_token_logps_equal_plain_forward_log_softmax(lm, roll):
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attn, position_ids=rollout.position_ids(attn)).logits
         expected = torch.log_softmax(logits.float() / 0.7, -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-        for start, chunk in ((1, 5), (1, 1000), (losses.first_trained_column(roll.loss_mask), 3)):
+        for start, chunk in ((1, 5), (1, 1000), (logprobs.first_trained_column(roll.loss_mask), 3)):
             got = token_logps(model, ids, attn, start, 0.7, chunk)
             real = attn[:, start:].bool()  # positions whose token is real (pads: any value)
             assert torch.allclose(got[real], expected[:, start - 1:][real], atol=1e-5)
@@ -423,7 +426,7 @@ def test_liger_loss_matches_hand_written_path(lm, roll, fixed, loss_type, beta, 
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. losses.update
+# 6. grpo.update
 
 
 def train_cfg(**kw):
@@ -439,7 +442,7 @@ def test_update_updates_and_reports_finite_stats(lm, roll):
     before = [p.detach().clone() for p in model.parameters()]
     adv, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), roll.group, "group")
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    stats = losses.update(model, ref_model, roll, adv, optimizer, train_cfg())
+    stats = grpo.update(model, ref_model, roll, adv, optimizer, train_cfg())
 
     assert set(stats) == {"loss", "grad_norm", "kl", "clip_frac", "skipped", "micro_batch_size"}
     assert stats["skipped"] == 0 and stats["micro_batch_size"] == 2
@@ -455,7 +458,7 @@ def test_update_single_iteration_never_clips(lm, roll):
     model = copy.deepcopy(base)
     adv, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), roll.group, "group")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = losses.update(model, model, roll, adv, optimizer, train_cfg(num_iterations=1))
+    stats = grpo.update(model, model, roll, adv, optimizer, train_cfg(num_iterations=1))
     assert stats["clip_frac"] == 0
     assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the model itself
 
@@ -468,7 +471,7 @@ def test_update_takes_each_chains_log_probs_at_its_sampling_temperature(lm, roll
     r.temperature = torch.tensor([0.5, 0.5, 2.0, 2.0])
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     cfg = train_cfg(beta=0.0, num_iterations=1, micro_batch_size=4, temperature=1.0, max_grad_norm=1e9)
-    start = losses.first_trained_column(r.loss_mask)
+    start = logprobs.first_trained_column(r.loss_mask)
     mask = r.loss_mask[:, start:]
     by_hand = copy.deepcopy(base)
     logps = token_logps(by_hand, r.input_ids, r.attention_mask, start, r.temperature, cfg.logp_chunk)
@@ -477,7 +480,7 @@ def test_update_takes_each_chains_log_probs_at_its_sampling_temperature(lm, roll
     moved = []
     for temperature in (r.temperature, None):  # None: every chain at cfg.temperature, which differs here
         model = copy.deepcopy(base)
-        losses.update(model, None, dataclasses.replace(r, temperature=temperature), adv,
+        grpo.update(model, None, dataclasses.replace(r, temperature=temperature), adv,
                       torch.optim.SGD(model.parameters(), lr=1.0), cfg)
         moved.append([p.detach() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(moved[0], want, strict=True))
@@ -491,7 +494,7 @@ def test_liger_refuses_chains_sampled_at_different_temperatures(lm, roll):
     r = dataclasses.replace(roll, temperature=torch.tensor([0.7, 0.7, 1.0, 1.0]))
     model = copy.deepcopy(base)
     with pytest.raises(ValueError, match="one temperature for every chain.*sampled at 0.7, 1: drop --liger"):
-        losses.update(model, None, r, torch.tensor([1.0, -1.0, 0.5, -0.5]),
+        grpo.update(model, None, r, torch.tensor([1.0, -1.0, 0.5, -0.5]),
                       torch.optim.SGD(model.parameters(), lr=0.1), train_cfg(beta=0.0, liger=True))
 
 
@@ -505,7 +508,7 @@ def test_update_liger_matches_plain(lm, roll, loss_type):
     for liger in (False, True):
         model = copy.deepcopy(base)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        stats = losses.update(model, ref_model, roll, adv, optimizer,
+        stats = grpo.update(model, ref_model, roll, adv, optimizer,
                                        train_cfg(loss_type=loss_type, liger=liger))
         results.append((stats, [p.detach() for p in model.parameters()]))
     (s0, p0), (s1, p1) = results
@@ -530,18 +533,18 @@ def test_sorted_cropped_micro_batches_give_the_same_update(lm, roll, loss_type, 
     base, _ = lm
     ref_model = copy.deepcopy(base).requires_grad_(False)
     adv, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), roll.group, "group")
-    widths, original = [], losses.token_logps
+    widths, original = [], logprobs.token_logps
 
     def recorded(model, input_ids, *args, **kwargs):
         widths.append(input_ids.shape[1])
         return original(model, input_ids, *args, **kwargs)
-    monkeypatch.setattr(losses, "token_logps", recorded)
+    monkeypatch.setattr(logprobs, "token_logps", recorded)
     results = []
     for r, sort in ((roll, False), (with_right_padding(roll, 5), True)):
         widths.clear()
         model = copy.deepcopy(base)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        stats = losses.update(model, ref_model, r, adv, optimizer,
+        stats = grpo.update(model, ref_model, r, adv, optimizer,
                                        train_cfg(loss_type=loss_type, sort_micro_batches=sort))
         results.append((stats, [p.detach() for p in model.parameters()], list(widths)))
     (s0, p0, w0), (s1, p1, w1) = results
@@ -549,7 +552,7 @@ def test_sorted_cropped_micro_batches_give_the_same_update(lm, roll, loss_type, 
         assert s1[key] == pytest.approx(s0[key], rel=1e-4, abs=1e-6), key
     for a, b in zip(p0, p1):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
-    ends = losses.last_trained_column(roll.loss_mask) + 1
+    ends = logprobs.last_trained_column(roll.loss_mask) + 1
     assert w0[:2] == [int(ends[:2].max()), int(ends[2:].max())]  # rollout order, each cropped
     by_length = ends.sort(descending=True).values
     assert w1[:2] == [int(by_length[0]), int(by_length[2])]  # longest first; the extra padding never seen
@@ -624,22 +627,22 @@ def test_micro_batches_end_at_the_last_trained_column(lm, roll, monkeypatch):
     # the update computes no column after the last trained one, and equals the update of the whole width
     base, _ = lm
     r = copy.deepcopy(roll)
-    start = losses.first_trained_column(r.loss_mask)
+    start = logprobs.first_trained_column(r.loss_mask)
     for i in range(len(r)):
         trained = r.loss_mask[i].nonzero().flatten()
         r.loss_mask[i, trained[max(1, len(trained) // 2):]] = 0  # the second half of each chain is a postfix
-    ends = losses.last_trained_column(r.loss_mask) + 1
-    assert (ends < losses.last_trained_column(roll.loss_mask) + 1).any()
+    ends = logprobs.last_trained_column(r.loss_mask) + 1
+    assert (ends < logprobs.last_trained_column(roll.loss_mask) + 1).any()
     adv, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), r.group, "group")
     cfg = train_cfg(beta=0.0, num_iterations=1, micro_batch_size=4)
-    widths, original = [], losses.token_logps
+    widths, original = [], logprobs.token_logps
 
     def recorded(model, input_ids, *args, **kwargs):
         widths.append(input_ids.shape[1])
         return original(model, input_ids, *args, **kwargs)
-    monkeypatch.setattr(losses, "token_logps", recorded)
+    monkeypatch.setattr(logprobs, "token_logps", recorded)
     cropped = copy.deepcopy(base)
-    losses.update(cropped, None, r, adv, torch.optim.SGD(cropped.parameters(), lr=0.5), cfg)
+    grpo.update(cropped, None, r, adv, torch.optim.SGD(cropped.parameters(), lr=0.5), cfg)
     assert widths == [int(ends.max())] and widths[0] < r.input_ids.shape[1]
 
     whole = copy.deepcopy(base)  # by hand: every column, then the same clipping and SGD step
@@ -660,10 +663,10 @@ def test_a_shared_prompt_run_once_gives_the_log_probs_and_gradient_of_the_full_p
     prompts = [llms.chat_prompt(tok, "", p) for p in PROMPTS[:2]]  # two lengths: left padding in the prompt columns
     torch.manual_seed(0)
     r = rollout.sample(model, tok, prompts, 3, max_prompt_tokens=64, max_new_tokens=6, temperature=1.0)
-    start = losses.first_trained_column(r.loss_mask)
+    start = logprobs.first_trained_column(r.loss_mask)
     body, _ = llms.decoder_and_head(model)
-    shared = losses.shared_prompt_hidden(body, r.input_ids, r.attention_mask, start)
-    full = losses.hidden_states(body, r.input_ids, r.attention_mask)[:, start - 1:]
+    shared = logprobs.shared_prompt_hidden(body, r.input_ids, r.attention_mask, start)
+    full = logprobs.hidden_states(body, r.input_ids, r.attention_mask)[:, start - 1:]
     assert shared.shape == full.shape and torch.allclose(shared, full, atol=1e-5)
     got = {}
     for share in (False, True):
@@ -675,7 +678,7 @@ def test_a_shared_prompt_run_once_gives_the_log_probs_and_gradient_of_the_full_p
     assert torch.allclose(got[True][0], got[False][0], atol=1e-5)
     assert_grads_close(got[True][1], got[False][1])
     distinct = torch.arange(len(r))[:, None].expand(-1, start)  # no two rows share a prompt: the full pass
-    assert losses.shared_prompt_hidden(body, distinct, torch.ones_like(distinct), start) is None
+    assert logprobs.shared_prompt_hidden(body, distinct, torch.ones_like(distinct), start) is None
 
 
 @pytest.mark.parametrize("schedule, want", [
@@ -686,7 +689,7 @@ def test_a_shared_prompt_run_once_gives_the_log_probs_and_gradient_of_the_full_p
 def test_the_learning_rate_of_each_step_under_each_schedule(schedule, want):
     cfg = config.Config(optimizer="adamw", kahan_updates=False, learning_rate=2.0, warmup_steps=2, max_steps=8,
                         lr_schedule=schedule, lr_decay_steps=4)
-    optimizer, scheduler = losses.make_optimizer(torch.nn.Linear(2, 2), cfg)
+    optimizer, scheduler = optim.make_optimizer(torch.nn.Linear(2, 2), cfg)
     got = []
     for _ in range(cfg.max_steps):
         got.append(optimizer.param_groups[0]["lr"] / cfg.learning_rate)

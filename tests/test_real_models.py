@@ -22,7 +22,9 @@ import evaluator
 import gguf_models
 import grpo
 import llms
-import losses
+import grpo
+import logprobs
+import optim
 import rewards
 import rollout
 import samplers
@@ -181,7 +183,7 @@ def sampled_vs_scored(model, tok, prompts, temperature=0.7, new_tokens=6):
                              top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
                              output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
         full = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], 1)
-        scored = losses.token_logps(model, out.sequences, full, ids.shape[1], temperature, chunk=4, chunk_mb=64)
+        scored = logprobs.token_logps(model, out.sequences, full, ids.shape[1], temperature, chunk=4, chunk_mb=64)
     model.train()
     logits = torch.stack(out.logits, 1).float() / temperature
     return logits.log_softmax(-1).gather(-1, out.sequences[:, ids.shape[1]:, None]).squeeze(-1), scored
@@ -219,9 +221,9 @@ def test_the_shared_prompt_pass_equals_the_full_one_on_real_models(name, request
         torch.manual_seed(0)
         r = rollout.sample(model, tok, [llms.chat_prompt(tok, "", p) for p in PROMPTS[:2]], 2, max_prompt_tokens=256,
                            max_new_tokens=5, temperature=0.7)
-        start = losses.first_trained_column(r.loss_mask)
+        start = logprobs.first_trained_column(r.loss_mask)
         with torch.no_grad():
-            shared, full = (losses.token_logps(model, r.input_ids, r.attention_mask, start, 0.7, 4, chunk_mb=64,
+            shared, full = (logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 0.7, 4, chunk_mb=64,
                                                share_prompt=share) for share in (True, False))
         prompt_ids, prompt_mask = r.input_ids[:, :start], r.attention_mask[:, :start]
         greedy = rollout.generate(model, prompt_ids, prompt_mask, max_new_tokens=5, temperature=0.0)
@@ -258,13 +260,13 @@ def test_smollm2_stops_at_im_end_which_is_trained_though_it_is_the_pad_token(smo
         assert r.loss_mask[i, last + 1:].sum() == 0 and r.attention_mask[i, last + 1:].sum() == 0  # nothing after
         assert torch.all(r.input_ids[i, last + 1:] == end)  # the padding after it: the same id, never trained
     # the loss's gradient reaches the sampled tokens and their EOS, never the prompt or the padding
-    start = losses.first_trained_column(r.loss_mask)
+    start = logprobs.first_trained_column(r.loss_mask)
     mask = r.loss_mask[:, start:]
-    logps = losses.token_logps(model, r.input_ids, r.attention_mask, start, 0.05, 16)
+    logps = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 0.05, 16)
     logps.retain_grad()
     cfg = config.Config(loss_type="grpo")
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    loss, _ = losses.policy_loss(logps, logps.detach(), None, adv, mask, cfg, len(r), mask.sum().item(), 1)
+    loss, _ = grpo.policy_loss(logps, logps.detach(), None, adv, mask, cfg, len(r), mask.sum().item(), 1)
     loss.backward()
     model.zero_grad(set_to_none=True)
     assert torch.all(logps.grad[mask == 0] == 0) and torch.all(logps.grad[mask == 1] != 0)
@@ -329,7 +331,7 @@ def test_gemma_by_short_name_full_fine_tuning_saves_an_ordinary_hf_folder(tmp_pa
 @pytest.mark.parametrize("idea", ["guided", "ghpo", "verifier"])
 def test_each_sampling_idea_takes_a_step_on_smollm2(smol, idea):
     model, tok = smol
-    cfg = config.load(["--rollout", idea, "--device", "cpu", "--system_prompt", "Solve step by step.",
+    cfg = config.load(["--sampler", idea, "--device", "cpu", "--system_prompt", "Solve step by step.",
                        "--rewards", "correctness=1", "--optimizer", "adamw", "--learning_rate", "1e-5",
                        "--num_chains", "2", "--prompts_per_step", "1", "--micro_batch_size", "2",
                        "--max_completion_tokens", "16", "--max_prompt_tokens", "256", "--guide_min_prefix_tokens",
@@ -338,7 +340,7 @@ def test_each_sampling_idea_takes_a_step_on_smollm2(smol, idea):
     train, _ = builtin_tasks.arithmetic_task(20, 2, seed=0)
     sample = samplers.make(cfg, device="cpu", train_set=train)
     policy = llms.Policy(model, tok)
-    optimizer, _ = losses.make_optimizer(model, cfg)
+    optimizer, _ = optim.make_optimizer(model, cfg)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         out = grpo.step(policy, sample, train[:1], 1, optimizer, cfg)
@@ -346,7 +348,7 @@ def test_each_sampling_idea_takes_a_step_on_smollm2(smol, idea):
         model.load_state_dict(weights)  # the session's model, as the other tests expect it
         optimizer.zero_grad(set_to_none=True)
     prefix = {"guided": "guide/", "ghpo": "ghpo/", "verifier": "verifier/"}[idea]
-    assert any(k.startswith(prefix) for k in out.figures) and out.figures["skipped"] == 0
+    assert any(k.startswith(prefix) for k in out.metrics) and out.metrics["skipped"] == 0
     assert out.rollout.loss_mask.sum() > 0 and all(isinstance(t, str) for t in out.rollout.texts)
 
 

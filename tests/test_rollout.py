@@ -4,7 +4,7 @@ import torch
 
 import llms
 import rollout
-import losses
+import logprobs
 
 
 def test_completion_mask_stops_after_first_eos():
@@ -71,7 +71,7 @@ def test_scoring_matches_sampling_logprobs(tiny, task, cache):
                              output_logits=True, return_dict_in_generate=True, eos_token_id=None,
                              pad_token_id=tok.pad_token_id, cache_implementation=cache)
         full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], 1)
-        scored = losses.token_logps(model, out.sequences, full_mask, ids.shape[1], temperature, chunk=4)
+        scored = logprobs.token_logps(model, out.sequences, full_mask, ids.shape[1], temperature, chunk=4)
     model.train()
     logits = torch.stack(out.logits, 1).float() / temperature  # (n, 6, V)
     sampled = logits.log_softmax(-1).gather(-1, out.sequences[:, ids.shape[1]:, None]).squeeze(-1)
@@ -95,10 +95,10 @@ def test_static_sampler_samples_like_the_dynamic_one(tiny, task):
     ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
     for temperature in (0.0, 1.0):
         out = {}
-        for sampler in ("dynamic", "static"):
+        for kv_cache in ("dynamic", "static"):
             torch.manual_seed(1)
-            out[sampler] = rollout.generate(model, ids, mask, max_new_tokens=16, temperature=temperature,
-                                            sampler=sampler, min_new_tokens=16)
+            out[kv_cache] = rollout.generate(model, ids, mask, max_new_tokens=16, temperature=temperature,
+                                            kv_cache=kv_cache, min_new_tokens=16)
         assert out["dynamic"].shape == (12, 16)
         assert torch.equal(out["dynamic"], out["static"]), temperature
     assert not torch.equal(out["static"][0], out["static"][1])  # seeded samples do differ between chains
@@ -128,7 +128,7 @@ def test_static_sampler_compiles_its_decode_step_a_bounded_number_of_times(tiny,
         prompts = [llms.chat_prompt(tok, "Solve it. " * (3 * i), ex["question"]) for ex in task[0][i:i + questions]]
         before = len(graphs)
         rollout.sample(model, tok, prompts, chains, max_prompt_tokens=96, max_new_tokens=8, temperature=1.0,
-                       sampler="static")
+                       kv_cache="static")
         new_graphs.append(len(graphs) - before)
     torch._dynamo.reset()
     assert new_graphs[0] >= 1  # the forced path really compiles
@@ -159,7 +159,7 @@ def test_a_frozen_output_projection_runs_as_one_matmul_not_one_per_chain(tiny):
     hidden = torch.randn(16, 150, head.in_features)
     ids = torch.randint(head.out_features, (16, 150))
     for run in (lambda: head(hidden[:, -1:, :]),  # what generate does at the prefill
-                lambda: losses.head_logps(hidden, head, ids, 1, 1.0, 64)):  # the chunks
+                lambda: logprobs.head_logps(hidden, head, ids, 1, 1.0, 64)):  # the chunks
         with Ops() as ops, torch.no_grad():
             run()
         assert "bmm" not in ops.seen and ({"mm", "addmm"} & ops.seen), ops.seen

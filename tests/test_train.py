@@ -158,7 +158,7 @@ def test_sft_cache_gives_the_warm_start_a_run_would_compute(tiny, task, tmp_path
     after_training = torch.rand(3)
     sft.warm_start_cached(copy.deepcopy(tiny[0]), tiny[1], task[0], cfg)  # trains and saves
     assert len(os.listdir(tmp_path / "cache")) == 1
-    other_recipe = dataclasses.replace(cfg, rollout="guided", guide_loss_on="guidance+postfix", learning_rate=0.1,
+    other_recipe = dataclasses.replace(cfg, sampler="guided", guide_loss_on="guidance+postfix", learning_rate=0.1,
                                        rewards={"correctness": 1.0}, loss_type="dapo", out_dir="elsewhere",
                                        eval_samples=8, train_only=["norm"], verifier_max_turns=2)
     assert sft.cache_key(other_recipe) == sft.cache_key(cfg)
@@ -173,20 +173,29 @@ def test_sft_cache_gives_the_warm_start_a_run_would_compute(tiny, task, tmp_path
     assert len(keys) == 8
 
 
-def test_every_sampling_idea_names_its_config_prefixes_for_the_warm_start_cache():
-    """A new idea's fields are left out of sft.cache_key once its line in config.IDEA_PREFIXES exists;
-    an idea without that line is caught here, not by warm starts that are never shared."""
-    import samplers
-    import sft
-    assert config.IDEA_PREFIXES.keys() == samplers.SAMPLERS.keys()
-    assert {p for prefixes in config.IDEA_PREFIXES.values() for p in prefixes} <= set(sft.AFTER_WARM_START_PREFIXES)
+def test_the_warm_start_reads_no_config_key_outside_its_cache_key(tiny, task):
+    """sft.cache_key hashes the config keys that shape the warm start (sft.shaping_keys); a key that
+    warm_start reads and the hash leaves out would share warm starts that differ in it. The keys of the
+    sections read after the warm start (a sampling idea's, the loss's, evaluation's) stay out, so a new
+    idea or loss key needs no list."""
+    import copy
 
-
-def test_after_warm_start_names_only_config_keys():
-    """A misspelt key in sft.AFTER_WARM_START would share warm starts that differ in nothing it names."""
     import sft
+    read = set()
+
+    class Recording:  # the config, noting each key warm_start reads
+        def __init__(self, cfg):
+            self.__dict__["cfg"] = cfg
+
+        def __getattr__(self, key):
+            read.add(key)
+            return getattr(self.cfg, key)
+    cfg = config.Config(system_prompt="", sft_steps=2, sft_batch_size=4, max_prompt_tokens=96, max_completion_tokens=32)
+    sft.warm_start(copy.deepcopy(tiny[0]), tiny[1], task[0][:20], Recording(cfg))
+    assert {"sft_steps", "seed", "max_grad_norm", "logp_chunk"} <= read
+    assert read <= set(sft.shaping_keys()), read - set(sft.shaping_keys())
     fields = {f.name for f in dataclasses.fields(config.Config)}
-    assert sft.AFTER_WARM_START <= fields
-    assert all(any(name.startswith(p) for name in fields) for p in sft.AFTER_WARM_START_PREFIXES)
-    assert not {"sft_steps", "seed", "model_name", "dataset", "max_grad_norm", "logp_chunk"} & {
-        name for name in fields if name in sft.AFTER_WARM_START or name.startswith(sft.AFTER_WARM_START_PREFIXES)}
+    assert set(sft.WARM_START_READS) | set(sft.APPLIED_AFTER) <= fields  # no misspelt key
+    assert {"model_name", "dataset", "system_prompt", "tiny_hidden"} <= set(sft.shaping_keys())
+    assert not {"sampler", "loss_type", "learning_rate", "eval_n", "train_only", "lora_r", "guide_loss_on",
+                "ghpo_hint_ratios", "verifier_max_turns", "rewards"} & set(sft.shaping_keys())

@@ -1,5 +1,5 @@
 """Verifier turns: reply parsing, the rules verifier, the turn loop and its masks, the three backends,
-a real `verifier.py serve` subprocess, a faulty server, and training runs with --rollout verifier."""
+a real `verifier.py serve` subprocess, a faulty server, and training runs with --sampler verifier."""
 import functools
 import json
 import os
@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-import arithmetic
+import equations
 import config
 import guidance
 import llms
@@ -164,7 +164,7 @@ def test_rules_check_whole_expressions(step, wrong):
     reply = vb.rules_reply("7", [step])
     assert reply == ("; ".join(wrong) + ".\n[SCORE] hallucination_detect=1" if wrong
                      else "[SCORE] hallucination_detect=0")
-    assert arithmetic.equation_errors(step) == (wrong, True)
+    assert equations.equation_errors(step) == (wrong, True)
 
 
 # Nothing here can be read for sure as a true or false equation: none is checked, none flagged
@@ -175,7 +175,7 @@ def test_rules_check_whole_expressions(step, wrong):
 ])
 def test_rules_skip_what_they_cannot_read(step):
     assert vb.rules_reply("7", [step]) == ""
-    assert arithmetic.equation_errors(step) == ([], False)
+    assert equations.equation_errors(step) == ([], False)
 
 
 def test_rules_random_chains():
@@ -209,7 +209,7 @@ def test_rules_random_chains():
         assert vb.rules_reply("7", [line(value)]) == "[SCORE] hallucination_detect=0", line(value)
         wrong = vb.rules_reply("7", [line(value + 1)])
         assert wrong.endswith(".\n[SCORE] hallucination_detect=1") and wrong.count(", not ") == 1, line(value + 1)
-        assert f" = {arithmetic._show(value)}, not " in wrong, line(value + 1)
+        assert f" = {equations._show(value)}, not " in wrong, line(value + 1)
         checked += 1
 
 
@@ -336,7 +336,7 @@ def run(model, tok, backend, max_turns=4, **kw):
     args = dict(max_prompt_tokens=96, max_completion_tokens=48, temperature=1.0, top_p=1.0, turn_tokens=16,
                 max_turns=max_turns, step_end="newline", train_on="all", nudge="Please give the final answer.")
     prompt = llms.chat_prompt(tok, "", "Tom has 3 pens. He gets 4 more. How many pens does Tom have now?")
-    return verifier.guided(model, tok, [prompt], ["Tom has 3 pens. ..."], ["7"], 2, backend=backend, **{**args, **kw})
+    return verifier.run_turns(model, tok, [prompt], ["Tom has 3 pens. ..."], ["7"], 2, backend=backend, **{**args, **kw})
 
 
 def trained_text(tok, r, i, trained=True):
@@ -349,12 +349,12 @@ def test_the_sampler_setting_reaches_every_turn_and_scores_are_counted(tiny, mon
     settings = []
 
     def fake(model, ids, mask, *, max_new_tokens, temperature, top_p=1.0, stopping_criteria=None, **kw):
-        settings.append(kw.get("sampler"))
+        settings.append(kw.get("kv_cache"))
         turn = ["3 + 4 = 7.\n", "#### 7<|im_end|>"][len(settings) - 1]
         return torch.tensor([tok(turn, add_special_tokens=False)["input_ids"][:max_new_tokens]] * ids.shape[0])
     monkeypatch.setattr(rollout, "generate", fake)
-    r = run(model, tok, vb.RulesVerifier(), sampler="static")
-    assert settings == ["static", "static"]  # --sampler static: every policy turn samples with it
+    r = run(model, tok, vb.RulesVerifier(), kv_cache="static")
+    assert settings == ["static", "static"]  # --kv_cache static: every policy turn samples with it
     assert [d["verifier_scored"] for d in r.info] == [2, 2]  # two [SCORE] lines per conversation
     assert verifier.summary(r.info)["verifier/scored_frac"] == 1.0
 
@@ -441,7 +441,7 @@ def test_turn_loop_masks_on_the_tiny_model(tiny):
     torch.manual_seed(0)
     backend = Scripted("Fix it.\n[SCORE] hallucination_detect=1", "", "Fix it.")
     prompts = [llms.chat_prompt(tok, "", q) for q in ("Tom has 3 pens. He gets 4 more.", "Ann has 5 cards.")]
-    r = verifier.guided(model, tok, prompts, ["q1", "q2"], ["7", "5"], 3, backend=backend, max_prompt_tokens=96,
+    r = verifier.run_turns(model, tok, prompts, ["q1", "q2"], ["7", "5"], 3, backend=backend, max_prompt_tokens=96,
                         max_completion_tokens=40, temperature=1.0, top_p=1.0, turn_tokens=10, max_turns=4,
                         step_end="sentence", train_on="all", nudge="Please give the final answer.")
     assert r.group.tolist() == [0, 0, 0, 1, 1, 1] and r.input_ids.shape == r.loss_mask.shape
@@ -617,7 +617,7 @@ def test_unreachable_server_is_an_error_before_training(tmp_path):
         http(f"http://127.0.0.1:{port}/v1", timeout_s=2.0)
     out = str(tmp_path / "run")
     with pytest.raises(config.UserError, match=f"127.0.0.1:{port}/v1 is unreachable.*verifier.py serve"):
-        run_train(FAST + ["--out_dir", out, "--rollout", "verifier", "--verifier_backend", "http",
+        run_train(FAST + ["--out_dir", out, "--sampler", "verifier", "--verifier_backend", "http",
                            "--verifier_base_url", f"http://127.0.0.1:{port}/v1", "--verifier_timeout_s", "2"])
     assert not os.path.exists(f"{out}/metrics.jsonl")
 
@@ -627,11 +627,11 @@ def test_unreachable_server_is_an_error_before_training(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--rollout", "verifier", "--verifier_turn_tokens", "0"], "verifier_turn_tokens must be at least 1"),
-    (["--rollout", "verifier", "--verifier_step_end", "paragraph"], "verifier_step_end must be one of"),
-    (["--rollout", "verifier", "--verifier_retries", "-1"], "verifier_retries"),
-    (["--rollout", "verifier", "--verifier_turn_timeout_s", "0"], "verifier_turn_timeout_s"),
-    (["--rewards", "correctness=1,verifier_score=0.1"], "use it with --rollout verifier"),
+    (["--sampler", "verifier", "--verifier_turn_tokens", "0"], "verifier_turn_tokens must be at least 1"),
+    (["--sampler", "verifier", "--verifier_step_end", "paragraph"], "verifier_step_end must be one of"),
+    (["--sampler", "verifier", "--verifier_retries", "-1"], "verifier_retries"),
+    (["--sampler", "verifier", "--verifier_turn_timeout_s", "0"], "verifier_turn_timeout_s"),
+    (["--rewards", "correctness=1,verifier_score=0.1"], "use it with --sampler verifier"),
 ])
 def test_verifier_config_errors(argv, message):
     with pytest.raises(ValueError, match=message):  # the config, or the verifier sampler's start-up check
@@ -641,7 +641,7 @@ def test_verifier_config_errors(argv, message):
 def test_verifier_run_logs_verifier_metrics(tmp_path):
     out = str(tmp_path / "run")
     run_train(FAST + ["--out_dir", out, "--max_steps", "2", "--eval_every", "5", "--save_every", "5",
-                       "--eval_n", "2", "--rollout", "verifier", "--verifier_turn_tokens", "8",
+                       "--eval_n", "2", "--sampler", "verifier", "--verifier_turn_tokens", "8",
                        "--verifier_max_turns", "3", "--verifier_step_end", "sentence",
                        "--verifier_train_on", "last_turn",
                        "--rewards", "correctness=0.8,verifier_score=0.1,integer_answer=0.1"])
@@ -662,7 +662,7 @@ def test_training_goes_on_when_the_verifier_server_fails(tmp_path):
     try:
         out = str(tmp_path / "run")
         run_train(FAST + ["--out_dir", out, "--max_steps", "1", "--eval_every", "5", "--save_every", "5",
-                           "--eval_n", "2", "--rollout", "verifier", "--verifier_backend", "http",
+                           "--eval_n", "2", "--sampler", "verifier", "--verifier_backend", "http",
                            "--verifier_base_url", server.base_url, "--verifier_retries", "0",
                            "--verifier_max_turns", "2", "--verifier_turn_tokens", "8"])
         row = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"train"' in line][0]

@@ -12,7 +12,8 @@ import builtin_tasks
 import data
 import evaluator
 import llms
-import losses
+import grpo
+import logprobs
 import rollout
 import samplers
 import vision
@@ -120,14 +121,14 @@ def test_training_log_probs_equal_those_generate_sampled_with(vl):
                          [{} for _ in range(4)], visual)
     start = ids.shape[1]
     with torch.no_grad():
-        trained = losses.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4, r.visual_of(range(4)))
+        trained = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4, r.visual_of(range(4)))
     keep = r.loss_mask[:, start:].bool()
     assert (trained[keep] - sampled[keep]).abs().max() < 1e-4
     # the same prompts with other images of the same sizes
     other = [[builtin_tasks.number_image([9, 9])], [builtin_tasks.number_image([7, 7, 7])]]
     o_ids, _, o_visual = rollout.encode_prompts(tok, prompts, 64, "cpu", other)
     with torch.no_grad():
-        swapped = losses.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4,
+        swapped = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4,
                                      [v for v in o_visual for _ in range(G)])
     assert torch.equal(o_ids.repeat_interleave(G, 0), ids)
     assert (swapped[keep] - sampled[keep]).abs().max() > 1e-3
@@ -140,11 +141,11 @@ def test_the_loss_takes_no_gradient_from_the_prompt_or_its_image_tokens(vl):
     r = rollout.teacher_forced(tok, prompts, ["3 + 4 = 7.", "1 + 5 + 2 = 8."], 64, 16, images=images)
     image = r.input_ids == model.config.image_token_id
     assert image.any() and not r.loss_mask[image].any()
-    start = losses.first_trained_column(r.loss_mask)
-    logps = losses.token_logps(model, r.input_ids, r.attention_mask, 1, 1.0, 8, r.visual)  # every column
+    start = logprobs.first_trained_column(r.loss_mask)
+    logps = logprobs.token_logps(model, r.input_ids, r.attention_mask, 1, 1.0, 8, r.visual)  # every column
     logps.retain_grad()
     cfg = config.Config(loss_type="grpo")
-    loss, _ = losses.policy_loss(logps, logps.detach(), None, torch.tensor([1.0, -1.0]), r.loss_mask[:, 1:], cfg,
+    loss, _ = grpo.policy_loss(logps, logps.detach(), None, torch.tensor([1.0, -1.0]), r.loss_mask[:, 1:], cfg,
                                  2, int(r.loss_mask.sum()), 1)
     loss.backward()
     assert logps.grad[:, :start - 1].abs().max() == 0 and logps.grad[image[:, 1:]].abs().max() == 0
@@ -155,7 +156,7 @@ def test_the_loss_takes_no_gradient_from_the_prompt_or_its_image_tokens(vl):
 def trained_logps(model, r) -> list[list[float]]:
     """Each chain's log-probs of its trained tokens, all of r's chains in one forward pass."""
     with torch.no_grad():
-        logps = losses.token_logps(model, r.input_ids, r.attention_mask, 1, 1.0, 8, r.visual)
+        logps = logprobs.token_logps(model, r.input_ids, r.attention_mask, 1, 1.0, 8, r.visual)
     return [row[keep].tolist() for row, keep in zip(logps, r.loss_mask[:, 1:].bool())]
 
 
@@ -221,9 +222,9 @@ def test_the_vision_gradient_is_that_of_one_encoder_pass_per_chain(vl):
 
     def vision_grads(hidden):
         model.zero_grad(set_to_none=True)
-        losses.head_logps(hidden, head, ids, 1, 1.0, 8, vision.banned_ids(model)).sum().backward()
+        logprobs.head_logps(hidden, head, ids, 1, 1.0, 8, vision.banned_ids(model)).sum().backward()
         return [p.grad.clone() for p in body.visual.parameters()]
-    once = vision_grads(losses.hidden_states(body, ids, mask, visual))
+    once = vision_grads(logprobs.hidden_states(body, ids, mask, visual))
     per_chain = vision_grads(body(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([p for p, _ in visual]),
                                   image_grid_thw=torch.cat([g for _, g in visual]),
                                   mm_token_type_ids=(ids == model.config.image_token_id).long()).last_hidden_state)
@@ -252,7 +253,7 @@ IDEA_FLAGS = {"ghpo": ["--ghpo_start_step", "1", "--ghpo_accuracy_reward", "corr
 def test_two_steps_of_training_with_images(tmp_path, demo_files, rollout_name):
     layout = ("jsonl", "parquet")[list(samplers.SAMPLERS).index(rollout_name) % 2]  # both layouts, in turn
     run_train(vl_run(tmp_path, str(demo_files / f"digits_train.{layout}"), str(demo_files / f"digits_test.{layout}"),
-                     "--rollout", rollout_name, *IDEA_FLAGS.get(rollout_name, [])))
+                     "--sampler", rollout_name, *IDEA_FLAGS.get(rollout_name, [])))
     lines = read(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2]
     assert [r["step"] for r in lines if r["split"] == "eval"] == [0, 2]

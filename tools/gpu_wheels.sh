@@ -3,9 +3,9 @@
 # torch 2.11, transformers 5.17 and huggingface-hub 1.33, and no bitsandbytes, liger-kernel, trl or
 # math-verify. The versions are the ones requirements.txt installs here, so the GPU runs what CI tests.
 # The working tree and these wheels travel together and must stay under 64 MiB: the script prints both.
-#   bash gpu_wheels.sh
+#   bash tools/gpu_wheels.sh     (from the repository root)
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root: .whl/ travels with the working tree
 rm -rf .whl && mkdir -p .whl
 WHEELS=(
   bitsandbytes==0.50.2          # 8-bit AdamW's CUDA kernels (about 43 MB)

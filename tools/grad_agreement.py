@@ -7,16 +7,19 @@ that group's gradient is noise specific to the batch's questions, and large step
 Clearly positive: the direction holds across questions, so it is worth training (train_only in
 config.py; it is ignored here, since choosing it is what this measures).
 
-    python grad_agreement.py --model out/tiny/base_model --config configs/tiny.yaml
-Any other train.py setting can follow (--prompts_per_step, --num_chains, --rewards, --rollout ...).
+    python tools/grad_agreement.py --model out/tiny/base_model --config configs/tiny.yaml
+Any other train.py setting can follow (--prompts_per_step, --num_chains, --rewards, --sampler ...).
 """
 import argparse
 import collections
 import itertools
+import os
 import random
+import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 import config
 import data
 import grpo
@@ -43,7 +46,7 @@ def batch_gradient(policy, sample, batch: list[dict], cfg) -> dict[str, torch.Te
     tap = GradientTap(policy.model)
     out = grpo.step(policy, sample, batch, 1, tap, cfg)
     if tap.grads is None:
-        raise RuntimeError(f"the batch's loss or gradient was not finite (loss {out.figures['loss']}): "
+        raise RuntimeError(f"the batch's loss or gradient was not finite (loss {out.metrics['loss']}): "
                            f"try another --seed or a smaller model")
     return tap.grads
 

@@ -1,12 +1,12 @@
 """Speed and memory of one GRPO workload: our loop and TRL's GRPOTrainer, side by side in one process.
 
-    python bench.py                          # GPU: Qwen2.5-1.5B architecture, 1 prompt x 16 chains x 786 tokens
-    python bench.py --cap_gb 24              # the same, limited to 24 GB of a larger card
-    python bench.py --cap_gb 24 --lora_r 16  # LoRA; any train.py key applies (--beta, --num_chains, --sampler ...)
-    python bench.py --tiny                   # CPU: the built-in tiny model, same workload shape
-    python bench.py --ragged                 # chains of unequal length, as real ones are
-    python bench.py --rollout guided --systems ours   # any sampling idea (samplers.py); TRL samples plainly
-    python bench.py --model_name gemma-3-270m --device cpu   # a real model (a folder, a GGUF file, gguf_models.py)
+    python tools/bench.py                          # GPU: Qwen2.5-1.5B architecture, 1 prompt x 16 chains x 786 tokens
+    python tools/bench.py --cap_gb 24              # the same, limited to 24 GB of a larger card
+    python tools/bench.py --cap_gb 24 --lora_r 16  # LoRA; any train.py key applies (--beta, --num_chains, --sampler ...)
+    python tools/bench.py --tiny                   # CPU: the built-in tiny model, same workload shape
+    python tools/bench.py --ragged                 # chains of unequal length, as real ones are
+    python tools/bench.py --sampler guided --systems ours   # any sampling idea (samplers.py); TRL samples plainly
+    python tools/bench.py --model_name gemma-3-270m --device cpu   # a real model (a folder, a GGUF file, gguf_models.py)
 
 The workload: a model of the exact Qwen2.5-1.5B architecture (vocab 151,936, tied embeddings) with
 random weights, built from its config on the device (nothing is downloaded), bf16 on GPU (or the real
@@ -17,7 +17,7 @@ varies between chains (distinct words), and `warmup` steps before `steps` measur
 then cuts each chain (EOS, padding after) to a length spread evenly over 1/G .. 1 of the maximum,
 shuffled, the same in both systems: sampling costs the same, the loss passes see chains of unequal
 length. Both systems start from the same weights with matched settings (bench_trl.py maps ours onto
-TRL's); TRL samples with its own default (HF generate, dynamic cache), ours with `--sampler` (dynamic
+TRL's); TRL samples with its own default (HF generate, dynamic cache), ours with `--kv_cache` (dynamic
 or static).
 
 Each system gets one row, printed and appended to BENCHMARKS.md (date, device, versions, command):
@@ -32,11 +32,12 @@ bench_head.py measures one piece alone: the log-prob head's memory for one chunk
 
 Bench-only flags: --tiny, --cap_gb (GB, 0 = no cap), --steps, --warmup, --prompt_tokens, --ragged,
 --systems (ours,trl), --benchmarks_file. Our timings come from light wrappers around
-losses.token_logps / losses.liger_loss and the optimizer's step hooks: each step is grpo.step, as in train.py.
+logprobs.token_logps / logprobs.liger_loss and the optimizer's step hooks: each step is grpo.step, as in train.py.
 """
 import contextlib
 import copy
 import importlib.metadata
+import os
 import re
 import sys
 import tempfile
@@ -44,13 +45,15 @@ import tempfile
 import torch
 from transformers.utils import logging as hf_logging
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 import bench_trl
 import config
 import builtin_tasks
 import data
 import grpo
 import llms
-import losses
+import logprobs
+import optim
 import measure
 import rewards
 import samplers
@@ -211,18 +214,18 @@ def swapped(module, name: str, fn):
 
 
 def run_ours(cfg, device: str, prompts: list[str], warmup: int, steps: int, bw: float, lengths: list[int]) -> dict:
-    """Our steps as train.py takes them: llms.for_training, samplers.make (--rollout), grpo.step."""
+    """Our steps as train.py takes them: llms.for_training, samplers.make (--sampler), grpo.step."""
     model, tok = build(cfg, device, cfg.gradient_checkpointing, lengths)
     policy = llms.for_training(model, tok, cfg, load_reference=lambda: build(cfg, device, False)[0])
-    optimizer, scheduler = losses.make_optimizer(policy.model, cfg)
+    optimizer, scheduler = optim.make_optimizer(policy.model, cfg)
     clock = measure.Clock(device)
     optimizer.register_step_pre_hook(lambda *_: clock.start("optim"))
     optimizer.register_step_post_hook(lambda *_: clock.stop("optim"))
     sample = clock.wrap("sample", samplers.make(cfg, device=device, train_set=[]))
     batch = [{"question": prompt, "answer": "", "solution": ""} for prompt in prompts]
     measured = []
-    with swapped(losses, "token_logps", clock.wrap("logp", losses.token_logps)), \
-            swapped(losses, "liger_loss", clock.wrap("logp", losses.liger_loss)):
+    with swapped(logprobs, "token_logps", clock.wrap("logp", logprobs.token_logps)), \
+            swapped(logprobs, "liger_loss", clock.wrap("logp", logprobs.liger_loss)):
         for step in range(1, warmup + steps + 1):
             t0 = clock.now()
             out = grpo.step(policy, sample, batch, step, optimizer, cfg)
@@ -231,7 +234,7 @@ def run_ours(cfg, device: str, prompts: list[str], warmup: int, steps: int, bw: 
             if step > warmup:
                 measured.append(times)
     tokens = int(out.rollout.loss_mask.sum())
-    row = summarise(f"ours ({cfg.sampler})", measured, tokens, cfg.max_completion_tokens,
+    row = summarise(f"ours ({cfg.kv_cache})", measured, tokens, cfg.max_completion_tokens,
                     measure.weight_bytes(policy.model), bw, clock)
     del model, policy, optimizer, out
     return row
@@ -311,8 +314,8 @@ def main(argv: list[str]) -> list[dict]:
     config.validate(cfg)
     rewards.REWARDS["bench_distinct_words"] = distinct_words  # the workload's reward, for our side
     device = llms.pick_device(cfg.device)
-    if "trl" in systems and cfg.rollout != "plain":
-        raise ValueError(f"TRL samples plain chains only: --rollout {cfg.rollout} needs --systems ours")
+    if "trl" in systems and cfg.sampler != "plain":
+        raise ValueError(f"TRL samples plain chains only: --sampler {cfg.sampler} needs --systems ours")
     if "trl" in systems and cfg.loss_type not in bench_trl.TRL_LOSS:
         raise ValueError(f"TRL has no {cfg.loss_type!r} loss: pick another --loss_type or --systems ours")
     chains = cfg.prompts_per_step * cfg.num_chains

@@ -1,6 +1,11 @@
-"""Weight updates that bf16 does not round away: Kahan-compensated summation around any optimizer.
+"""The optimizer and its learning-rate schedule, and weight updates that bf16 does not round away.
 
-bf16 keeps 8 bits of mantissa, so a weight of 0.02 moves only in steps of about 1.2e-4. An AdamW
+    make_optimizer   AdamW (torch's, or bitsandbytes' 8-bit), compensated bf16 updates, the schedule
+                     (linear warmup, then constant, cosine or warmup-stable-decay), stepped once per
+                     GRPO step
+    attach           Kahan-compensated summation around any optimizer (kahan_updates), below
+
+Compensated updates: bf16 keeps 8 bits of mantissa, so a weight of 0.02 moves only in steps of about 1.2e-4. An AdamW
 update at lr 5e-6 is about 5e-6 per step: added to a bf16 weight it rounds back to the same weight,
 and training silently does nothing. fp32 master weights fix this for 4 extra bytes per parameter;
 this does it for 2: each bf16 weight w gets a bf16 residual r, and w + r is the weight the optimizer
@@ -19,8 +24,10 @@ two step hooks and no copy of the model:
 The residual lives in optimizer.state[p]["residual"], so checkpoints save and restore it. fp32
 parameters (the tiny CPU model, LoRA adapters) are left alone: they need no compensation.
 
-    python kahan.py     # 50 AdamW steps at lr 5e-6 on bf16 weights: share of the update kept, with and without
+    python optim.py     # 50 AdamW steps at lr 5e-6 on bf16 weights: share of the update kept, with and without
 """
+import math
+
 import torch
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -63,6 +70,30 @@ def attach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     optimizer.register_step_pre_hook(before)
     optimizer.register_step_post_hook(after)
     return optimizer
+
+
+def make_optimizer(model, cfg):
+    """(optimizer, scheduler) over the trainable weights; the scheduler steps once per GRPO step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+        optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(params, **kwargs)
+    if cfg.kahan_updates:  # bf16 weights: carry each update's rounding error instead of dropping it
+        attach(optimizer)
+
+    def factor(step):  # step counts GRPO steps from 0; linear warmup, then constant, cosine to 0 or wsd's tail
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.lr_schedule == "wsd":  # the last lr_decay_steps steps: 1, ..., 1/lr_decay_steps
+            return max(0.0, min(1.0, (cfg.max_steps - step) / cfg.lr_decay_steps))
+        return 1.0
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """The GPU check: one prepared command that answers every GPU question of the project in one short run.
 
-    python gpu_check.py --out $OUT            # one H100 / H200: about 8 minutes, from a bare machine
-    python gpu_check.py --tiny --out /tmp/c   # the CPU rehearsal, small models, in seconds (tests/test_gpu_check.py)
+    python tools/gpu_check.py --out $OUT            # one H100 / H200: about 8 minutes, from a bare machine
+    python tools/gpu_check.py --tiny --out /tmp/c   # the CPU rehearsal, small models, in seconds (tests/test_gpu_check.py)
 
 On the lent GPU machine (Python 3.12, torch 2.11, transformers 5.17; no bitsandbytes, liger-kernel, trl
-or math-verify), first here `bash gpu_wheels.sh` (the wheels it lacks, into the ignored .whl/), then
+or math-verify), first here `bash tools/gpu_wheels.sh` (the wheels it lacks, into the ignored .whl/), then
 the device tool's run with carry [".whl"] and this command line:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
-    .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && python3 gpu_check.py --out $OUT
+    .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && python3 tools/gpu_check.py --out $OUT
 
 Four parts, each under its own time budget (--budget_<part> seconds; a part over its budget records
 the item it was in and skips the rest of that part, and the next part starts). Every item passes or
@@ -23,7 +23,7 @@ records its error; the suite goes on either way.
           checkpointing) under a 24 GB cap, full fine-tuning and LoRA r=16: peak allocated and reserved
           memory by phase.
   speed   bench.py's pairing in this process: our step against TRL's GRPOTrainer on that workload, and
-          ours with --sampler static; decode ms per token and its share of the bandwidth limit.
+          ours with --kv_cache static; decode ms per token and its share of the bandwidth limit.
   kahan   bf16 weights after 3 steps of 8-bit AdamW at lr 5e-6 (bitsandbytes' CUDA kernel): with
           kahan_updates the change (weight + residual) matches the fp32-weight run's within KAHAN_TOL of
           its size; without it, the bf16 weights keep almost none of it.
@@ -49,14 +49,15 @@ import traceback
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 import bench
 import config
 import llms
 import measure
-import losses
+import optim
 import rewards
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 BUDGETS = {"smoke": 200, "memory": 70, "speed": 180, "kahan": 30}  # seconds per part on the GPU: 8 minutes
 TINY_BUDGETS = {"smoke": 300, "memory": 120, "speed": 200, "kahan": 60}  # the CPU rehearsal (a slow CI machine)
 # the rehearsal's model: the Qwen2.5-1.5B architecture and word tokenizer at a toy size (its 151,936
@@ -66,13 +67,13 @@ TINY_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 TINY_SPECIAL = {"<|endoftext|>": 2045, "<|im_start|>": 2046, "<|im_end|>": 2047}
 SMOKE = {  # variant -> train.py flags on top of smoke_flags
     "plain": [],
-    "static sampler": ["--sampler", "static"],
+    "static sampler": ["--kv_cache", "static"],
     "liger": ["--liger"],
     "lora r16 + beta": ["--lora_r", "16", "--beta", "0.04"],
     "full + beta": ["--beta", "0.04"],
-    "guided": ["--rollout", "guided", "--guide_max_prefix_tokens", "16", "--max_guide_tokens", "4"],
-    "ghpo": ["--rollout", "ghpo"],
-    "verifier hf": ["--rollout", "verifier", "--verifier_backend", "hf", "--verifier_model", "policy",
+    "guided": ["--sampler", "guided", "--guide_max_prefix_tokens", "16", "--max_guide_tokens", "4"],
+    "ghpo": ["--sampler", "ghpo"],
+    "verifier hf": ["--sampler", "verifier", "--verifier_backend", "hf", "--verifier_model", "policy",
                     "--verifier_turn_tokens", "16", "--verifier_max_turns", "2", "--verifier_max_tokens", "16"],
     "dapo + dynamic sampling": ["--loss_type", "dapo", "--dynamic_sampling", "--max_sampling_rounds", "2"],
 }
@@ -222,7 +223,7 @@ def kahan_item(device: str):
         model = torch.nn.Linear(w0.numel(), 1, bias=False, device=device)  # >= 4096: 8-bit optimizer state
         model.weight.data = w0.to(device, dtype).reshape(1, -1).clone()
         cfg = config.Config(optimizer="adamw8bit", kahan_updates=kahan_updates, learning_rate=5e-6, warmup_steps=0)
-        optimizer, _ = losses.make_optimizer(model, cfg)
+        optimizer, _ = optim.make_optimizer(model, cfg)
         for g in grads:
             model.weight.grad = g.to(device, dtype).reshape(1, -1)
             optimizer.step()
@@ -252,7 +253,7 @@ def kahan_item(device: str):
 
 
 def summary(results: list, device: str, argv: list[str], wall: float) -> str:
-    lines = measure.heading(device, argv, script="gpu_check.py") + [
+    lines = measure.heading(device, argv, script="tools/gpu_check.py") + [
         f"{measure.versions()}. {sum(r['ok'] for r in results)} of {len(results)} items passed in {wall:.0f} s.", "",
         "| part | item | result | s | figures |", "|---|---|---|---|---|"]
     for r in results:
@@ -307,7 +308,7 @@ def main(argv: list[str]) -> list[dict]:
             run_part(results, "speed", [
                 ("ours and TRL, dynamic sampler", bench_item(bench_argv(args.tiny, sections, "--steps", "1"))),
                 ("ours, static sampler", bench_item(bench_argv(args.tiny, sections, "--steps", "1", "--systems",
-                                                               "ours", "--sampler", "static")))],
+                                                               "ours", "--kv_cache", "static")))],
                 budgets["speed"], device)
         if "kahan" in parts:
             run_part(results, "kahan", [("bf16 AdamW8bit at lr 5e-6", kahan_item(device))], budgets["kahan"], device)

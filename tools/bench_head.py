@@ -1,24 +1,27 @@
 """Memory and time of the log-prob head alone: the transient that `logp_chunk` bounds.
 
-    python bench_head.py --device cpu --dtype bf16 --logp_chunk 64    # Qwen2.5's vocab and width
-    python bench_head.py --tiny                                       # the built-in tiny model's
+    python tools/bench_head.py --device cpu --dtype bf16 --logp_chunk 64    # Qwen2.5's vocab and width
+    python tools/bench_head.py --tiny                                       # the built-in tiny model's
 
-losses.head_logps (the output projection and the log-probs, forward and backward, recomputed per
+logprobs.head_logps (the output projection and the log-probs, forward and backward, recomputed per
 chunk) on micro_batch_size chains x logp_chunk positions of random hidden states, at the vocab and
 width of bench.py's workload, with the weight's and hidden states' gradients already allocated as
 when gradients accumulate. It prints, and appends to BENCHMARKS.md, the peak memory above all that
 (GPU: torch's allocated memory; CPU: the process's resident memory) and the seconds taken.
 Flags: any train.py key, plus --tiny and --benchmarks_file.
 """
+
+import os
 import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 import bench
 import config
 import llms
 import measure
-import losses
+import logprobs
 
 
 def run(cfg, device: str) -> dict:
@@ -34,7 +37,7 @@ def run(cfg, device: str) -> dict:
     measure.reset_memory(device)
     base, clock = measure.memory_now(device), measure.Clock(device)
     t0 = clock.now()
-    losses.head_logps(hidden, head, ids, 1, cfg.temperature, chunk).sum().backward()
+    logprobs.head_logps(hidden, head, ids, 1, cfg.temperature, chunk).sum().backward()
     seconds = clock.now() - t0
     peak = measure.memory_mark(device)[0] - base
     return {"vocab": vocab, "hidden": width, "dtype": str(dtype).replace("torch.", ""), "chains": n,
@@ -43,8 +46,8 @@ def run(cfg, device: str) -> dict:
 
 
 def report(h: dict, device: str, argv: list[str]) -> str:
-    return "\n".join(measure.heading(device, argv, script="bench_head.py") + [
-        f"{measure.versions()}. The log-prob head alone (losses.head_logps, forward + backward, one chunk): vocab "
+    return "\n".join(measure.heading(device, argv, script="tools/bench_head.py") + [
+        f"{measure.versions()}. The log-prob head alone (logprobs.head_logps, forward + backward, one chunk): vocab "
         f"{h['vocab']:,}, hidden {h['hidden']}, {h['dtype']}, {h['chains']} chains x {h['positions']} positions "
         f"= {h['chains'] * h['positions'] * h['vocab'] / 1e6:.1f}M logits. Peak memory above the weights and "
         f"gradients: **{h['peak_gb']:.2f} GB** ({h['bytes_per_logit']:.1f} bytes per logit); "

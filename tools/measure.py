@@ -121,7 +121,7 @@ def versions() -> str:
                      ("torch", "transformers", "trl", "bitsandbytes", "peft"))
 
 
-def heading(device: str, argv: list[str], cap: str = "", script: str = "bench.py") -> list[str]:
+def heading(device: str, argv: list[str], cap: str = "", script: str = "tools/bench.py") -> list[str]:
     return [f"### {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · {device_name(device)}{cap}", "",
             f"`python {script} {shlex.join(argv)}`", ""]
 

@@ -1,7 +1,7 @@
 """The other side of bench.py: TRL's GRPOTrainer on the same model, prompt, reward and settings; and a
 recipe of ours trained by TRL instead, evaluated by our evaluator before and after:
 
-    python bench_trl.py --config configs/smollm2_cpu.yaml --out_dir out/trl_smollm2 [--seed K]
+    python tools/bench_trl.py --config configs/smollm2_cpu.yaml --out_dir out/trl_smollm2 [--seed K]
 
 That writes <out_dir>/metrics.jsonl as train.py does (eval rows at step 0 and max_steps, one train row
 per step with its reward and step_time_s), so plot.py draws both. The prompts are the recipe's, in
@@ -16,9 +16,13 @@ dynamic sampling (DAPO's filter, grpo.py) and none of our sampling ideas: with e
 trains plain GRPO on every group, and says so. The timings come from TRL's own callbacks and two light
 wrappers around its sampling and log-prob methods.
 """
+
 import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 
 TRL_LOSS = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo", "cispo": "cispo", "gspo": "grpo"}
 # our lr_schedule as transformers names it (wsd: constant, then linear decay over lr_decay_steps)
@@ -128,8 +132,8 @@ def train_recipe(argv: list[str]) -> None:
     missing = []  # what TRL cannot run: said, not silently dropped
     if cfg.dynamic_sampling:
         missing.append("dynamic sampling")
-    if cfg.rollout != "plain":
-        missing.append(f"{cfg.rollout} sampling")
+    if cfg.sampler != "plain":
+        missing.append(f"{cfg.sampler} sampling")
     if missing:
         print(f"bench_trl: TRL's GRPOTrainer has no {' and no '.join(missing)}: it trains plain GRPO on every group")
     device = llms.pick_device(cfg.device)

@@ -10,7 +10,7 @@ written with d decimals is right when it is the true value rounded to d decimals
 checked: it must never flag a true equation ("2,5 * 2 = 5", "50% * 4 = 2", "2^3 + 1 = 9" and
 "3 / 4 = 75%" are all skipped).
 
-    python arithmetic.py "Tom has 2 + 3 * 4 = 20 apples."   # what is wrong, and whether anything was checked
+    python equations.py "Tom has 2 + 3 * 4 = 20 apples."   # what is wrong, and whether anything was checked
 """
 import re
 import sys

@@ -5,17 +5,17 @@ import pytest
 import torch
 
 import config
-import kahan
-import losses
+import optim
+import optim
 
 
 def run(dtype, optimizer, kahan, grads, w0, weight_decay=0.0):
-    """AdamW through losses.make_optimizer on one (4096,) weight; returns (weight, residual) as fp32."""
+    """AdamW through optim.make_optimizer on one (4096,) weight; returns (weight, residual) as fp32."""
     model = torch.nn.Linear(4096, 1, bias=False)  # 4096 elements: bitsandbytes' 8-bit state threshold
     model.weight.data = w0.to(dtype).reshape(1, -1).clone()
     cfg = config.Config(optimizer=optimizer, kahan_updates=kahan, learning_rate=5e-6, warmup_steps=0,
                         weight_decay=weight_decay)
-    opt, _ = losses.make_optimizer(model, cfg)
+    opt, _ = optim.make_optimizer(model, cfg)
     for g in grads:
         model.weight.grad = g.to(dtype).reshape(1, -1)
         opt.step()
@@ -52,10 +52,10 @@ def test_weight_decay_and_state_round_trip():
     assert (ours + residual - ref).abs().max() < 0.02 * (ref - w0).abs().mean()
 
     model = torch.nn.Linear(8, 8, bias=False).bfloat16()
-    opt, _ = losses.make_optimizer(model, config.Config(optimizer="adamw", warmup_steps=0))
+    opt, _ = optim.make_optimizer(model, config.Config(optimizer="adamw", warmup_steps=0))
     model.weight.grad = torch.ones_like(model.weight)
     opt.step()
-    fresh, _ = losses.make_optimizer(model, config.Config(optimizer="adamw", warmup_steps=0))
+    fresh, _ = optim.make_optimizer(model, config.Config(optimizer="adamw", warmup_steps=0))
     fresh.load_state_dict(opt.state_dict())  # checkpoints carry the residual
     assert torch.equal(fresh.state[model.weight]["residual"], opt.state[model.weight]["residual"])
 
@@ -65,23 +65,23 @@ def test_chunked_pass_gives_the_same_weights(monkeypatch):
     w0 = (torch.randn(4096) * 0.02).bfloat16().float()
     grads = [torch.randn(4096) * 1e-3 for _ in range(5)]
     whole = run(torch.bfloat16, "adamw", True, grads, w0, weight_decay=0.1)
-    monkeypatch.setattr(kahan, "CHUNK", 1000)  # 5 chunks, the last one short
+    monkeypatch.setattr(optim, "CHUNK", 1000)  # 5 chunks, the last one short
     chunked = run(torch.bfloat16, "adamw", True, grads, w0, weight_decay=0.1)
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
 
 
 PEAK_SCRIPT = """
 import resource, sys, torch
-import kahan
+import optim
 torch.manual_seed(0)
 p = torch.nn.Parameter(torch.randn(2**27, dtype=torch.bfloat16))  # 128M elements: 256 MB, about the
-opt = kahan.attach(torch.optim.SGD([p], lr=1e-3))  # 1.5B model's embedding; SGD: no optimizer state
+opt = optim.attach(torch.optim.SGD([p], lr=1e-3))  # 1.5B model's embedding; SGD: no optimizer state
 p.grad = torch.randn_like(p)
-kahan.CHUNK = 2**20
+optim.CHUNK = 2**20
 opt.step()  # the first step allocates the residual
 mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 before = mb()
-kahan.CHUNK = int(sys.argv[1])
+optim.CHUNK = int(sys.argv[1])
 opt.step()
 print(mb() - before)
 """
@@ -97,6 +97,6 @@ def test_the_after_step_hook_needs_chunk_sized_temporaries_not_weight_sized_ones
         out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(chunk)], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
         return float(out.stdout.split()[-1])
-    whole, chunked = growth_mb(2**27), growth_mb(kahan.CHUNK)
+    whole, chunked = growth_mb(2**27), growth_mb(optim.CHUNK)
     assert whole > 1200, whole  # measured: 1516 MB, three weight-sized fp32 temporaries at once
     assert chunked < 400, chunked  # measured: 252 MB
