@@ -210,17 +210,11 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, cfg, num_seqs, nu
 
 
 def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> dict:
-    """num_iterations optimizer steps on one rollout, in micro-batches; returns the logged figures.
-
-    Log-probs are at each chain's sampling temperature (r.temperature; None: cfg.temperature for all).
-    Micro-batches are cropped after their chains' last trained column and, with sort_micro_batches,
-    hold chains of similar length (guards.MicroBatches). Every loss but bnpo sums per-chain or
-    per-token terms with normalisers of the whole step, so the micro-batches change nothing but the
-    speed; bnpo's normaliser is the micro-batch's token count, so sorting changes which chains share it.
-    Under torchrun r holds this rank's chains; the normalisers (chains, tokens, micro-batches) and the
-    gradients are summed over the ranks, so every rank takes the step one process would take on all
-    ranks' chains, and the figures returned are the whole step's.
-    """
+    """num_iterations optimizer steps on one rollout, in micro-batches (guards.MicroBatches: cropped
+    after their last trained column); returns the logged figures. Log-probs are at each chain's sampling
+    temperature. Every loss but bnpo has normalisers of the whole step, so micro-batching changes only
+    the speed. Under torchrun r holds this rank's chains; the normalisers and gradients are summed over
+    the ranks, so every rank takes the step one process would take on all ranks' chains."""
     start = logprobs.first_trained_column(r.loss_mask)  # columns before it are prompt in every chain
     mask = r.loss_mask[:, start:]                     # (N, T) 1 on the tokens trained on
     adv = advantages.to(mask.device)                  # (N,)
@@ -232,25 +226,11 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
     # the step's normalisers: chains, trained tokens and micro-batches of all ranks (one process: its own)
     n, num_tokens, batches.total = distributed.all_sum([len(r), mask.sum().item(), len(batches)])
 
-    def logps_of(m, rows, end):  # (n, end - start): the micro-batch's log-probs under model m
-        return logprobs.token_logps(m, r.input_ids[rows, :end], r.attention_mask[rows, :end], start,
-                                 temps[rows.cpu()], cfg.logp_chunk, r.visual_of(rows), chunk_mb=cfg.logp_chunk_mb,
-                                 share_prompt=cfg.share_prompt)
-
-    @torch.no_grad()
-    def fixed_logps():  # per rollout, (N, T) each: the old policy's (when reused) and the reference's
-        def every_chain(m):  # in rollout order, 0 after a cropped chain's end
-            out = torch.zeros(mask.shape, device=mask.device)
-            for rows, end in batches:
-                out[rows, :end - start] = logps_of(m, rows, end)
-            return out
-        old = every_chain(model) if cfg.num_iterations > 1 else None
-        if cfg.beta == 0:
-            return old, None
-        if ref_model is not None:
-            return old, every_chain(ref_model)
-        with model.disable_adapter():  # LoRA: the reference is the base model, the adapter switched off
-            return old, every_chain(model)
+    # per rollout: the old policy's log-probs (reused over num_iterations) and the reference's (beta > 0)
+    old, ref = guards.retry_smaller_on_oom(
+        lambda: (rollout_logps(model, r, batches, start, temps, cfg) if cfg.num_iterations > 1 else None,
+                 reference_logps(model, ref_model, r, batches, start, temps, cfg) if cfg.beta > 0 else None),
+        batches, optimizer)
 
     def loss_and_backward():  # this rank's micro-batches; the sums of its figures
         sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0}
@@ -263,7 +243,7 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
                                             mask[rows, cols], start, adv[rows], old_mb, ref_mb, cfg, n, num_tokens,
                                             batches.total, r.visual_of(rows), temperature=temps[0].item())
             else:
-                new = logps_of(model, rows, end)
+                new = micro_batch_logps(model, r, rows, end, start, temps, cfg)
                 loss, st = policy_loss(new, new.detach() if old_mb is None else old_mb, ref_mb, adv[rows],
                                        mask[rows, cols], cfg, n, num_tokens, batches.total)
             loss.backward()
@@ -272,14 +252,41 @@ def update(model, ref_model, r: rollout.Rollout, advantages, optimizer, cfg) -> 
             sums["clip"] += st["clip"]
         return sums
 
-    old, ref = guards.retry_smaller_on_oom(fixed_logps, batches, optimizer)
-    steps = [guards.optimizer_step(model, optimizer, guards.retry_smaller_on_oom(loss_and_backward, batches, optimizer),
-                                   cfg.max_grad_norm) for _ in range(cfg.num_iterations)]
+    steps = []
+    for _ in range(cfg.num_iterations):  # out of memory: retried in smaller micro-batches (guards.py)
+        sums = guards.retry_smaller_on_oom(loss_and_backward, batches, optimizer)
+        steps.append(guards.optimizer_step(model, optimizer, sums, cfg.max_grad_norm))  # skips a non-finite step
     tokens = max(1, num_tokens * len(steps))
     return {"loss": sum(s["loss"] for s in steps) / len(steps),
             "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
             "kl": sum(s["kl"] for s in steps) / tokens, "clip_frac": sum(s["clip"] for s in steps) / tokens,
             "skipped": int(any(s["skipped"] for s in steps)), "micro_batch_size": batches.size}
+
+
+def micro_batch_logps(model, r: rollout.Rollout, rows, end: int, start: int, temps, cfg):
+    """(n, end - start): log p of the chains `rows` of r under `model`, columns start .. end - 1, each at
+    its sampling temperature (temps (N,))."""
+    return logprobs.token_logps(model, r.input_ids[rows, :end], r.attention_mask[rows, :end], start, temps[rows.cpu()],
+                                cfg.logp_chunk, r.visual_of(rows), chunk_mb=cfg.logp_chunk_mb,
+                                share_prompt=cfg.share_prompt)
+
+
+@torch.no_grad()
+def rollout_logps(model, r: rollout.Rollout, batches, start: int, temps, cfg) -> torch.Tensor:
+    """(N, T): every chain's log-probs under `model`, micro-batch by micro-batch, 0 after a cropped end."""
+    out = torch.zeros(r.loss_mask[:, start:].shape, device=r.loss_mask.device)
+    for rows, end in batches:
+        out[rows, :end - start] = micro_batch_logps(model, r, rows, end, start, temps, cfg)
+    return out
+
+
+def reference_logps(model, ref_model, r: rollout.Rollout, batches, start: int, temps, cfg) -> torch.Tensor:
+    """(N, T) the frozen reference's log-probs for the KL term; with LoRA (ref_model None) the reference
+    is the base model, the adapter switched off."""
+    if ref_model is not None:
+        return rollout_logps(ref_model, r, batches, start, temps, cfg)
+    with model.disable_adapter():
+        return rollout_logps(model, r, batches, start, temps, cfg)
 
 
 if __name__ == "__main__":

@@ -336,7 +336,8 @@ def run(model, tok, backend, max_turns=4, **kw):
     args = dict(max_prompt_tokens=96, max_completion_tokens=48, temperature=1.0, top_p=1.0, turn_tokens=16,
                 max_turns=max_turns, step_end="newline", train_on="all", nudge="Please give the final answer.")
     prompt = llms.chat_prompt(tok, "", "Tom has 3 pens. He gets 4 more. How many pens does Tom have now?")
-    return verifier.run_turns(model, tok, [prompt], ["Tom has 3 pens. ..."], ["7"], 2, backend=backend, **{**args, **kw})
+    return verifier.run_turns(model, tok, [prompt], ["Tom has 3 pens. ..."], ["7"], 2, backend=backend,
+                              **{**args, **kw})
 
 
 def trained_text(tok, r, i, trained=True):

@@ -2,11 +2,11 @@
 
     python tools/bench.py                          # GPU: Qwen2.5-1.5B architecture, 1 prompt x 16 chains x 786 tokens
     python tools/bench.py --cap_gb 24              # the same, limited to 24 GB of a larger card
-    python tools/bench.py --cap_gb 24 --lora_r 16  # LoRA; any train.py key applies (--beta, --num_chains, --sampler ...)
+    python tools/bench.py --cap_gb 24 --lora_r 16  # LoRA; any train.py key applies (--beta, --sampler ...)
     python tools/bench.py --tiny                   # CPU: the built-in tiny model, same workload shape
     python tools/bench.py --ragged                 # chains of unequal length, as real ones are
     python tools/bench.py --sampler guided --systems ours   # any sampling idea (samplers.py); TRL samples plainly
-    python tools/bench.py --model_name gemma-3-270m --device cpu   # a real model (a folder, a GGUF file, gguf_models.py)
+    python tools/bench.py --model_name gemma-3-270m --device cpu   # a real model (a folder, a GGUF file)
 
 The workload: a model of the exact Qwen2.5-1.5B architecture (vocab 151,936, tied embeddings) with
 random weights, built from its config on the device (nothing is downloaded), bf16 on GPU (or the real

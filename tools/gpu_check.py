@@ -1,7 +1,7 @@
 """The GPU check: one prepared command that answers every GPU question of the project in one short run.
 
     python tools/gpu_check.py --out $OUT            # one H100 / H200: about 8 minutes, from a bare machine
-    python tools/gpu_check.py --tiny --out /tmp/c   # the CPU rehearsal, small models, in seconds (tests/test_gpu_check.py)
+    python tools/gpu_check.py --tiny --out /tmp/c   # the CPU rehearsal, small models, in seconds (its test)
 
 On the lent GPU machine (Python 3.12, torch 2.11, transformers 5.17; no bitsandbytes, liger-kernel, trl
 or math-verify), first here `bash tools/gpu_wheels.sh` (the wheels it lacks, into the ignored .whl/), then
