@@ -141,7 +141,8 @@ def load_for_eval(path: str, cfg, device: str, train_set: list[dict]):
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        with llms.lora_without_bitsandbytes(model):
+            model = PeftModel.from_pretrained(model, adapter)
     return model.eval(), tokenizer
 
 
