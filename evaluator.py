@@ -135,9 +135,10 @@ def resolve(path: str) -> tuple[str, str]:
 
 def load_for_eval(path: str, cfg, device: str, train_set: list[dict]):
     weights, adapter = resolve(path)
+    shots = data.few_shot_examples(train_set, cfg.few_shot, cfg.seed, eval_format=cfg.eval_format,
+                                   settings=rewards.settings(cfg))
     model, tokenizer = llms.from_config(cfg, weights or cfg.model_name, device, gradient_checkpointing=False,
-                                       shots=data.few_shot_examples(train_set, cfg.few_shot, cfg.seed),
-                                       tiny_corpus=data.tiny_corpus(train_set, cfg.system_prompt))
+                                       shots=shots, tiny_corpus=data.tiny_corpus(train_set, cfg.system_prompt))
     if adapter:
         from peft import PeftModel
 

@@ -21,6 +21,7 @@ import config
 import data
 import grpo
 import llms
+import rewards
 import samplers
 
 
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_set, _ = data.load(cfg)
     device = llms.pick_device(cfg.device)
     sample = samplers.make(cfg, device=device, train_set=train_set)
-    shots, corpus = data.few_shot_examples(train_set, cfg.few_shot, cfg.seed), data.tiny_corpus(train_set, cfg.system_prompt)
+    shots = data.few_shot_examples(train_set, cfg.few_shot, cfg.seed, eval_format=cfg.eval_format,
+                                   settings=rewards.settings(cfg))
+    corpus = data.tiny_corpus(train_set, cfg.system_prompt)
     model, tokenizer = llms.from_config(cfg, args.model, device, shots=shots, tiny_corpus=corpus)
     policy = llms.for_training(model, tokenizer, cfg, load_reference=lambda: (
         llms.from_config(cfg, args.model, device, shots=shots, tiny_corpus=corpus, gradient_checkpointing=False)[0]))
