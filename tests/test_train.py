@@ -114,7 +114,8 @@ def test_a_cpu_lora_run_asks_for_no_remote_code(tmp_path):
               "runpy.run_path('train.py', run_name='train')['main'](sys.argv[1:])\n"
               "print('bitsandbytes imported:', 'bitsandbytes' in sys.modules)\n")
     argv = FAST + ["--out_dir", str(tmp_path / "run"), "--max_steps", "1", "--sft_steps", "0", "--eval_n", "2",
-                   "--lora_r", "8", "--lora_alpha", "16", "--train_only", "", "--save_every", "1"]
+                   "--eval_samples", "1", "--max_completion_tokens", "8", "--lora_r", "8", "--lora_alpha", "16",
+                   "--train_only", "", "--save_every", "1"]
     run = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr
