@@ -24,9 +24,11 @@ import json
 import os
 import random
 import re
+import sys
 
 import builtin_tasks
 import config
+import rewards
 import vision
 
 # ----------------------------------------------------------------------------------------------
@@ -306,11 +308,47 @@ def refill(examples: list[dict], step: int, round_: int, size: int, seed: int, *
     return pool[start:start + min(size, per_round)]
 
 
-def few_shot_examples(train_set: list[dict], k: int, seed: int) -> list[tuple[str, str]]:
-    """k solved training examples (question, worked solution) for the plain prompt format, the same
-    for a seed in every process."""
+# How a few-shot example shows the answer of a row that has nothing but its final answer (a question file in
+# GSM8K's published form: "#### 125"), by the run's eval_format (a reward of rewards.py): a model copies the
+# example's layout whatever the system prompt asks. bare_number wants the number alone. correctness and
+# integer_answer read the "#### N" line target_text gives, as does a run without eval_format. The layouts
+# that wrap a reasoning (strict_format, soft_format, r1_format, think_format, think_answer) get no invented
+# one: an empty reasoning would teach the model to skip it (and in strict_format and r1_format is a blank
+# line, where plain-format answers stop), so those keep "#### N", and few_shot_examples warns.
+SHOT_ANSWERS = {"bare_number": "{answer}"}
+
+
+def few_shot_examples(train_set: list[dict], k: int, seed: int, *, eval_format: str = "",
+                      settings: dict | None = None) -> list[tuple[str, str]]:
+    """k solved training examples (question, answer text) for the plain prompt format, the same for a
+    seed in every process: target_text, except that a row with neither a worked solution nor a target
+    shows its final answer as eval_format's reward wants it (SHOT_ANSWERS). An example that still scores
+    0 on that reward (called with `settings`, rewards.settings) is a warning that names it."""
+    def answer_text(ex: dict) -> str:
+        if "target" in ex or ex["solution"] or eval_format not in SHOT_ANSWERS:
+            return target_text(ex)
+        return SHOT_ANSWERS[eval_format].format(answer=ex["answer"])
     picked = random.Random(seed).sample(train_set, min(k, len(train_set)))
-    return [(ex["question"], target_text(ex)) for ex in picked]
+    shots = [(ex["question"], answer_text(ex)) for ex in picked]
+    if eval_format:
+        score = rewards.REWARDS[eval_format]
+        off = [(q, a) for (q, a), ex in zip(shots, picked) if not score(a, ex["answer"], **(settings or {}))]
+        if off:
+            # a warning, not an error: the run is still sound (accuracy comes from the answer checker), and a
+            # checkpoint trained this way must still load in evaluator.py; but the model now sees one layout
+            # and is asked for another, which costs accuracy without any other sign
+            first = "Question: {}\nAnswer: {}".format(*off[0])
+            print(f"warning: {len(off)} of {len(shots)} few-shot examples score 0 on eval_format {eval_format!r}, the "
+                  f"answer layout this run asks for, and a model tends to copy the example's layout instead; the "
+                  f"first reads {first!r}. Set few_shot 0 (no example), or eval_format to the layout the examples "
+                  f"show, or give the training rows answers in the layout asked for", file=sys.stderr)
+    return shots
+
+
+def run_shots(cfg, train_set: list[dict]) -> list[tuple[str, str]]:
+    """The run's few-shot examples (few_shot_examples with its settings), for llms.from_config."""
+    return few_shot_examples(train_set, cfg.few_shot, cfg.seed, eval_format=cfg.eval_format,
+                             settings=rewards.settings(cfg))
 
 
 def tiny_corpus(train_set: list[dict], system_prompt: str) -> list[str]:
@@ -335,8 +373,6 @@ def target_text(example: dict, answer_only: bool = False, slip_rate: float = 0.0
 
 
 if __name__ == "__main__":
-    import sys
-
     cfg = config.load(sys.argv[1:] or ["--dataset", "arithmetic"])
     train, test = load(cfg)
     for ex in train[:2]:

@@ -135,13 +135,14 @@ def resolve(path: str) -> tuple[str, str]:
 
 def load_for_eval(path: str, cfg, device: str, train_set: list[dict]):
     weights, adapter = resolve(path)
+    shots = data.run_shots(cfg, train_set)
     model, tokenizer = llms.from_config(cfg, weights or cfg.model_name, device, gradient_checkpointing=False,
-                                       shots=data.few_shot_examples(train_set, cfg.few_shot, cfg.seed),
-                                       tiny_corpus=data.tiny_corpus(train_set, cfg.system_prompt))
+                                       shots=shots, tiny_corpus=data.tiny_corpus(train_set, cfg.system_prompt))
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        with llms.lora_without_bitsandbytes(model):
+            model = PeftModel.from_pretrained(model, adapter)
     return model.eval(), tokenizer
 
 

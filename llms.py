@@ -12,8 +12,10 @@ Qwen's, the tokenizer splits numbers into single digits.
 
     python llms.py     # builds the tiny model and prints its size and a tokenized prompt
 """
+import contextlib
 import os
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer,
@@ -320,10 +322,28 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str
     """Freeze the model and train LoRA adapters instead: new ones, or those saved at adapter_path."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if adapter_path:
-        return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                            target_modules=target_modules, task_type="CAUSAL_LM"))
+    with lora_without_bitsandbytes(model):
+        if adapter_path:
+            return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                target_modules=target_modules, task_type="CAUSAL_LM"))
+
+
+@contextlib.contextmanager
+def lora_without_bitsandbytes(model):
+    """peft's LoRA imports bitsandbytes whenever it is installed, to wrap 8-bit layers, and on a CPU with
+    AVX512-BF16 that import asks the Hub for a kernel (kernels-community/quantization-bitsandbytes) and
+    logs "Failed to load CPU gemm_4bit_forward ... Set trust_remote_code=True": a network call and a
+    message that reads as a failure, for layers only a model loaded in 8-bit has (load_8bit, CUDA only).
+    For any other model peft is told here that bitsandbytes is absent; a quantized one keeps peft's way."""
+    import peft.tuners.lora.model as lora_model
+
+    names = [n for n in ("is_bnb_available", "is_bnb_4bit_available") if hasattr(lora_model, n)]
+    with contextlib.ExitStack() as stack:
+        if getattr(model, "hf_quantizer", None) is None:
+            for name in names:
+                stack.enter_context(mock.patch.object(lora_model, name, lambda: False))
+        yield
 
 
 def train_only(model, names: list[str]) -> int:

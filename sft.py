@@ -141,8 +141,8 @@ if __name__ == "__main__":
     torch.manual_seed(cfg.seed)
     train_set, test_set = data.load(cfg)
     eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
-    model, tokenizer = llms.from_config(cfg, cfg.model_name, llms.pick_device(cfg.device),
-                                       shots=data.few_shot_examples(train_set, cfg.few_shot, cfg.seed),
+    shots = data.run_shots(cfg, train_set)
+    model, tokenizer = llms.from_config(cfg, cfg.model_name, llms.pick_device(cfg.device), shots=shots,
                                        tiny_corpus=data.tiny_corpus(train_set, cfg.system_prompt))
     greedy = dataclasses.replace(cfg, eval_temperature=0.0, eval_samples=1)
     start, probing = time.time(), 0.0

@@ -65,7 +65,7 @@ def main(argv: list[str]) -> None:
 
         # 2. the policy: a fresh run starts from model_name (warm-started if sft_steps), a resumed one from
         #    its latest checkpoint; then LoRA or train_only, and the frozen reference when beta > 0
-        shots = data.few_shot_examples(train_set, cfg.few_shot, cfg.seed)  # the plain format's solved examples
+        shots = data.run_shots(cfg, train_set)  # the plain format's solved examples
         corpus = data.tiny_corpus(train_set, cfg.system_prompt)  # the built-in tiny model's tokenizer trains on it
         model, tokenizer = llms.from_config(cfg, run.model_path, device, shots=shots, tiny_corpus=corpus)
         rollout.check_prompts_fit(tokenizer, cfg, train_set + eval_set)  # a judge prompt must keep its instructions

@@ -17,14 +17,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config  # noqa: E402
 import builtin_tasks  # noqa: E402
+import config  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
 import evaluator  # noqa: E402
 import grpo  # noqa: E402
 import llms  # noqa: E402
-import grpo  # noqa: E402
 import optim  # noqa: E402
 import rewards  # noqa: E402
 import rollout  # noqa: E402

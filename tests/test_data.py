@@ -8,8 +8,10 @@ import pytest
 import config
 import builtin_tasks
 import data
+import evaluator
 import llms
 import rewards
+import rollout
 from helpers import FAST, run_train
 
 
@@ -110,6 +112,72 @@ def test_local_jsonl_and_parquet(tmp_path):
                   **{**kw, "question_field": "problem"})
     with pytest.raises(config.UserError, match="nope.jsonl"):
         load_data(str(tmp_path / "nope.jsonl"), test_dataset="", **kw)
+
+
+def write_questions(path, pairs):
+    """Additions in GSM8K's published form: the final answer alone ("#### 125"), no worked solution."""
+    path.write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": f"#### {a + b}"}) + "\n"
+                            for a, b in pairs))
+
+
+def smollm2_recipe(path, *extra):
+    """configs/smollm2_cpu.yaml (plain format, one example, eval_format bare_number) on a question file."""
+    return config.load(["--config", "configs/smollm2_cpu.yaml", "--dataset", str(path), "--test_dataset", str(path),
+                        *extra])
+
+
+def test_the_recipes_example_from_a_question_file_shows_a_bare_number(tmp_path, capsys):
+    write_questions(tmp_path / "q.jsonl", [(65, 60)])
+    cfg = smollm2_recipe(tmp_path / "q.jsonl")
+    train, test = data.load(cfg)
+    shots = data.few_shot_examples(train, cfg.few_shot, cfg.seed, eval_format=cfg.eval_format,
+                                   settings=rewards.settings(cfg))
+    assert shots == [("What is 65 + 60?", "125")]
+    # the prompt a model without a chat template (a base model) gets in the plain format: no "####" to copy
+    _, tok = llms.load(llms.TINY, "cpu", tiny_corpus=data.tiny_corpus(train, cfg.system_prompt), tiny_hidden=32,
+                       tiny_layers=2, prompt_format="plain", shots=shots)
+    prompt = rollout.prompts_of(tok, cfg.system_prompt, test)[0]
+    assert "Question: What is 65 + 60?\nAnswer: 125\n\n" in prompt and "####" not in prompt
+    assert "warning" not in capsys.readouterr().err
+    # without eval_format, or with a worked solution or a target, the example is target_text as before
+    assert data.few_shot_examples(train, 1, 0) == [("What is 65 + 60?", "#### 125")]
+    solved = [{"question": "What is 65 + 60?", "answer": "125", "solution": "60 + 65 = 125"}]
+    assert data.few_shot_examples(solved, 1, 0)[0][1] == "60 + 65 = 125\n#### 125"
+    builtin, _ = data.load(config.load(["--config", "configs/smollm2_cpu.yaml"]))
+    assert data.few_shot_examples(builtin, 1, 0, eval_format="bare_number") == data.few_shot_examples(builtin, 1, 0)
+
+
+def test_evaluator_gives_a_base_model_the_recipes_example_without_hashes(tmp_path, capsys):
+    write_questions(tmp_path / "q.jsonl", [(65, 60), (12, 30)])
+    cfg = smollm2_recipe(tmp_path / "q.jsonl", "--model_name", "tiny", "--tiny_hidden", "32", "--tiny_layers", "2")
+    train, _ = data.load(cfg)
+    _, tok = evaluator.load_for_eval("tiny", cfg, "cpu", train)
+    example = re.search(r"Question: What is \d+ \+ \d+\?\nAnswer: (.*?)\n\n", tok.chat_template).group(1)
+    assert re.fullmatch(r"\d+", example) and "####" not in tok.chat_template
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_an_example_off_the_asked_layout_is_a_startup_warning_naming_it(tmp_path, capsys, monkeypatch):
+    write_gsm8k(tmp_path / "gsm8k.jsonl", 5)  # worked solutions, shown as they are
+    write_questions(tmp_path / "q.jsonl", [(65, 60)])
+    for path, eval_format in ((tmp_path / "gsm8k.jsonl", "bare_number"), (tmp_path / "q.jsonl", "strict_format")):
+        train, _ = data.load(smollm2_recipe(path))  # strict_format: no reasoning to lay out in its tags
+        data.few_shot_examples(train, 1, 0, eval_format=eval_format, settings=rewards.settings(config.Config()))
+        err = capsys.readouterr().err
+        assert f"warning: 1 of 1 few-shot examples score 0 on eval_format {eval_format!r}" in err
+        assert "the first reads 'Question: " in err and "####" in err and "few_shot 0" in err and "eval_format" in err
+
+    class Started(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Started
+    monkeypatch.setattr(llms, "from_config", stop)  # train.py builds its examples before it loads the model
+    with pytest.raises(Started):
+        run_train(FAST + ["--dataset", str(tmp_path / "gsm8k.jsonl"), "--test_dataset", str(tmp_path / "gsm8k.jsonl"),
+                          "--prompt_format", "plain", "--few_shot", "1", "--eval_format", "bare_number",
+                          "--sft_slip_rate", "0", "--out_dir", str(tmp_path / "run")])
+    assert "few-shot examples score 0 on eval_format 'bare_number'" in capsys.readouterr().err
 
 
 def test_unreachable_names_say_how_to_go_offline(monkeypatch):

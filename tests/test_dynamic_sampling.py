@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-import config
 import builtin_tasks
+import config
 import data
 import grpo
 import llms

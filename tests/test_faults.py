@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import checkpoint
-import rollout
 import grpo
 import logprobs
 import optim
+import rollout
 from helpers import FAST, read, run_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,9 +7,9 @@ import torch
 import config
 import ghpo
 import llms
+import logprobs
 import rewards
 import rollout
-import logprobs
 import samplers
 from helpers import FAST, run_train
 

@@ -9,10 +9,10 @@ import config
 import guidance
 import samplers
 from sft import warm_start
-import llms
-import rollout
 import grpo
+import llms
 import logprobs
+import rollout
 from helpers import FAST, run_train
 
 

@@ -16,11 +16,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
-import llms  # noqa: E402
-import rollout  # noqa: E402
 import grpo
+import llms  # noqa: E402
 import logprobs
 import optim
+import rollout  # noqa: E402
 from grpo import group_advantages, policy_loss  # noqa: E402
 from logprobs import liger_loss, token_logps  # noqa: E402
 

@@ -22,7 +22,6 @@ import evaluator
 import gguf_models
 import grpo
 import llms
-import grpo
 import logprobs
 import optim
 import rewards

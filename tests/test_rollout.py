@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import llms
-import rollout
 import logprobs
+import rollout
 
 
 def test_completion_mask_stops_after_first_eos():

@@ -106,6 +106,24 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch):
     assert run.returncode == 1 and "Traceback" in run.stderr and "TypeError: a bug" in run.stderr
 
 
+def test_a_cpu_lora_run_asks_for_no_remote_code(tmp_path):
+    # its own process, since an earlier 8-bit AdamW test may have imported bitsandbytes in this one: that
+    # import is what logs "Failed to load CPU gemm_4bit_forward ... trust_remote_code" (on an AVX512-BF16
+    # CPU); the run ends by saying whether bitsandbytes was imported at all, whatever the CPU
+    script = ("import runpy, sys\n"
+              "runpy.run_path('train.py', run_name='train')['main'](sys.argv[1:])\n"
+              "print('bitsandbytes imported:', 'bitsandbytes' in sys.modules)\n")
+    argv = FAST + ["--out_dir", str(tmp_path / "run"), "--max_steps", "1", "--sft_steps", "0", "--eval_n", "2",
+                   "--eval_samples", "1", "--max_completion_tokens", "8", "--lora_r", "8", "--lora_alpha", "16",
+                   "--train_only", "", "--save_every", "1"]
+    run = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    output = run.stdout + run.stderr
+    assert not [line for line in output.splitlines() if "trust_remote_code" in line or "Failed to load" in line]
+    assert "bitsandbytes imported: False" in run.stdout
+
+
 def test_warm_start_probe_sees_every_kth_step_and_changes_nothing(tiny, task):
     """sft.warm_start's probe (python sft.py --probe_every k) runs evals mid-way; the weights it ends with
     are those of a warm start without a probe, so a probed run tells what train.py's warm start reaches."""

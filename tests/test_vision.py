@@ -7,12 +7,12 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig
 
-import config
 import builtin_tasks
+import config
 import data
 import evaluator
-import llms
 import grpo
+import llms
 import logprobs
 import rollout
 import samplers

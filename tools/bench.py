@@ -47,14 +47,14 @@ from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 import bench_trl
-import config
 import builtin_tasks
+import config
 import data
 import grpo
 import llms
 import logprobs
-import optim
 import measure
+import optim
 import rewards
 import samplers
 

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import bench
 import config
 import llms
-import measure
 import logprobs
+import measure
 
 
 def run(cfg, device: str) -> dict:

@@ -141,7 +141,7 @@ def train_recipe(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     train_set, test_set = data.load(cfg)
     eval_set = evaluator.subset(test_set, cfg.eval_n, cfg.seed)
-    shots = data.few_shot_examples(train_set, cfg.few_shot, cfg.seed)
+    shots = data.run_shots(cfg, train_set)
     model, tok = llms.from_config(cfg, cfg.model_name, device, shots=shots,
                                   tiny_corpus=data.tiny_corpus(train_set, cfg.system_prompt))
     if cfg.sft_steps > 0:  # the warm start train.py gives the same recipe

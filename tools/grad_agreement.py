@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_set, _ = data.load(cfg)
     device = llms.pick_device(cfg.device)
     sample = samplers.make(cfg, device=device, train_set=train_set)
-    shots = data.few_shot_examples(train_set, cfg.few_shot, cfg.seed)
+    shots = data.run_shots(cfg, train_set)
     corpus = data.tiny_corpus(train_set, cfg.system_prompt)
     model, tokenizer = llms.from_config(cfg, args.model, device, shots=shots, tiny_corpus=corpus)
     policy = llms.for_training(model, tokenizer, cfg, load_reference=lambda: (
