@@ -202,7 +202,7 @@ class Config:
     #                                    262,144) keeps the same peak; 0 = no cap
     # --- optimizer (optim.make_optimizer)
     optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"  # adamw8bit (bitsandbytes) or adamw (torch)
-    kahan_updates: bool = True         # bf16 weights keep each step's rounding error (kahan.py): lr 5e-6 counts
+    kahan_updates: bool = True         # bf16 weights keep each step's rounding error (optim.py): lr 5e-6 counts
     learning_rate: float = 5e-6        # peak learning rate of GRPO
     weight_decay: float = 0.0          # AdamW's decoupled weight decay
     adam_beta1: float = 0.9            # AdamW's first-moment decay

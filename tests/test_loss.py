@@ -1,4 +1,4 @@
-"""The GRPO loss family in losses.py: policy_loss against hand-written formulas, micro-batching,
+"""The GRPO loss family in grpo.py: policy_loss against hand-written formulas, micro-batching,
 group advantages, loss masks, Liger's fused loss against our path, and grpo.update.
 
 Everything runs on CPU in fp32 with a 2-layer, 32-wide random Qwen2 built in about a second.
