@@ -108,6 +108,28 @@ def test_resume_reads_the_runs_config(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["num_chains"] == 6
 
 
+def test_renamed_keys_name_the_new_one_and_old_runs_resume(tmp_path):
+    """--rollout is now --sampler and the KV cache, once --sampler, is --kv_cache: an old recipe or flag gets an
+    error naming the new key; a run folder written before the rename resumes with its settings."""
+    import dataclasses
+
+    import samplers
+    with pytest.raises(config.UserError, match="'rollout' is now 'sampler': write sampler: ghpo"):
+        config.load(["--rollout", "ghpo"])
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("rollout: guided\n")
+    with pytest.raises(config.UserError, match="is now 'sampler'"):
+        config.load(["--config", str(recipe)])
+    with pytest.raises(config.UserError, match="the KV cache is now kv_cache: write kv_cache: static"):
+        samplers.check(config.load(["--sampler", "static"]))
+    old = {**json.loads(json.dumps(dataclasses.asdict(config.Config()))), "rollout": "ghpo",
+           "sampler": "static", "num_chains": 6}
+    del old["kv_cache"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = config.load(["--resume", str(tmp_path)])
+    assert (cfg.sampler, cfg.kv_cache, cfg.num_chains) == ("ghpo", "static", 6)
+
+
 def test_every_field_is_read_somewhere():
     import dataclasses
     import glob
