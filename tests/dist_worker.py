@@ -123,7 +123,7 @@ def ideas(out: str) -> None:
     results = {}
     for name in samplers.SAMPLERS:
         change = IDEA_SETTINGS.get(name, {})
-        cfg = config.Config(**{"rollout": name, "device": "cpu", "optimizer": "adamw", "kahan_updates": False,
+        cfg = config.Config(**{"sampler": name, "device": "cpu", "optimizer": "adamw", "kahan_updates": False,
                                "system_prompt": "", "num_chains": 4, "max_prompt_tokens": 96,
                                "max_completion_tokens": 24, "micro_batch_size": 8, "learning_rate": 1e-2,
                                "rewards": {"length_mod_3": 1.0}, **change})
