@@ -71,6 +71,7 @@ def test_chunked_pass_gives_the_same_weights(monkeypatch):
 
 PEAK_SCRIPT = """
 import resource, sys, torch
+import optim
 torch.manual_seed(0)
 p = torch.nn.Parameter(torch.randn(2**27, dtype=torch.bfloat16))  # 128M elements: 256 MB, about the
 opt = optim.attach(torch.optim.SGD([p], lr=1e-3))  # 1.5B model's embedding; SGD: no optimizer state
