@@ -485,30 +485,31 @@ def save(cfg: Config, path: str) -> None:
     os.replace(tmp, path)
 
 
-def help_texts() -> dict[str, str]:
-    """{field: its help}, read from the comments beside the fields of Config's source: a field's
-    trailing comment, then the comment-only lines under it (not the `# ---` section lines)."""
-    names, texts, current = {f.name for f in dataclasses.fields(Config)}, {}, None
+def _read_fields() -> tuple[dict[str, str], dict[str, str]]:
+    """({field: its help}, {field: the first word of its section}), read once from Config's source: a
+    field's help is its trailing comment, then the comment-only lines under it; a `# --- name (...)` line
+    starts a section (model, data, sampling, guided, GHPO, verifier, rewards, loss, optimizer, warm,
+    evaluation, run)."""
+    names, texts, sections, field, section = {f.name for f in dataclasses.fields(Config)}, {}, {}, None, ""
     for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(Config)).readline):
         if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
-            current = tok.string  # a field's first line starts at column 4 with its name
+            field = tok.string  # a field's first line starts at column 4 with its name
+            sections[field] = section
         elif tok.type == tokenize.COMMENT and tok.string.startswith("# ---"):
-            current = None
-        elif tok.type == tokenize.COMMENT and current:
-            texts[current] = (texts.get(current, "") + " " + tok.string.lstrip("# ").strip()).strip()
-    return texts
+            field, section = None, tok.string[len("# ---"):].split()[0]
+        elif tok.type == tokenize.COMMENT and field:
+            texts[field] = (texts.get(field, "") + " " + tok.string.lstrip("# ").strip()).strip()
+    return texts, sections
+
+
+def help_texts() -> dict[str, str]:
+    """{field: its help} (_read_fields)."""
+    return _read_fields()[0]
 
 
 def sections() -> dict[str, str]:
-    """{field: the first word of its section}, from the `# --- name (...)` lines of Config's source:
-    model, data, sampling, guided, GHPO, verifier, rewards, loss, optimizer, warm, evaluation, run."""
-    names, out, current = {f.name for f in dataclasses.fields(Config)}, {}, ""
-    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(Config)).readline):
-        if tok.type == tokenize.COMMENT and tok.string.startswith("# ---"):
-            current = tok.string[len("# ---"):].split()[0]
-        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
-            out[tok.string] = current
-    return out
+    """{field: the first word of its section} (_read_fields): sft.py derives its cache key from them."""
+    return _read_fields()[1]
 
 
 def print_help() -> None:
