@@ -76,6 +76,16 @@ def task_metrics(task: str, records: list[dict], samples: int) -> dict:
     return metrics
 
 
+def record(cfg, ex: dict, texts: list[str], settings: dict) -> dict:
+    """One question's record: its completions graded by the task's checker (and the eval_format reward)."""
+    graded = [grade(cfg.task, t, ex["answer"]) for t in texts]
+    return ({"question": ex["question"], "answer": ex["answer"], "completions": texts,
+             "correct": [c for c, _ in graded]}
+            | ({"predicted": [p for _, p in graded]} if cfg.task != "math" else {})
+            | ({"in_format": [bool(rewards.REWARDS[cfg.eval_format](t, ex["answer"], **settings)) for t in texts]}
+               if cfg.eval_format else {}))
+
+
 def evaluate(model, tokenizer, examples: list[dict], cfg) -> tuple[dict, list[dict]]:
     """(task_metrics, per-example records) of plain sampling at eval_temperature, eval_samples chains per
     question; accuracy is the mean over all samples. Its own RNG, seeded with cfg.seed: every eval
@@ -96,18 +106,54 @@ def evaluate(model, tokenizer, examples: list[dict], cfg) -> tuple[dict, list[di
                                cfg.eval_samples, max_prompt_tokens=cfg.max_prompt_tokens,
                                max_new_tokens=cfg.max_completion_tokens, temperature=cfg.eval_temperature,
                                images=rollout.images_of(batch))
-            mine[i] = []
-            for j, ex in enumerate(batch):
-                texts = r.texts[j * cfg.eval_samples:(j + 1) * cfg.eval_samples]
-                graded = [grade(cfg.task, t, ex["answer"]) for t in texts]
-                mine[i].append({"question": ex["question"], "answer": ex["answer"], "completions": texts,
-                                "correct": [c for c, _ in graded]}
-                               | ({"predicted": [p for _, p in graded]} if cfg.task != "math" else {})
-                               | ({"in_format": [bool(rewards.REWARDS[cfg.eval_format](t, ex["answer"], **settings))
-                                                 for t in texts]} if cfg.eval_format else {}))
+            mine[i] = [record(cfg, ex, r.texts[j * cfg.eval_samples:(j + 1) * cfg.eval_samples], settings)
+                       for j, ex in enumerate(batch)]
     shards = {i: recs for part in distributed.gather(mine) for i, recs in part.items()}
     records = [rec for i in starts for rec in shards[i]]
     return task_metrics(cfg.task, records, cfg.eval_samples), records
+
+
+def evaluate_gguf(path: str, examples: list[dict], cfg, shots: list[tuple[str, str]] = ()) -> tuple[dict, list[dict]]:
+    """The same protocol in llama.cpp (the xllamacpp wheel) on a GGUF file, as a user runs it: each
+    question through llama.cpp's chat endpoint, which applies the template stored in the file; greedy,
+    or eval_temperature with seed cfg.seed + k for sample k; stopping at the model's end of turn and,
+    in the plain prompt format, at its blank line. metrics["prompt_mismatch"] is the share of questions
+    whose prompt llama.cpp tokenized to another length than transformers does with the file's own
+    tokenizer and template (0: the runtime prompts the model as training did)."""
+    try:
+        import xllamacpp
+    except ImportError:
+        raise config.UserError("a GGUF file is evaluated in llama.cpp: pip install xllamacpp (requirements.txt "
+                               "lists it)") from None
+    from transformers import AutoTokenizer
+
+    if not os.path.isfile(path):
+        raise config.UserError(f"--gguf {path}: no such file")
+    folder, name = os.path.split(os.path.abspath(path))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)  # the file's tokenizer and chat template
+    plain = cfg.prompt_format == "plain" or tokenizer.chat_template == llms.plain_template(tokenizer, list(shots))
+    prompts = [llms.chat_messages(tokenizer, cfg.system_prompt, ex["question"]) for ex in examples]
+    lengths = [len(tokenizer(llms.render(tokenizer, m), add_special_tokens=False)["input_ids"]) for m in prompts]
+    params = xllamacpp.CommonParams()
+    params.model.path = path
+    params.use_jinja = True  # the chat template stored in the file, as `llama-server --jinja` uses it
+    params.n_ctx = max(lengths) + cfg.max_completion_tokens + 8
+    params.n_parallel, params.warmup, params.verbosity = 1, False, -1
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = torch.get_num_threads()
+    server = xllamacpp.Server(params)
+    settings, records, mismatched = rewards.settings(cfg), [], 0
+    for ex, messages, length in zip(examples, prompts, lengths):
+        texts = []
+        for k in range(cfg.eval_samples):
+            reply = server.handle_chat_completions({
+                "messages": messages, "max_tokens": cfg.max_completion_tokens, "temperature": cfg.eval_temperature,
+                "seed": cfg.seed + k, "stop": [llms.PLAIN_STOP] if plain else []})
+            if "choices" not in reply:
+                raise config.UserError(f"llama.cpp could not answer with {path}: {str(reply)[:300]}")
+            texts.append(reply["choices"][0]["message"]["content"])
+        mismatched += reply["usage"]["prompt_tokens"] != length
+        records.append(record(cfg, ex, texts, settings))
+    return task_metrics(cfg.task, records, cfg.eval_samples) | {"prompt_mismatch": mismatched / len(examples)}, records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,12 +202,22 @@ def paired_difference(a: list[dict], b: list[dict]) -> dict:
     return {"difference": mean, "ci95": [mean - half, mean + half], "n": len(d)}
 
 
+def print_metrics(name: str, metrics: dict) -> None:
+    print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+
+def print_paired(a: str, b: str, p: dict) -> None:
+    print(f"accuracy {a} - {b}: {p['difference']:+.4f} (95% interval {p['ci95'][0]:+.4f} .. "
+          f"{p['ci95'][1]:+.4f}, {p['n']} questions)")
+
+
 def main(argv: list[str]) -> dict:
     flags = config.parse_flags(argv)
     model_path, other, out = flags.pop("model", ""), flags.pop("compare", ""), flags.pop("out", "out/eval.jsonl")
-    if not model_path:
+    gguf = flags.pop("gguf", "")
+    if not model_path and not gguf:
         raise config.UserError("which model? --model PATH (a run folder, a checkpoint, a model folder, a hub name "
-                               "or tiny); see python evaluator.py's docstring")
+                               "or tiny), or --gguf FILE; see python evaluator.py's docstring")
     if "config" not in flags and is_run(model_path):
         flags["config"] = os.path.join(model_path, "config.json")  # the run's own settings (JSON is YAML)
     cfg = config.load([item for key, value in flags.items() for item in (f"--{key}", value)])
@@ -175,18 +231,20 @@ def main(argv: list[str]) -> dict:
         model, tokenizer = load_for_eval(path, cfg, device, train_set)
         metrics, records = evaluate(model, tokenizer, questions, cfg)
         results[name] = {"path": path, "metrics": metrics, "records": records}
-        print(f"{path}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in metrics.items()))
+        print_metrics(path, metrics)
         del model
+    if gguf:  # the exported file in llama.cpp, on the same questions
+        metrics, records = evaluate_gguf(gguf, questions, cfg, shots=data.run_shots(cfg, train_set))
+        results["gguf"] = {"path": gguf, "metrics": metrics, "records": records}
+        print_metrics(f"{gguf} in llama.cpp", metrics)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         for name, res in results.items():
             f.writelines(json.dumps({"model": res["path"], **rec}) + "\n" for rec in res["records"])
-    if other:
-        results["paired"] = paired_difference(results["model"]["records"], results["compare"]["records"])
-        p = results["paired"]
-        print(f"accuracy {model_path} - {other}: {p['difference']:+.4f} (95% interval {p['ci95'][0]:+.4f} .. "
-              f"{p['ci95'][1]:+.4f}, {p['n']} questions)")
+    for name, key in (("compare", "paired"), ("gguf", "paired_gguf")):  # each one paired with the model
+        if name in results and "model" in results:
+            results[key] = paired_difference(results["model"]["records"], results[name]["records"])
+            print_paired(model_path, results[name]["path"], results[key])
     print(f"records: {out}")
     return results
 

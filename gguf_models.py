@@ -21,6 +21,7 @@ and the next run converts again.
     python gguf_models.py smollm2-135m-instruct     # fetch and convert (once), print the folder
 """
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -119,19 +120,36 @@ def convert(path: str, cache: str) -> str:
             raise config.UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     stem = os.path.basename(path)[:-len(".gguf")] if path.endswith(".gguf") else os.path.basename(path)
     folder = os.path.join(cache, f"{stem}-{file_hash(path)}")
+    source = {"file": os.path.abspath(path), "sha256": file_hash(path)}
     if os.path.isfile(os.path.join(folder, "config.json")):  # complete: it was renamed into place whole
+        _record_source(folder, source)
         return folder
     os.makedirs(cache, exist_ok=True)
     tmp = f"{folder}.{os.getpid()}.tmp"
     print(f"converting {path} to an HF folder (once): {folder}", flush=True)
     try:
         model, tokenizer = _read(path)
+        model.config.gguf_source = source  # saved in config.json, so every checkpoint of a run knows its file
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves no half folder
     return folder
+
+
+def _record_source(folder: str, source: dict) -> None:
+    """The GGUF file a folder was converted from, in its config.json (export.py copies the tokenizer from
+    it); added to a folder converted before the record existed."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    if cfg.get("gguf_source") != source:
+        cfg["gguf_source"] = source
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(cfg, f, indent=2)
+        os.replace(tmp, path)
 
 
 def _read(path: str):

@@ -81,22 +81,28 @@ def context_length(model_name: str, trust_remote_code: bool = False,
     return getattr(cfg.get_text_config(), "max_position_embeddings", None)  # a VL model: its language model's
 
 
-def chat_prompt(tokenizer, system_prompt: str, user: str) -> str:
-    """The prompt text for one question in the tokenizer's layout (its chat template, or the plain one
-    prepare installs), ending where the assistant starts writing. For a VL model, the question's
-    <image> marks become image parts (vision.py). With no system prompt, a template that would add its
-    own default one (SmolLM2's, Qwen2.5's) gets an empty system message instead: the model sees no
-    system text the run did not ask for."""
+def chat_messages(tokenizer, system_prompt: str, user: str) -> list[dict]:
+    """The messages of one question: the system prompt, if any, then the question. With no system
+    prompt, a template that would add its own default one (SmolLM2's, Qwen2.5's) gets an empty system
+    message instead: the model sees no system text the run did not ask for. For a VL model, the
+    question's <image> marks become image parts (vision.py)."""
     if vision.is_vl(tokenizer) and vision.PLACEHOLDER in user:
         user = vision.content_parts(user)
-
-    def render(system: list[dict]) -> str:
-        return tokenizer.apply_chat_template(system + [{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
+    question = [{"role": "user", "content": user}]
     if system_prompt:
-        return render([{"role": "system", "content": system_prompt}])
-    bare, empty = render([]), render([{"role": "system", "content": ""}])
-    return empty if len(bare) > len(empty) else bare  # longer with no system message: a default was added
+        return [{"role": "system", "content": system_prompt}] + question
+    bare, empty = question, [{"role": "system", "content": ""}] + question
+    return empty if len(render(tokenizer, bare)) > len(render(tokenizer, empty)) else bare  # a default was added
+
+
+def render(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_prompt(tokenizer, system_prompt: str, user: str) -> str:
+    """The prompt text for one question in the tokenizer's layout (its chat template, or the plain one
+    prepare installs), ending where the assistant starts writing."""
+    return render(tokenizer, chat_messages(tokenizer, system_prompt, user))
 
 
 PLAIN_STOP = "\n\n"  # in the plain format an answer ends at a blank line, where the next "Question:" would start

