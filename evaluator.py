@@ -15,11 +15,13 @@ own config unless --config is given; a checkpoint, full weights or a LoRA adapte
 a hub name or a model folder; `tiny`). Every other --key is a config key (--eval_temperature 1
 --eval_samples 8, --eval_n 0 for the whole test split). It prints the task's metrics and writes one
 record per question to --out; with --compare it evaluates a second model on the same questions and
-prints the paired difference of their accuracies, with a 95% interval over questions.
+prints the paired difference of their accuracies, with a 95% interval over questions. With --gguf FILE
+it also runs an exported GGUF file in llama.cpp on the same questions (export.py --check calls this).
 
     python evaluator.py --model out/tiny                                # the run's last checkpoint
     python evaluator.py --model out/tiny --compare out/tiny/base_model  # against its starting weights
     python evaluator.py --model Qwen/Qwen2.5-1.5B-Instruct --config configs/gsm8k_1.5b_24gb.yaml --eval_n 0
+    python evaluator.py --model out/smollm2_cpu --gguf smollm2.gguf      # the exported file in llama.cpp
     python evaluator.py --demo    # the untrained tiny model on 20 built-in problems
 """
 import json

@@ -22,11 +22,12 @@ a model ends its answer with a blank line: give the runtime the stop string "\\n
 
 --check evaluates the written file in llama.cpp (the xllamacpp wheel) on the run's held-out questions
 with the run's protocol, beside the checkpoint in transformers, and prints the paired difference
-(evaluator.py --gguf, which this calls). Every other --key is a config key for that evaluation
-(--eval_n 0 for the whole test split).
+(evaluator.py --gguf, which this calls), with one record per question in FILE.eval.jsonl. Every other
+--key is a config key for that evaluation (--eval_n 0 for the whole test split).
 """
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -263,6 +264,14 @@ def write_tokenizer(w, tokenizer, n_vocab: int, folder: str) -> None:
     special.add_to_gguf(w, quiet=True)
 
 
+def without_raw_blocks(template: str) -> str:
+    """The same template with each {% raw %}text{% endraw %} (the plain layout quotes its few-shot
+    examples so) written as a string expression: llama.cpp's Jinja engine has no raw blocks and
+    refuses the whole template ("Unknown statement: raw"). Both render the same text."""
+    return re.sub(r"\{% raw %\}(.*?)\{% endraw %\}", lambda m: "{{ " + json.dumps(m[1]) + " }}", template,
+                  flags=re.DOTALL)
+
+
 def encode(w: np.ndarray, kind: str):
     """(data, GGML type) of one tensor in the asked type: vectors stay f32, and a matrix whose rows do
     not split into the type's blocks falls back to f16."""
@@ -301,7 +310,7 @@ def write_gguf(model, tokenizer, out: str, kind: str, source: str | None) -> dic
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         if tokenizer.chat_template:
-            w.add_chat_template(tokenizer.chat_template)
+            w.add_chat_template(without_raw_blocks(tokenizer.chat_template))
         for name, data in tensors(model, arch):
             data, qtype = encode(data, kind)
             w.add_tensor(name, data, raw_dtype=qtype)
@@ -346,7 +355,7 @@ def main(argv: list[str]) -> None:
     if check is not None and str(check).lower() not in ("false", "0"):
         if not out.endswith(".gguf"):
             raise config.UserError("--check evaluates a GGUF file in llama.cpp: give --out FILE.gguf")
-        evaluator.main(["--model", path, "--gguf", out]
+        evaluator.main(["--model", path, "--gguf", out, "--out", os.path.splitext(out)[0] + ".eval.jsonl"]
                        + [item for key, value in flags.items() for item in (f"--{key}", str(value))])
 
 

@@ -16,7 +16,9 @@ marked again). So the first load converts: model and tokenizer are read from the
 cleared, and both are saved (fp32 safetensors) under a temporary name, renamed when complete, in
 `model_cache/<file stem>-<sha256 prefix>/`. Every later load (the reference model, resume,
 evaluation, the next run) reads that folder in seconds; a failed conversion leaves nothing behind,
-and the next run converts again.
+and the next run converts again. The folder's config.json records the file it came from
+(`gguf_source`: path and sha256 prefix); every checkpoint saved from the model carries it, and
+export.py copies the tokenizer from that file.
 
     python gguf_models.py smollm2-135m-instruct     # fetch and convert (once), print the folder
 """

@@ -174,20 +174,30 @@ def test_quantized_types_keep_the_model_close(tiny_models, tmp_path):
 
 
 def test_the_shipped_models_export_as_llama_cpp_expects(smol_dir, gemma_dir, tmp_path):
-    """SmolLM2 (llama: rotary rows permuted) and Gemma 3 (norms stored plus one): every hyperparameter key
-    of the original GGUF file is written with its value, and the tokenizer is copied from that file (the
-    record gguf_models keeps). SmolLM2 in F32 reads back with bit-identical logits and the same token ids."""
+    """Against the GGUF file each shipped model came from (the record gguf_models keeps, where the
+    tokenizer is copied from): every hyperparameter key is written with its value, and every tensor
+    stored there as F32 or Q8_0 (Gemma's norms, stored plus one) or Q4_1 (SmolLM2's queries and keys,
+    in llama.cpp's rotary order) is what export.tensors gives. SmolLM2 in F32 then reads back in
+    transformers with bit-identical logits and the same token ids."""
     for folder in (smol_dir, gemma_dir):
-        source = json.load(open(os.path.join(folder, "config.json")))["gguf_source"]["file"]
         model, tokenizer, _ = export.load(folder)
-        path = str(tmp_path / f"{os.path.basename(folder)}.gguf")
-        writer = gguf.GGUFWriter(path, export.ARCHES[model.config.model_type])
+        source = export.source_gguf(model, None, "")
+        assert source == json.load(open(os.path.join(folder, "config.json")))["gguf_source"]["file"]
+        writer = gguf.GGUFWriter(str(tmp_path / "unused.gguf"), export.ARCHES[model.config.model_type])
         export.write_hparams(writer, writer.arch, model.config)
         ours = {k: v.value for k, v in writer.kv_data[0].items()}
-        theirs = gguf.GGUFReader(source).fields
-        arch_keys = [k for k in theirs if k.startswith(writer.arch + ".")]
-        assert arch_keys and all(k in ours and ours[k] == pytest.approx(theirs[k].contents()) for k in arch_keys)
-        assert export.source_gguf(model, None, "") == source
+        theirs = gguf.GGUFReader(source)
+        arch_keys = [k for k in theirs.fields if k.startswith(writer.arch + ".")]
+        assert arch_keys and all(ours[k] == pytest.approx(theirs.fields[k].contents()) for k in arch_keys)
+        stored = {t.name: t for t in theirs.tensors if t.tensor_type.name in ("F32", "Q8_0", "Q4_1")}
+        checked = 0
+        for name, w in export.tensors(model, writer.arch):
+            if name in stored and ("norm" in name or ".attn_q." in name or ".attn_k." in name):
+                t = stored[name]
+                want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+                assert abs(want - w).max() <= 1e-6 * max(1.0, abs(want).max()), name
+                checked += 1
+        assert checked >= 2 * model.config.num_hidden_layers
     path = export.export(smol_dir, str(tmp_path / "smol.gguf"), "f32")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(smol_dir), AutoTokenizer.from_pretrained(smol_dir)
     back, back_tok = read_back(path)
