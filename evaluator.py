@@ -133,7 +133,8 @@ def evaluate_gguf(path: str, examples: list[dict], cfg, shots: list[tuple[str, s
         raise config.UserError(f"--gguf {path}: no such file")
     folder, name = os.path.split(os.path.abspath(path))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)  # the file's tokenizer and chat template
-    plain = cfg.prompt_format == "plain" or tokenizer.chat_template == llms.plain_template(tokenizer, list(shots))
+    layout = llms.plain_template(tokenizer, list(shots))  # as export.py writes it into the file
+    plain = cfg.prompt_format == "plain" or tokenizer.chat_template in (layout, llms.without_raw_blocks(layout))
     prompts = [llms.chat_messages(tokenizer, cfg.system_prompt, ex["question"]) for ex in examples]
     lengths = [len(tokenizer(llms.render(tokenizer, m), add_special_tokens=False)["input_ids"]) for m in prompts]
     params = xllamacpp.CommonParams()

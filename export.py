@@ -27,7 +27,6 @@ with the run's protocol, beside the checkpoint in transformers, and prints the p
 """
 import json
 import os
-import re
 import shutil
 import sys
 
@@ -38,6 +37,7 @@ import checkpoint
 import config
 import evaluator
 import gguf_models
+import llms
 
 # HF model_type -> GGUF architecture (general.architecture) that llama.cpp runs
 ARCHES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
@@ -101,7 +101,6 @@ def load(path: str, cache: str = config.Config.model_cache):
     if adapter:
         from peft import PeftModel
 
-        import llms
         with llms.lora_without_bitsandbytes(model):
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model.eval(), tokenizer, model_name
@@ -264,14 +263,6 @@ def write_tokenizer(w, tokenizer, n_vocab: int, folder: str) -> None:
     special.add_to_gguf(w, quiet=True)
 
 
-def without_raw_blocks(template: str) -> str:
-    """The same template with each {% raw %}text{% endraw %} (the plain layout quotes its few-shot
-    examples so) written as a string expression: llama.cpp's Jinja engine has no raw blocks and
-    refuses the whole template ("Unknown statement: raw"). Both render the same text."""
-    return re.sub(r"\{% raw %\}(.*?)\{% endraw %\}", lambda m: "{{ " + json.dumps(m[1]) + " }}", template,
-                  flags=re.DOTALL)
-
-
 def encode(w: np.ndarray, kind: str):
     """(data, GGML type) of one tensor in the asked type: vectors stay f32, and a matrix whose rows do
     not split into the type's blocks falls back to f16."""
@@ -310,7 +301,7 @@ def write_gguf(model, tokenizer, out: str, kind: str, source: str | None) -> dic
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         if tokenizer.chat_template:
-            w.add_chat_template(without_raw_blocks(tokenizer.chat_template))
+            w.add_chat_template(llms.without_raw_blocks(tokenizer.chat_template))
         for name, data in tensors(model, arch):
             data, qtype = encode(data, kind)
             w.add_tensor(name, data, raw_dtype=qtype)

@@ -13,7 +13,9 @@ Qwen's, the tokenizer splits numbers into single digits.
     python llms.py     # builds the tiny model and prints its size and a tokenized prompt
 """
 import contextlib
+import json
 import os
+import re
 from dataclasses import dataclass
 from unittest import mock
 
@@ -127,6 +129,14 @@ def plain_template(tokenizer, shots: list[tuple[str, str]]) -> str:
             + "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
               "Question: {{ m['content'] }}\nAnswer:{% else %} {{ m['content'] }}" + raw(PLAIN_STOP)
             + "{% endif %}{% endfor %}")
+
+
+def without_raw_blocks(template: str) -> str:
+    """The same template with each {% raw %}text{% endraw %} (plain_template quotes its text so) written
+    as a string expression, which renders the same: llama.cpp's Jinja engine has no raw blocks and
+    refuses a template that holds one ("Unknown statement: raw"). export.py writes GGUF files with it."""
+    return re.sub(r"\{% raw %\}(.*?)\{% endraw %\}", lambda m: "{{ " + json.dumps(m[1]) + " }}", template,
+                  flags=re.DOTALL)
 
 
 def eos_ids(tokenizer, model, plain: bool = False) -> list[int]:

@@ -218,21 +218,21 @@ def test_smollm2_in_llama_cpp_continues_as_transformers_and_prompts_with_the_run
     tokenizer.save_pretrained(folder)
     path = export.export(str(folder), str(tmp_path / f"smol_{kind}.gguf"), kind)
     back, back_tok = read_back(path)
-    assert back_tok.chat_template == tokenizer.chat_template
+    messages = llms.chat_messages(tokenizer, "Reply with just the number.", "What is 47 + 38?")
+    rendered = llms.render(tokenizer, messages)
+    assert llms.render(back_tok, messages) == rendered and "{% raw %}" not in back_tok.chat_template
     server = llama_cpp(path)
     prompt = "The capital of France is"
     text = server.handle_completions({"prompt": prompt, "max_tokens": 12, "temperature": 0})["choices"][0]["text"]
     assert text == greedy(back, back_tok, prompt, 12)
-    messages = llms.chat_messages(tokenizer, "Reply with just the number.", "What is 47 + 38?")
     reply = server.handle_chat_completions({"messages": messages, "max_tokens": 6, "temperature": 0,
                                             "stop": [llms.PLAIN_STOP]})
-    rendered = llms.render(tokenizer, messages)
     assert rendered.endswith("Question: What is 47 + 38?\nAnswer:")
     assert reply["usage"]["prompt_tokens"] == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
     assert reply["choices"][0]["message"]["content"].strip().isdigit()
 
 
-def test_evaluator_scores_a_gguf_file_beside_its_checkpoint(tiny_models, tmp_path, monkeypatch):
+def test_evaluator_scores_a_gguf_file_beside_its_checkpoint(tiny_models, tmp_path):
     """evaluator.py --gguf: the file in llama.cpp on the same questions as the model in transformers, the
     two paired; an F32 file of the same weights answers alike (greedy)."""
     path = export.export(tiny_models["qwen2"], str(tmp_path / "m.gguf"), "f32")
