@@ -84,7 +84,7 @@ def load(path: str, cache: str = config.Config.model_cache):
     run = run_folder(path)
     model_name = config.load(["--config", os.path.join(run, "config.json")]).model_name if run else None
     weights, adapter = evaluator.resolve(path)
-    if not os.path.isfile(os.path.join(adapter or weights, "config.json")) and not adapter:
+    if not adapter and not os.path.isfile(os.path.join(weights, "config.json")):
         raise config.UserError(f"{path} holds no checkpoint (no config.json): give a run folder, one of its "
                                f"checkpoints/step_N folders, or a model folder")
     if adapter and not weights:  # no saved base in the run: the adapter's base is the run's model_name
