@@ -71,6 +71,9 @@ class Config:
     #                                    (e.g. [norm]); empty = all (the warm start trains all)
     liger: bool = False                # Liger's fused linear GRPO loss (+ its kernels on GPU)
     trust_remote_code: bool = False    # model code from the hub is never run unless you say so
+    chat_template_kwargs: dict[str, bool | int | float | str] = field(default_factory=dict)  # switches of the
+    #                                    chat template, wherever it renders (llms.render_chat), e.g. Qwen3's
+    #                                    {enable_thinking: false}; --chat_template_kwargs enable_thinking=false
     tiny_hidden: int = 128             # width of the built-in tiny model
     tiny_layers: int = 4               # layers of the built-in tiny model
     tiny_vocab_size: int = 512         # vocabulary of the tiny model's tokenizer (trained on the train set)
@@ -292,9 +295,15 @@ def _convert(key: str, value, kind):
                 value = yaml.safe_load(value)
             elif isinstance(value, str):
                 value = dict(item.split("=", 1) for item in value.split(",") if item.strip())
-            return {str(k).strip(): float(v) for k, v in value.items()}
+            if args[1] is float:
+                return {str(k).strip(): float(v) for k, v in value.items()}
+            # any other value type (chat_template_kwargs): "false" from a flag reads as YAML does
+            return {str(k).strip(): yaml.safe_load(v) if isinstance(v, str) else v for k, v in value.items()}
     except (ValueError, TypeError, AttributeError, yaml.YAMLError):
         pass
+    if origin is dict and args[1] is not float:
+        raise UserError(f"config key {key!r} wants name=value pairs, e.g. --{key} enable_thinking=false (or a "
+                        f"mapping: in a recipe {key}: {{enable_thinking: false}}); got {value!r}")
     if origin is dict:
         raise UserError(f"config key {key!r} wants name=weight pairs, e.g. --{key} correctness=1.0,soft_format=0.5 "
                         f"(or a mapping: '{{\"correctness\": 1.0}}', in a recipe {key}: {{correctness: 1.0}}); "

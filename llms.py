@@ -91,12 +91,19 @@ def chat_prompt(tokenizer, system_prompt: str, user: str) -> str:
         user = vision.content_parts(user)
 
     def render(system: list[dict]) -> str:
-        return tokenizer.apply_chat_template(system + [{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
+        return render_chat(tokenizer, system + [{"role": "user", "content": user}])
     if system_prompt:
         return render([{"role": "system", "content": system_prompt}])
     bare, empty = render([]), render([{"role": "system", "content": ""}])
     return empty if len(bare) > len(empty) else bare  # longer with no system message: a default was added
+
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The chat template applied to `messages`, ending where the assistant starts writing, with the run's
+    chat_template_kwargs (prepare puts them on the tokenizer; Qwen3's enable_thinking, say). Every
+    prompt of a run is rendered here: sampling, evaluation, the warm start, GHPO's hints, the verifier."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **getattr(tokenizer, "chat_template_kwargs", {}))
 
 
 PLAIN_STOP = "\n\n"  # in the plain format an answer ends at a blank line, where the next "Question:" would start
@@ -186,12 +193,12 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
          tiny_vocab_size: int = 512, tiny_hidden: int = 128, tiny_layers: int = 4, seed: int = 0,
          load_8bit: bool = False, min_pixels: int = 0, max_pixels: int = 0,
          model_cache: str = config.Config.model_cache, prompt_format: str = "auto",
-         shots: list[tuple[str, str]] = ()):
+         shots: list[tuple[str, str]] = (), chat_template_kwargs: dict | None = None):
     """(model, tokenizer) on `device`, in train mode, all weights trainable (see add_lora).
 
     A GGUF file or shipped real model (gguf_models.py) is converted once into model_cache and loaded
     from there. prompt_format and shots (solved examples, plain format only) set the prompt layout
-    (prepare).
+    (prepare), and chat_template_kwargs its switches (render_chat).
 
     A Qwen2-VL or Qwen2.5-VL checkpoint (read from its config.json, not its name) loads with
     AutoModelForImageTextToText, and its image processor (min_pixels, max_pixels) rides on the
@@ -223,7 +230,8 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
             tokenizer.image_processor = vision.image_processor(model_name, min_pixels, max_pixels)
         model = _from_pretrained(AutoModelForImageTextToText if vl else AutoModelForCausalLM, model_name,
                                  dtype=torch_dtype, trust_remote_code=trust_remote_code, **quantized)
-    return prepare(model, tokenizer, device, gradient_checkpointing, liger, prompt_format, shots)
+    return prepare(model, tokenizer, device, gradient_checkpointing, liger, prompt_format, shots,
+                   chat_template_kwargs)
 
 
 def from_config(cfg, name: str, device: str, *, shots: list[tuple[str, str]] = (),
@@ -235,7 +243,8 @@ def from_config(cfg, name: str, device: str, *, shots: list[tuple[str, str]] = (
                 gradient_checkpointing=cfg.gradient_checkpointing if gradient_checkpointing is None
                 else gradient_checkpointing, tiny_corpus=tiny_corpus, tiny_vocab_size=cfg.tiny_vocab_size,
                 tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed, min_pixels=cfg.min_pixels,
-                max_pixels=cfg.max_pixels, model_cache=cfg.model_cache, prompt_format=cfg.prompt_format, shots=shots)
+                max_pixels=cfg.max_pixels, model_cache=cfg.model_cache, prompt_format=cfg.prompt_format, shots=shots,
+                chat_template_kwargs=cfg.chat_template_kwargs)
 
 
 def check_context(cfg) -> None:
@@ -248,10 +257,13 @@ def check_context(cfg) -> None:
 
 
 def prepare(model, tokenizer, device: str, gradient_checkpointing: bool = False, liger: bool = False,
-            prompt_format: str = "auto", shots: list[tuple[str, str]] = ()):
+            prompt_format: str = "auto", shots: list[tuple[str, str]] = (), chat_template_kwargs: dict | None = None):
     """Set up a built (model, tokenizer) pair as `load` returns it (for a model built in code, not loaded).
     prompt_format "plain" (or "auto" for a tokenizer without a chat template) installs plain_template
-    as the chat template, so every prompt of the run (and the checkpoints' tokenizers) use it."""
+    as the chat template, so every prompt of the run (and the checkpoints' tokenizers) use it.
+    chat_template_kwargs ride on the tokenizer, for render_chat (a resumed run sets them again from its
+    config.json)."""
+    tokenizer.chat_template_kwargs = dict(chat_template_kwargs or {})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # prompts end where generation starts

@@ -41,6 +41,7 @@ from transformers import StoppingCriteria
 
 import config
 import guidance
+import llms
 import rewards
 import rollout
 import verifier_backends
@@ -149,9 +150,8 @@ def message_ids(tokenizer, text: str) -> list[int]:
     for special in tokenizer.all_special_tokens:  # a reply must not inject template tokens
         text = text.replace(special, "")
     mark = "\u2063MARK\u2063"  # invisible separator: never in a real reply
-    chat = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}, {"role": "user", "content": text}],
-        tokenize=False, add_generation_prompt=True)
+    chat = llms.render_chat(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark},
+                                        {"role": "user", "content": text}])
     return tokenizer(chat.split(mark, 1)[1], add_special_tokens=False)["input_ids"]
 
 
