@@ -57,7 +57,7 @@ class Config:
     model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, local folder, a .gguf file (or a folder holding
     #                                    one), a shipped real model (gemma-3-270m, smollm2-135m-instruct: see
     #                                    gguf_models.py), "tiny" or "tiny_vl" (built in; tiny_vl: a random Qwen2-VL);
-    #                                    Qwen2-VL / Qwen2.5-VL load with their images
+    #                                    Qwen2-VL / Qwen2.5-VL / Qwen3-VL load with their images and videos
     model_cache: str = "~/.cache/grpo-workbench"  # where GGUF models are converted (once) to HF folders
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (fp16 is refused:
     #                                    no loss scaler here)
@@ -83,8 +83,9 @@ class Config:
     train_vision: bool = False         # VL models, full fine-tuning: train the vision tower too (frozen by default)
     # --- data (data.py)
     dataset: str = "openai/gsm8k"      # hub name, local jsonl/parquet file or folder, or a built-in task:
-    #                                    "arithmetic" (word problems), "addition" ("What is 47 + 38?") or
-    #                                    "digits" (the sum of the numbers drawn in an image)
+    #                                    "arithmetic" (word problems), "addition" ("What is 47 + 38?"),
+    #                                    "digits" (the sum of the numbers drawn in an image) or "clips" (the
+    #                                    same, one number per frame of a video)
     dataset_config: str = "main"       # the hub dataset's configuration
     train_split: str = "train"         # split trained on
     test_split: str = "test"           # split evaluated on
@@ -93,6 +94,12 @@ class Config:
     answer_field: str = "answer"       # the column with the answer; GSM8K layout: solution steps, then "#### <answer>"
     image_field: str = "images"        # the column with a row's images, if any (paths relative to the data file,
     #                                    bytes, {bytes, path} dicts); the question's <image> marks where they go
+    video_field: str = "videos"        # the column with a row's videos, if any: each a list of frames (as images
+    #                                    are given) or a video file's path (decoded with PyAV); <video> marks
+    fps: float = 2.0                   # frames per second of videos given as frame lists (a row's own "fps"
+    #                                    column wins); a video file has its own
+    max_frames: int = 16               # a video keeps at most this many frames, picked evenly through the clip
+    #                                    (each frame within min_pixels and max_pixels)
     system_prompt: str = GSM8K_SYSTEM_PROMPT  # the system message of every prompt ("" = none, also for a chat
     #                                    template that would add its own default one)
     prompt_format: Literal["auto", "chat", "plain"] = "auto"  # chat: the tokenizer's chat template; plain: the
@@ -112,7 +119,8 @@ class Config:
     arithmetic_max_steps: int = 4      # the built-in task: most steps per problem
     arithmetic_max_value: int = 99     # no number in a problem exceeds it: smaller is easier
     addition_digits: int = 2           # the built-in addition task: digits of each number (2: 10 to 99)
-    digits_count: int = 2              # the built-in visual task: one-digit numbers per image (10**count problems)
+    digits_count: int = 2              # the built-in visual tasks: one-digit numbers per image or clip (10**count
+    #                                    problems)
     digits_train_size: int = 80        # the built-in visual task: train questions
     digits_test_size: int = 20         # the built-in visual task: held-out questions
     # --- sampling (samplers.py picks the idea; rollout.py holds plain sampling)
@@ -374,10 +382,10 @@ def validate(cfg: Config) -> None:
                 "max_bad_steps", "sft_warmup_steps", "lr_decay_steps", "max_sampling_rounds", "sft_batch_size",
                 "eval_samples", "eval_batch_size", "logp_chunk", "tiny_hidden", "tiny_layers", "tiny_vocab_size",
                 "arithmetic_train_size", "arithmetic_test_size", "arithmetic_min_steps", "addition_digits",
-                "digits_count", "digits_train_size", "digits_test_size"):
+                "digits_count", "digits_train_size", "digits_test_size", "max_frames"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("learning_rate", "sft_learning_rate", "max_grad_norm", "cispo_max_weight"):
+    for key in ("learning_rate", "sft_learning_rate", "max_grad_norm", "cispo_max_weight", "fps"):
         if not getattr(cfg, key) > 0:  # a rate of 0 trains nothing, a negative one climbs the loss (NaN too)
             raise UserError(f"{key} must be above 0, got {getattr(cfg, key)}")
     for key in ("adam_beta1", "adam_beta2", "lora_dropout"):
@@ -418,8 +426,8 @@ def validate(cfg: Config) -> None:
     for key in ("sft_answer_only_frac", "sft_slip_rate"):
         if not 0 <= getattr(cfg, key) <= 1:
             raise UserError(f"{key} is a share of the warm-start targets, between 0 and 1; got {getattr(cfg, key)}")
-    if cfg.sft_slip_rate > 0 and cfg.dataset not in ("arithmetic", "digits"):
-        raise UserError("sft_slip_rate reworks the built-in tasks' solutions (dataset arithmetic or digits); set it "
+    if cfg.sft_slip_rate > 0 and cfg.dataset not in ("arithmetic", "digits", "clips"):
+        raise UserError("sft_slip_rate reworks the built-in tasks' solutions (dataset arithmetic, digits or clips); set it "
                         f"to 0 for {cfg.dataset!r}")
     if cfg.dataset == "arithmetic" and cfg.arithmetic_max_value < 12:
         raise UserError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "

@@ -30,11 +30,12 @@ TINY_VL = vision.TINY_VL
 TINY_CONTEXT = 1024  # positions of the built-in tiny models
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen's chat layout, so prompts of the tiny model look like those of the real one; content given as
-# parts (a question with images) renders an image as Qwen2-VL's does.
+# parts (a question with images or videos) renders an image and a video as Qwen2-VL's does.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
-    "{% if part['type'] == 'image' %}" + vision.IMAGE_PART + "{% else %}{{ part['text'] }}{% endif %}"
+    "{% if part['type'] == 'image' %}" + vision.IMAGE_PART + "{% elif part['type'] == 'video' %}"
+    + vision.video.VIDEO_PART + "{% else %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -87,7 +88,7 @@ def chat_prompt(tokenizer, system_prompt: str, user: str) -> str:
     <image> marks become image parts (vision.py). With no system prompt, a template that would add its
     own default one (SmolLM2's, Qwen2.5's) gets an empty system message instead: the model sees no
     system text the run did not ask for."""
-    if vision.is_vl(tokenizer) and vision.PLACEHOLDER in user:
+    if vision.is_vl(tokenizer) and vision.has_visual(user):
         user = vision.content_parts(user)
 
     def render(system: list[dict]) -> str:
@@ -200,7 +201,7 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
     from there. prompt_format and shots (solved examples, plain format only) set the prompt layout
     (prepare), and chat_template_kwargs its switches (render_chat).
 
-    A Qwen2-VL or Qwen2.5-VL checkpoint (read from its config.json, not its name) loads with
+    A Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (read from its config.json, not its name) loads with
     AutoModelForImageTextToText, and its image processor (min_pixels, max_pixels) rides on the
     tokenizer as tokenizer.image_processor (vision.py); `tiny_vl` builds a random tiny Qwen2-VL.
 
@@ -225,9 +226,11 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
             from transformers import BitsAndBytesConfig
             quantized = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
         tokenizer = _from_pretrained(AutoTokenizer, model_name, trust_remote_code=trust_remote_code)
-        vl = _from_pretrained(AutoConfig, model_name, trust_remote_code=trust_remote_code).model_type in vision.VL_TYPES
+        model_type = _from_pretrained(AutoConfig, model_name, trust_remote_code=trust_remote_code).model_type
+        vl = model_type in vision.VL_TYPES
         if vl:
             tokenizer.image_processor = vision.image_processor(model_name, min_pixels, max_pixels)
+            tokenizer.vl_family = model_type  # picks the video rules (video.py)
         model = _from_pretrained(AutoModelForImageTextToText if vl else AutoModelForCausalLM, model_name,
                                  dtype=torch_dtype, trust_remote_code=trust_remote_code, **quantized)
     return prepare(model, tokenizer, device, gradient_checkpointing, liger, prompt_format, shots,

@@ -45,6 +45,7 @@ import llms
 import rewards
 import rollout
 import verifier_backends
+import vision
 from verifier_backends import STOP, Job
 
 STEP_ENDS = {"newline": ("\n",), "sentence": ("\n", ".", "!", "?"), "eos": ()}
@@ -228,7 +229,7 @@ def run_turns(model, tokenizer, prompts: list[str], questions: list[str], answer
         # 2. the verifier: one job per conversation that just wrote a step, all sent at once
         asking = [c for c in live if not c.done]
         jobs = [Job(questions[c.group], answers[c.group], tokenizer.batch_decode(c.turns, skip_special_tokens=True),
-                    images[c.group] if images else []) for c in asking]
+                    vision.images_only(images[c.group]) if images else []) for c in asking]  # no videos
         t0 = time.perf_counter()
         replies = backend(jobs, model, tokenizer) if jobs else []
         waited = time.perf_counter() - t0

@@ -86,7 +86,7 @@ def test_a_saved_vl_checkpoint_loads_with_its_image_processor(vl):
     ids, mask, visual = rollout.encode_prompts(tok, prompts, 64, "cpu", images)
     image_tokens = (ids == model.config.image_token_id).sum(1).tolist()
     assert image_tokens == [2, 3]  # one per 28 x 28 cell: the image processor's grid, merged 2 x 2
-    assert [tuple(g.tolist()[0]) for _, g in visual] == [(1, 2, 4), (1, 2, 6)]
+    assert [tuple(v.image_grid_thw.tolist()[0]) for v in visual] == [(1, 2, 4), (1, 2, 6)]
 
 
 def test_max_pixels_bounds_the_visual_tokens(tmp_path):
@@ -175,7 +175,7 @@ def test_concat_keeps_each_chains_images_when_parts_mix_text_and_images(vl):
     for order in ([text, with_images], [with_images, text]):
         joined = rollout.concat([(part, [0, 1]) for part in order], torch.arange(4), tok.pad_token_id)
         text_first = order[0] is text
-        assert [len(g) for _, g in joined.visual] == ([0, 0, 1, 1] if text_first else [1, 1, 0, 0])  # images each
+        assert [len(v.image_grid_thw) for v in joined.visual] == ([0, 0, 1, 1] if text_first else [1, 1, 0, 0])
         want = alone if text_first else alone[2:] + alone[:2]
         for g, w in zip(trained_logps(model, joined), want, strict=True):
             assert torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4)
@@ -225,8 +225,8 @@ def test_the_vision_gradient_is_that_of_one_encoder_pass_per_chain(vl):
         logprobs.head_logps(hidden, head, ids, 1, 1.0, 8, vision.banned_ids(model)).sum().backward()
         return [p.grad.clone() for p in body.visual.parameters()]
     once = vision_grads(logprobs.hidden_states(body, ids, mask, visual))
-    per_chain = vision_grads(body(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([p for p, _ in visual]),
-                                  image_grid_thw=torch.cat([g for _, g in visual]),
+    per_chain = vision_grads(body(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([v.pixel_values for v in visual]),
+                                  image_grid_thw=torch.cat([v.image_grid_thw for v in visual]),
                                   mm_token_type_ids=(ids == model.config.image_token_id).long()).last_hidden_state)
     model.zero_grad(set_to_none=True)
     assert any(g.abs().max() > 0 for g in once)
