@@ -1,5 +1,6 @@
-"""Vision-language policies (vision.py): tiny random Qwen2-VL and Qwen2.5-VL checkpoints built from configs
-here, saved and reloaded through from_pretrained like real ones; image data in its layouts and its errors."""
+"""Vision-language policies (vision.py): tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints built from
+configs here, saved and reloaded through from_pretrained like real ones; image and video data in its layouts
+and its errors (video.py's own: tests/test_video.py)."""
 import json
 
 import pytest
@@ -25,7 +26,8 @@ MIN_PIXELS, MAX_PIXELS = 28 * 28, 28 * 28 * 8
 def build_checkpoint(family: str, path: str) -> str:
     """A tiny random checkpoint of `family` in `path`: weights, tokenizer, chat template, image processor."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration)
 
     train, _ = builtin_tasks.digits_task(80, 20, seed=0)
     tok = llms.build_tiny_tokenizer([ex["question"] + ex["solution"] for ex in train], 300, vl=True)
@@ -42,18 +44,25 @@ def build_checkpoint(family: str, path: str) -> str:
             text_config=text, tie_word_embeddings=True, **special, vision_config=dict(
                 depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2)))
-    else:  # Qwen2.5-VL names the vision width hidden_size and the merger's output out_hidden_size
+    elif family == "qwen2_5_vl":  # Qwen2.5-VL names the vision width hidden_size and the merger's output out_hidden_size
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
             text_config=text, tie_word_embeddings=True, **special, vision_config=dict(
                 depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0])))
+    else:  # Qwen3-VL: 16-pixel patches, learned vision positions, deepstack features from vision layer 0
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+            text_config=text | {"head_dim": 16}, tie_word_embeddings=True, **special, vision_config=dict(
+                depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                deepstack_visual_indexes=[0])))
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(path)
+    qwen3 = dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3) if family == "qwen3_vl" else {}
+    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **qwen3).save_pretrained(path)
     return path
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def vl(request, tmp_path_factory):
     """(model, tokenizer) reloaded with llms.load from a saved tiny checkpoint of each family."""
     path = build_checkpoint(request.param, str(tmp_path_factory.mktemp(request.param)))
