@@ -2,6 +2,7 @@
 configs here, saved and reloaded through from_pretrained like real ones; image and video data in its layouts
 and its errors (video.py's own: tests/test_video.py)."""
 import json
+import math
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import llms
 import logprobs
 import rollout
 import samplers
+import video
 import vision
 from helpers import read, run_train
 
@@ -378,3 +380,91 @@ def test_a_verifier_gets_the_problem_images(vl):
     png = base64.b64decode(part["image_url"]["url"].removeprefix("data:image/png;base64,"))
     assert list(Image.open(io.BytesIO(png)).convert("RGB").getdata()) == list(image.getdata())
     assert verifier_backends.messages("{question}", job)[1]["content"].startswith("The student's steps")
+
+
+# ----------------------------------------------------------------------------------------------
+# Videos on each family (the preprocessing and the rows themselves: tests/test_video.py)
+
+
+def clip(digits: list[int], fps: float = 2.0):
+    return video.Video([builtin_tasks.number_image([d]) for d in digits], [k / fps for k in range(len(digits))], fps)
+
+
+def video_prompts(tok):
+    """Two questions that differ in length (left padding): a 3-frame clip; an image and a 4-frame clip."""
+    questions = ["<video>What is the sum?", "<image>and<video>: what is the sum?"]
+    items = [[clip([3, 4, 5])], [builtin_tasks.number_image([1, 2]), clip([6, 7, 8, 9], fps=4.0)]]
+    return [llms.chat_prompt(tok, "", q) for q in questions], items
+
+
+def test_video_chains_log_probs_equal_those_generate_sampled_with(vl):
+    """As for images: chains of questions with videos (and an image beside one), left padded, get the
+    log-probs generate sampled them with; other clips of the same shape change them."""
+    model, tok = vl
+    prompts, items = video_prompts(tok)
+    ids, mask, visual = rollout.encode_prompts(tok, prompts, 256, "cpu", items)
+    assert (mask == 0).any() and [len(v.video_grid_thw) for v in visual] == [1, 1]
+    assert ((ids == model.config.video_token_id).sum(1) > 0).all()
+    G = 2
+    ids, mask, visual = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), [v for v in visual for _ in range(G)]
+    model.eval()
+    torch.manual_seed(0)
+    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6,
+                                suppress_tokens=vision.banned_ids(model), pad_token_id=tok.pad_token_id,
+                                eos_token_id=model.generation_config.eos_token_id)
+    out = model.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True,
+                         generation_config=settings, **vision.model_inputs(model, ids, visual))
+    completions = out.sequences[:, ids.shape[1]:]
+    sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
+    r = rollout.assemble(tok, ids, mask, completions, model.generation_config.eos_token_id, torch.arange(4) // 2,
+                         [{} for _ in range(4)], visual)
+    start = ids.shape[1]
+    with torch.no_grad():
+        trained = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4, r.visual_of(range(4)))
+        other = [[clip([9, 9, 9])], [builtin_tasks.number_image([1, 2]), clip([0, 0, 0, 0], fps=4.0)]]
+        _, _, o_visual = rollout.encode_prompts(tok, prompts, 256, "cpu", other)
+        swapped = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4,
+                                       [v for v in o_visual for _ in range(G)])
+    keep = r.loss_mask[:, start:].bool()
+    assert (trained[keep] - sampled[keep]).abs().max() < 1e-4
+    assert (swapped[keep] - sampled[keep]).abs().max() > 1e-3
+    model.train()
+
+
+def test_the_vision_encoder_sees_each_questions_images_and_videos_once_per_pass(vl):
+    """A plain GRPO step of 2 questions x 3 chains, one with a video, one with an image and a video: the
+    prefill and the one loss pass each encode the image once and the two videos once."""
+    model, tok = vl
+    train = [{"question": q, "answer": "7", "solution": "", **kind} for q, kind in (
+        ("<video>Sum?", {"videos": [clip([3, 4])]}),
+        ("<image><video>Sum?", {"images": [builtin_tasks.number_image([5])], "videos": [clip([1, 2, 3])]}))]
+    cfg = config.Config(model_name="vl", system_prompt="", num_chains=3, prompts_per_step=2, micro_batch_size=6,
+                        max_prompt_tokens=256, max_completion_tokens=4, rewards={"correctness": 1.0})
+    seen = images_seen_by_the_encoder(model)
+    grpo.step(llms.Policy(model, tok), samplers.make(cfg, device="cpu", train_set=train), train, 1,
+              torch.optim.SGD(model.parameters(), lr=0.0), cfg)
+    model.model.visual._forward_pre_hooks.clear()
+    assert seen == [1, 2, 1, 2]  # (image call, video call) per pass: the prefill, the loss
+
+
+@pytest.mark.parametrize("sampler", list(samplers.SAMPLERS))  # a new idea is covered at once
+def test_one_step_of_every_sampler_with_video_rows(vl, sampler):
+    """grpo.step with each sampling idea on questions with videos (the built-in clips task), each family:
+    every chain keeps its question's video, and the update's loss and gradient norm are finite."""
+    model, tok = vl
+    train, _ = builtin_tasks.clips_task(6, 2, seed=0, count=2)
+    train = [ex | {"question": vision.with_placeholders(ex["question"], 0, 1)} for ex in train]  # as data.load does
+    flags = {"ghpo": dict(ghpo_start_step=1, ghpo_accuracy_reward="correctness"),
+             "verifier": dict(verifier_backend="rules", verifier_turn_tokens=4, verifier_max_turns=2),
+             "guided": dict(guide_min_prefix_tokens=2, guide_max_prefix_tokens=4, min_guide_tokens=1,
+                            max_guide_tokens=2)}.get(sampler, {})
+    cfg = config.Config(model_name="vl", system_prompt="", sampler=sampler, num_chains=2, prompts_per_step=2,
+                        micro_batch_size=4, max_prompt_tokens=256, max_completion_tokens=6,
+                        rewards={"correctness": 1.0}, **flags)
+    out = grpo.step(llms.Policy(model, tok), samplers.make(cfg, device="cpu", train_set=train), train[:2], 1,
+                    torch.optim.SGD(model.parameters(), lr=0.0), cfg)
+    r = out.rollout
+    assert len(r) >= 4 and all(len(v.video_grid_thw) == 1 for v in r.visual) and r.loss_mask.sum() > 0
+    assert ((r.input_ids == model.config.video_token_id).sum(1) > 0).all()
+    assert math.isfinite(out.metrics["loss"]) and math.isfinite(out.metrics["grad_norm"])
+    model.zero_grad(set_to_none=True)
