@@ -287,16 +287,21 @@ def test_a_vl_run_resumes_from_its_checkpoint_and_evaluates_the_same(tmp_path, d
     assert [r["completions"] for r in results["model"]["records"]] == [r["completions"] for r in run_records]
 
 
-def test_a_hub_style_checkpoint_trains_from_its_folder(tmp_path, demo_files):
-    """--model_name a saved Qwen2.5-VL folder: loaded with from_pretrained, trained with LoRA on its
-    language model (the vision tower untouched), with gradient checkpointing."""
-    path = build_checkpoint("qwen2_5_vl", str(tmp_path / "qwen2_5_vl"))
-    argv = vl_run(tmp_path, str(demo_files / "digits_train.jsonl"), str(demo_files / "digits_test.jsonl"),
-                  "--model_name", path, "--sft_steps", "0", "--lora_r", "4", "--lora_alpha", "8",
-                  "--gradient_checkpointing", "true")
+def test_a_hub_style_qwen3_vl_checkpoint_trains_on_videos_and_resumes(tmp_path):
+    """--model_name a saved Qwen3-VL folder on the built-in clips task: loaded with from_pretrained,
+    trained with LoRA on its language model (the vision tower untouched), with gradient checkpointing,
+    checkpointed and resumed."""
+    path = build_checkpoint("qwen3_vl", str(tmp_path / "qwen3_vl"))
+    argv = vl_run(tmp_path, "clips", "", "--model_name", path, "--sft_steps", "0", "--lora_r", "4", "--lora_alpha", "8",
+                  "--gradient_checkpointing", "true", "--digits_count", "2", "--save_every", "2",
+                  "--max_prompt_tokens", "128")
     run_train(argv)
     adapter = json.load(open(tmp_path / "run" / "checkpoints" / "step_000002" / "adapter_config.json"))
     assert "language_model" in adapter["target_modules"]
+    run_train(["--resume", str(tmp_path / "run"), "--max_steps", "3"])
+    lines = read(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in lines if r["split"] == "eval"] == [0, 2, 3]
 
 
 def write_rows(path, rows):
