@@ -7,7 +7,7 @@
                 `dataset: addition`; the SmolLM2 recipe)
     digits      a visual task: one-digit numbers drawn as seven-segment digits in an image, their sum
                 asked, the text never saying them (`dataset: digits`, for VL policies: vision.py)
-    clips       the same sums shown as a video clip, one digit per frame (`dataset: clips`: video.py)
+    clips       the same sums shown as a video clip, the numbers one after another (`dataset: clips`: video.py)
     with_slips  a built-in solution worked the way imperfect human data is, for the warm start
                 (sft_slip_rate: data.target_text)
     make_demo   small judge, problem/answer and image files for the CPU recipes (configs/ headers)
@@ -185,16 +185,19 @@ def digit_problems(n: int, seed: int, count: int) -> list[tuple[int, ...]]:
     return problems[:n]
 
 
-def clips_task(n_train: int, n_test: int, seed: int, count: int = 3, fps: float = 2.0
+def clips_task(n_train: int, n_test: int, seed: int, count: int = 3, fps: float = 2.0, hold: int = 2
                ) -> tuple[list[dict], list[dict]]:
-    """The digits task as video: each problem's `count` one-digit numbers shown one per 28 x 28 frame, at
-    `fps` frames per second, {"question", "answer", "solution", "videos"}; the same problems and splits
-    as digits_task's for the seed."""
+    """The digits task as video: each problem's `count` one-digit numbers shown one after another in 28 x 28
+    frames, each held for `hold` frames (2: one temporal patch of the Qwen VL families, so no patch mixes
+    two numbers), at `fps` frames per second; {"question", "answer", "solution", "videos"}; the same
+    problems and splits as digits_task's for the seed."""
     words = {2: "two", 3: "three", 4: "four"}.get(count, str(count))
-    examples = [{"question": f"What is the sum of the {words} numbers shown in the clip?", "answer": str(sum(p)),
-                 "solution": running_sums(p), "videos": [video.Video([number_image([n]) for n in p],
-                                                                     [k / fps for k in range(count)], fps)]}
-                for p in digit_problems(n_train + n_test, seed, count)]
+    examples = []
+    for p in digit_problems(n_train + n_test, seed, count):
+        frames = [number_image([n]) for n in p for _ in range(hold)]
+        examples.append({"question": f"What is the sum of the {words} numbers shown in the clip?", "answer": str(sum(p)),
+                         "solution": running_sums(p),
+                         "videos": [video.Video(frames, [k / fps for k in range(len(frames))], fps)]})
     return examples[n_test:], examples[:n_test]
 
 

@@ -85,7 +85,7 @@ class Config:
     dataset: str = "openai/gsm8k"      # hub name, local jsonl/parquet file or folder, or a built-in task:
     #                                    "arithmetic" (word problems), "addition" ("What is 47 + 38?"),
     #                                    "digits" (the sum of the numbers drawn in an image) or "clips" (the
-    #                                    same, one number per frame of a video)
+    #                                    same, the numbers one after another in a video)
     dataset_config: str = "main"       # the hub dataset's configuration
     train_split: str = "train"         # split trained on
     test_split: str = "test"           # split evaluated on

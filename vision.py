@@ -104,6 +104,7 @@ def content_parts(text: str) -> list[dict]:
 
 
 def has_visual(text: str) -> bool:
+    """Whether a question holds an <image> or <video> mark."""
     return PLACEHOLDER in text or video.PLACEHOLDER in text
 
 
