@@ -72,7 +72,7 @@ class Config:
     liger: bool = False                # Liger's fused linear GRPO loss (+ its kernels on GPU)
     trust_remote_code: bool = False    # model code from the hub is never run unless you say so
     chat_template_kwargs: dict[str, bool | int | float | str] = field(default_factory=dict)  # switches of the
-    #                                    chat template, wherever it renders (llms.render_chat), e.g. Qwen3's
+    #                                    chat template, wherever it renders (llms.render), e.g. Qwen3's
     #                                    {enable_thinking: false}; --chat_template_kwargs enable_thinking=false
     tiny_hidden: int = 128             # width of the built-in tiny model
     tiny_layers: int = 4               # layers of the built-in tiny model

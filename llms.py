@@ -82,29 +82,32 @@ def context_length(model_name: str, trust_remote_code: bool = False,
     return getattr(cfg.get_text_config(), "max_position_embeddings", None)  # a VL model: its language model's
 
 
-def chat_prompt(tokenizer, system_prompt: str, user: str) -> str:
-    """The prompt text for one question in the tokenizer's layout (its chat template, or the plain one
-    prepare installs), ending where the assistant starts writing. For a VL model, the question's
-    <image> marks become image parts (vision.py). With no system prompt, a template that would add its
-    own default one (SmolLM2's, Qwen2.5's) gets an empty system message instead: the model sees no
-    system text the run did not ask for."""
+def chat_messages(tokenizer, system_prompt: str, user: str) -> list[dict]:
+    """The messages of one question: the system prompt, if any, then the question. With no system
+    prompt, a template that would add its own default one (SmolLM2's, Qwen2.5's) gets an empty system
+    message instead: the model sees no system text the run did not ask for. For a VL model, the
+    question's <image> and <video> marks become image and video parts (vision.py)."""
     if vision.is_vl(tokenizer) and vision.has_visual(user):
         user = vision.content_parts(user)
-
-    def render(system: list[dict]) -> str:
-        return render_chat(tokenizer, system + [{"role": "user", "content": user}])
+    question = [{"role": "user", "content": user}]
     if system_prompt:
-        return render([{"role": "system", "content": system_prompt}])
-    bare, empty = render([]), render([{"role": "system", "content": ""}])
-    return empty if len(bare) > len(empty) else bare  # longer with no system message: a default was added
+        return [{"role": "system", "content": system_prompt}] + question
+    bare, empty = question, [{"role": "system", "content": ""}] + question
+    return empty if len(render(tokenizer, bare)) > len(render(tokenizer, empty)) else bare  # a default was added
 
 
-def render_chat(tokenizer, messages: list[dict]) -> str:
+def render(tokenizer, messages: list[dict]) -> str:
     """The chat template applied to `messages`, ending where the assistant starts writing, with the run's
     chat_template_kwargs (prepare puts them on the tokenizer; Qwen3's enable_thinking, say). Every
     prompt of a run is rendered here: sampling, evaluation, the warm start, GHPO's hints, the verifier."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                          **getattr(tokenizer, "chat_template_kwargs", {}))
+
+
+def chat_prompt(tokenizer, system_prompt: str, user: str) -> str:
+    """The prompt text for one question in the tokenizer's layout (its chat template, or the plain one
+    prepare installs), ending where the assistant starts writing."""
+    return render(tokenizer, chat_messages(tokenizer, system_prompt, user))
 
 
 PLAIN_STOP = "\n\n"  # in the plain format an answer ends at a blank line, where the next "Question:" would start
@@ -199,7 +202,7 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
 
     A GGUF file or shipped real model (gguf_models.py) is converted once into model_cache and loaded
     from there. prompt_format and shots (solved examples, plain format only) set the prompt layout
-    (prepare), and chat_template_kwargs its switches (render_chat).
+    (prepare), and chat_template_kwargs its switches (render).
 
     A Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (read from its config.json, not its name) loads with
     AutoModelForImageTextToText, and its image processor (min_pixels, max_pixels) rides on the
@@ -264,7 +267,7 @@ def prepare(model, tokenizer, device: str, gradient_checkpointing: bool = False,
     """Set up a built (model, tokenizer) pair as `load` returns it (for a model built in code, not loaded).
     prompt_format "plain" (or "auto" for a tokenizer without a chat template) installs plain_template
     as the chat template, so every prompt of the run (and the checkpoints' tokenizers) use it.
-    chat_template_kwargs ride on the tokenizer, for render_chat (a resumed run sets them again from its
+    chat_template_kwargs ride on the tokenizer, for render (a resumed run sets them again from its
     config.json)."""
     tokenizer.chat_template_kwargs = dict(chat_template_kwargs or {})
     if tokenizer.pad_token is None:

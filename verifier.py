@@ -151,7 +151,7 @@ def message_ids(tokenizer, text: str) -> list[int]:
     for special in tokenizer.all_special_tokens:  # a reply must not inject template tokens
         text = text.replace(special, "")
     mark = "\u2063MARK\u2063"  # invisible separator: never in a real reply
-    chat = llms.render_chat(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark},
+    chat = llms.render(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark},
                                         {"role": "user", "content": text}])
     return tokenizer(chat.split(mark, 1)[1], add_special_tokens=False)["input_ids"]
 

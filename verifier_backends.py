@@ -134,7 +134,7 @@ def hf_chat(model, tokenizer, chats: list[list[dict]], max_tokens: int, temperat
             images: list[list] | None = None) -> list[str]:
     """One batched generate call: the assistant's reply to each chat (list of role/content messages);
     images: each chat's, in the order of its image parts (a VL verifier)."""
-    prompts = [llms.render_chat(tokenizer, chat) for chat in chats]
+    prompts = [llms.render(tokenizer, chat) for chat in chats]
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 32768)  # a VL model: its LM's
     room = context - max_tokens  # long prompts keep their end
     ids, mask, visual = rollout.encode_prompts(tokenizer, prompts, room, next(model.parameters()).device, images)

@@ -1,5 +1,5 @@
 """Qwen3 text policies: a tiny random Qwen3 saved with a chat template that has Qwen3's thinking switch,
-and chat_template_kwargs reaching every place the template renders (llms.render_chat)."""
+and chat_template_kwargs reaching every place the template renders (llms.render)."""
 import pytest
 import torch
 
