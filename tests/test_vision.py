@@ -460,11 +460,11 @@ def test_one_step_of_every_sampler_with_video_rows(vl, sampler):
     train, _ = builtin_tasks.clips_task(6, 2, seed=0, count=2)
     train = [ex | {"question": vision.with_placeholders(ex["question"], 0, 1)} for ex in train]  # as data.load does
     flags = {"ghpo": dict(ghpo_start_step=1, ghpo_accuracy_reward="correctness"),
-             "verifier": dict(verifier_backend="rules", verifier_turn_tokens=4, verifier_max_turns=2),
-             "guided": dict(guide_min_prefix_tokens=2, guide_max_prefix_tokens=4, min_guide_tokens=1,
+             "verifier": dict(verifier_backend="rules", verifier_turn_tokens=3, verifier_max_turns=2),
+             "guided": dict(guide_min_prefix_tokens=1, guide_max_prefix_tokens=2, min_guide_tokens=1,
                             max_guide_tokens=2)}.get(sampler, {})
     cfg = config.Config(model_name="vl", system_prompt="", sampler=sampler, num_chains=2, prompts_per_step=2,
-                        micro_batch_size=4, max_prompt_tokens=256, max_completion_tokens=6,
+                        micro_batch_size=4, max_prompt_tokens=256, max_completion_tokens=4,
                         rewards={"correctness": 1.0}, **flags)
     out = grpo.step(llms.Policy(model, tok), samplers.make(cfg, device="cpu", train_set=train), train[:2], 1,
                     torch.optim.SGD(model.parameters(), lr=0.0), cfg)
