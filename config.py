@@ -382,9 +382,11 @@ def validate(cfg: Config) -> None:
                 "max_bad_steps", "sft_warmup_steps", "lr_decay_steps", "max_sampling_rounds", "sft_batch_size",
                 "eval_samples", "eval_batch_size", "logp_chunk", "tiny_hidden", "tiny_layers", "tiny_vocab_size",
                 "arithmetic_train_size", "arithmetic_test_size", "arithmetic_min_steps", "addition_digits",
-                "digits_count", "digits_train_size", "digits_test_size", "max_frames"):
+                "digits_count", "digits_train_size", "digits_test_size"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.max_frames < 2:
+        raise UserError(f"max_frames must be at least 2 (a video's temporal patch is two frames), got {cfg.max_frames}")
     for key in ("learning_rate", "sft_learning_rate", "max_grad_norm", "cispo_max_weight", "fps"):
         if not getattr(cfg, key) > 0:  # a rate of 0 trains nothing, a negative one climbs the loss (NaN too)
             raise UserError(f"{key} must be above 0, got {getattr(cfg, key)}")

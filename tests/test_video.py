@@ -51,6 +51,10 @@ def test_max_frames_keeps_frames_evenly_with_their_times():
     assert clip.times == [0.0, 0.6, 1.2, 1.8]  # frames 0, 3, 6, 9 of a 5 fps clip
     assert [list(f.getdata()) for f in clip.frames] == [list(frames[k].getdata()) for k in (0, 3, 6, 9)]
     assert clip.fps == pytest.approx(2.0)  # 4 of 10 frames at 5 fps, as transformers counts a sampled clip
+    with pytest.raises(config.UserError, match="max_frames must be at least 2"):
+        config.load(["--max_frames", "1"])
+    with pytest.raises(config.UserError, match="fps must be above 0"):
+        config.load(["--fps", "0"])
 
 
 def test_placeholders_for_images_and_videos():
