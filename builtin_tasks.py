@@ -7,6 +7,7 @@
                 `dataset: addition`; the SmolLM2 recipe)
     digits      a visual task: one-digit numbers drawn as seven-segment digits in an image, their sum
                 asked, the text never saying them (`dataset: digits`, for VL policies: vision.py)
+    clips       the same sums shown as a video clip, the numbers one after another (`dataset: clips`: video.py)
     with_slips  a built-in solution worked the way imperfect human data is, for the warm start
                 (sft_slip_rate: data.target_text)
     make_demo   small judge, problem/answer and image files for the CPU recipes (configs/ headers)
@@ -26,6 +27,7 @@ import re
 from PIL import Image, ImageDraw
 
 import config
+import video
 
 # ----------------------------------------------------------------------------------------------
 # The arithmetic task
@@ -166,15 +168,36 @@ def digits_task(n_train: int, n_test: int, seed: int, count: int = 2) -> tuple[l
     the image, 10**count problems, none in both splits. The question has no <image> mark: loading puts it
     at the start, as for any row without one (data.load). The solution adds them left to right, one
     equation per line like the arithmetic task's (so sft_slip_rate works on it: with_slips)."""
-    problems = list(itertools.product(range(10), repeat=count))
-    random.Random(seed).shuffle(problems)
-    if n_train + n_test > len(problems):
-        raise config.UserError(f"the digits task with {count} numbers has {len(problems)} problems: lower "
-                               f"digits_train_size and digits_test_size ({n_train} + {n_test}), or raise digits_count")
     words = {2: "two", 3: "three", 4: "four"}.get(count, str(count))
     examples = [{"question": f"What is the sum of the {words} numbers in the image?",
                  "answer": str(sum(p)), "solution": running_sums(p), "images": [number_image(list(p))]}
-                for p in problems[:n_train + n_test]]
+                for p in digit_problems(n_train + n_test, seed, count)]
+    return examples[n_test:], examples[:n_test]
+
+
+def digit_problems(n: int, seed: int, count: int) -> list[tuple[int, ...]]:
+    """n distinct tuples of `count` one-digit numbers, seeded (the first ones are the test split's)."""
+    problems = list(itertools.product(range(10), repeat=count))
+    random.Random(seed).shuffle(problems)
+    if n > len(problems):
+        raise config.UserError(f"the digits task with {count} numbers has {len(problems)} problems: lower "
+                               f"digits_train_size and digits_test_size ({n} in all), or raise digits_count")
+    return problems[:n]
+
+
+def clips_task(n_train: int, n_test: int, seed: int, count: int = 3, fps: float = 2.0, hold: int = 2
+               ) -> tuple[list[dict], list[dict]]:
+    """The digits task as video: each problem's `count` one-digit numbers shown one after another in 28 x 28
+    frames, each held for `hold` frames (2: one temporal patch of the Qwen VL families, so no patch mixes
+    two numbers), at `fps` frames per second; {"question", "answer", "solution", "videos"}; the same
+    problems and splits as digits_task's for the seed."""
+    words = {2: "two", 3: "three", 4: "four"}.get(count, str(count))
+    examples = []
+    for p in digit_problems(n_train + n_test, seed, count):
+        frames = [number_image([n]) for n in p for _ in range(hold)]
+        examples.append({"question": f"What is the sum of the {words} numbers shown in the clip?", "answer": str(sum(p)),
+                         "solution": running_sums(p),
+                         "videos": [video.Video(frames, [k / fps for k in range(len(frames))], fps)]})
     return examples[n_test:], examples[:n_test]
 
 

@@ -57,7 +57,7 @@ class Config:
     model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, local folder, a .gguf file (or a folder holding
     #                                    one), a shipped real model (gemma-3-270m, smollm2-135m-instruct: see
     #                                    gguf_models.py), "tiny" or "tiny_vl" (built in; tiny_vl: a random Qwen2-VL);
-    #                                    Qwen2-VL / Qwen2.5-VL load with their images
+    #                                    Qwen2-VL / Qwen2.5-VL / Qwen3-VL load with their images and videos
     model_cache: str = "~/.cache/grpo-workbench"  # where GGUF models are converted (once) to HF folders
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (fp16 is refused:
     #                                    no loss scaler here)
@@ -71,6 +71,9 @@ class Config:
     #                                    (e.g. [norm]); empty = all (the warm start trains all)
     liger: bool = False                # Liger's fused linear GRPO loss (+ its kernels on GPU)
     trust_remote_code: bool = False    # model code from the hub is never run unless you say so
+    chat_template_kwargs: dict[str, bool | int | float | str] = field(default_factory=dict)  # switches of the
+    #                                    chat template, wherever it renders (llms.render), e.g. Qwen3's
+    #                                    {enable_thinking: false}; --chat_template_kwargs enable_thinking=false
     tiny_hidden: int = 128             # width of the built-in tiny model
     tiny_layers: int = 4               # layers of the built-in tiny model
     tiny_vocab_size: int = 512         # vocabulary of the tiny model's tokenizer (trained on the train set)
@@ -80,8 +83,9 @@ class Config:
     train_vision: bool = False         # VL models, full fine-tuning: train the vision tower too (frozen by default)
     # --- data (data.py)
     dataset: str = "openai/gsm8k"      # hub name, local jsonl/parquet file or folder, or a built-in task:
-    #                                    "arithmetic" (word problems), "addition" ("What is 47 + 38?") or
-    #                                    "digits" (the sum of the numbers drawn in an image)
+    #                                    "arithmetic" (word problems), "addition" ("What is 47 + 38?"),
+    #                                    "digits" (the sum of the numbers drawn in an image) or "clips" (the
+    #                                    same, the numbers one after another in a video)
     dataset_config: str = "main"       # the hub dataset's configuration
     train_split: str = "train"         # split trained on
     test_split: str = "test"           # split evaluated on
@@ -90,6 +94,12 @@ class Config:
     answer_field: str = "answer"       # the column with the answer; GSM8K layout: solution steps, then "#### <answer>"
     image_field: str = "images"        # the column with a row's images, if any (paths relative to the data file,
     #                                    bytes, {bytes, path} dicts); the question's <image> marks where they go
+    video_field: str = "videos"        # the column with a row's videos, if any: each a list of frames (as images
+    #                                    are given) or a video file's path (decoded with PyAV); <video> marks
+    fps: float = 2.0                   # frames per second of videos given as frame lists (a row's own "fps"
+    #                                    column wins); a video file has its own
+    max_frames: int = 16               # a video keeps at most this many frames, picked evenly through the clip
+    #                                    (each frame within min_pixels and max_pixels)
     system_prompt: str = GSM8K_SYSTEM_PROMPT  # the system message of every prompt ("" = none, also for a chat
     #                                    template that would add its own default one)
     prompt_format: Literal["auto", "chat", "plain"] = "auto"  # chat: the tokenizer's chat template; plain: the
@@ -109,7 +119,8 @@ class Config:
     arithmetic_max_steps: int = 4      # the built-in task: most steps per problem
     arithmetic_max_value: int = 99     # no number in a problem exceeds it: smaller is easier
     addition_digits: int = 2           # the built-in addition task: digits of each number (2: 10 to 99)
-    digits_count: int = 2              # the built-in visual task: one-digit numbers per image (10**count problems)
+    digits_count: int = 2              # the built-in visual tasks: one-digit numbers per image or clip (10**count
+    #                                    problems)
     digits_train_size: int = 80        # the built-in visual task: train questions
     digits_test_size: int = 20         # the built-in visual task: held-out questions
     # --- sampling (samplers.py picks the idea; rollout.py holds plain sampling)
@@ -292,9 +303,15 @@ def _convert(key: str, value, kind):
                 value = yaml.safe_load(value)
             elif isinstance(value, str):
                 value = dict(item.split("=", 1) for item in value.split(",") if item.strip())
-            return {str(k).strip(): float(v) for k, v in value.items()}
+            if args[1] is float:
+                return {str(k).strip(): float(v) for k, v in value.items()}
+            # any other value type (chat_template_kwargs): "false" from a flag reads as YAML does
+            return {str(k).strip(): yaml.safe_load(v) if isinstance(v, str) else v for k, v in value.items()}
     except (ValueError, TypeError, AttributeError, yaml.YAMLError):
         pass
+    if origin is dict and args[1] is not float:
+        raise UserError(f"config key {key!r} wants name=value pairs, e.g. --{key} enable_thinking=false (or a "
+                        f"mapping: in a recipe {key}: {{enable_thinking: false}}); got {value!r}")
     if origin is dict:
         raise UserError(f"config key {key!r} wants name=weight pairs, e.g. --{key} correctness=1.0,soft_format=0.5 "
                         f"(or a mapping: '{{\"correctness\": 1.0}}', in a recipe {key}: {{correctness: 1.0}}); "
@@ -368,7 +385,9 @@ def validate(cfg: Config) -> None:
                 "digits_count", "digits_train_size", "digits_test_size"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("learning_rate", "sft_learning_rate", "max_grad_norm", "cispo_max_weight"):
+    if cfg.max_frames < 2:
+        raise UserError(f"max_frames must be at least 2 (a video's temporal patch is two frames), got {cfg.max_frames}")
+    for key in ("learning_rate", "sft_learning_rate", "max_grad_norm", "cispo_max_weight", "fps"):
         if not getattr(cfg, key) > 0:  # a rate of 0 trains nothing, a negative one climbs the loss (NaN too)
             raise UserError(f"{key} must be above 0, got {getattr(cfg, key)}")
     for key in ("adam_beta1", "adam_beta2", "lora_dropout"):
@@ -409,8 +428,8 @@ def validate(cfg: Config) -> None:
     for key in ("sft_answer_only_frac", "sft_slip_rate"):
         if not 0 <= getattr(cfg, key) <= 1:
             raise UserError(f"{key} is a share of the warm-start targets, between 0 and 1; got {getattr(cfg, key)}")
-    if cfg.sft_slip_rate > 0 and cfg.dataset not in ("arithmetic", "digits"):
-        raise UserError("sft_slip_rate reworks the built-in tasks' solutions (dataset arithmetic or digits); set it "
+    if cfg.sft_slip_rate > 0 and cfg.dataset not in ("arithmetic", "digits", "clips"):
+        raise UserError("sft_slip_rate reworks the built-in tasks' solutions (dataset arithmetic, digits or clips); set it "
                         f"to 0 for {cfg.dataset!r}")
     if cfg.dataset == "arithmetic" and cfg.arithmetic_max_value < 12:
         raise UserError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "

@@ -2,13 +2,14 @@
 tasks (builtin_tasks.py) by name.
 
 Every loader returns plain lists of examples, one dict per problem:
-    {"question": str, "answer": str, "solution": str}  (+ "images": [PIL images] for a row with images)
+    {"question": str, "answer": str, "solution": str}  (+ "images": [PIL images], "videos": [video.Video])
 `answer` is the final answer (what rewards.is_correct compares against; a judge's label), `solution`
 is the worked solution without the answer line (what the SFT warm start imitates and GHPO hints are
 cut from). Judge examples add "target", the verdict the warm start imitates.
 
 `dataset: arithmetic` and `dataset: digits` are the built-in tasks (builtin_tasks.py), which need no
-download. A row's images (`image_field`) are read as vision.to_image reads them.
+download. A row's images (`image_field`) are read as vision.to_image reads them, its videos (`video_field`)
+as video.read reads them.
 
 Other tasks are other files and a prompt template: `question` is the template filled with the row
 (configs/prompts/*.txt; `{question}` for math, `{query}` and `{response}` or `{response_a}` and
@@ -29,6 +30,7 @@ import sys
 import builtin_tasks
 import config
 import rewards
+import video
 import vision
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +148,8 @@ def _get(value, path: list, where: str):
 
 
 def math_example(row, where: str, question_field: str, answer_field: str, template: str,
-                 image_field: str = "", base_dir: str = "") -> list[dict]:
+                 image_field: str = "", base_dir: str = "", *, video_field: str = "", fps: float = 2.0,
+                 max_frames: int = 16) -> list[dict]:
     question = str(_get(row, [question_field], where)).strip()
     solution, final = split_gsm8k_answer(str(_get(row, [answer_field], where)))
     if not question or not final:
@@ -162,8 +165,26 @@ def math_example(row, where: str, question_field: str, answer_field: str, templa
                 example["images"].append(vision.to_image(image, base_dir))
             except ValueError as e:
                 raise BadRow(f"{where} {image_field}[{k}]: {e}") from None
+    videos = row.get(video_field) if video_field else None
+    if videos is not None:  # a list of videos, each a list of frames or a file; one file alone is one video
+        videos = [videos] if isinstance(videos, str) else videos
+        if not isinstance(videos, list):
+            raise BadRow(f"{where} {video_field}: a {type(videos).__name__} is not a list of videos")
         try:
-            example["question"] = vision.with_placeholders(example["question"], len(images))
+            rate = float(row.get("fps") or fps)
+        except (TypeError, ValueError):
+            raise BadRow(f"{where} fps: {row.get('fps')!r} is not a number of frames per second") from None
+        example["videos"] = []
+        for k, clip in enumerate(videos):
+            try:
+                example["videos"].append(video.read(clip, base_dir, fps=rate, max_frames=max_frames,
+                                                    to_image=vision.to_image))
+            except ValueError as e:
+                raise BadRow(f"{where} {video_field}[{k}]: {e}") from None
+    if images is not None or videos is not None or vision.has_visual(example["question"]):
+        try:  # marks without images or videos are an error too
+            example["question"] = vision.with_placeholders(example["question"], len(example.get("images", [])),
+                                                           len(example.get("videos", [])))
         except ValueError as e:
             raise BadRow(f"{where}: {e}") from None
     return [example]
@@ -215,7 +236,8 @@ def judge_examples(row, where: str, task: str, template: str) -> list[dict]:
 
 
 def to_examples(rows: list[tuple[str, object]], source: str, task: str, template: str, question_field: str,
-                answer_field: str, skip_bad_rows: bool, image_field: str = "") -> list[dict]:
+                answer_field: str, skip_bad_rows: bool, image_field: str = "", *, video_field: str = "",
+                fps: float = 2.0, max_frames: int = 16) -> list[dict]:
     """Examples from (where, row) pairs. A bad row is an error naming it, or, with skip_bad_rows, is
     skipped and counted; a column missing from the first row is a config error, never skipped."""
     first = next((row for _, row in rows if isinstance(row, dict)), None)
@@ -235,7 +257,7 @@ def to_examples(rows: list[tuple[str, object]], source: str, task: str, template
                 raise row
             if task == "math":
                 examples += math_example(row, where, question_field, answer_field, template, image_field,
-                                         base_dir)
+                                         base_dir, video_field=video_field, fps=fps, max_frames=max_frames)
             else:
                 examples += judge_examples(row, where, task, template)
         except BadRow as e:
@@ -250,10 +272,15 @@ def to_examples(rows: list[tuple[str, object]], source: str, task: str, template
 
 
 def load(cfg) -> tuple[list[dict], list[dict]]:
-    """(train, test) examples of cfg.dataset: "arithmetic", "addition" or "digits" (builtin_tasks.py), a hub name,
+    """(train, test) examples of cfg.dataset: "arithmetic", "addition", "digits" or "clips" (builtin_tasks.py), a hub name,
     or a local file or folder; cfg.task says how rows become examples (math: question/answer columns;
     judge_*: the OpenJudge layout)."""
     template = load_template(cfg.prompt_template, cfg.task)
+    if cfg.dataset == "clips":
+        train, test = builtin_tasks.clips_task(cfg.digits_train_size, cfg.digits_test_size, cfg.seed, cfg.digits_count,
+                                               cfg.fps)
+        return tuple([{**ex, "question": vision.with_placeholders(fill(template, question=ex["question"]), 0, 1)}
+                      for ex in split] for split in (train, test))
     if cfg.dataset == "digits":
         train, test = builtin_tasks.digits_task(cfg.digits_train_size, cfg.digits_test_size, cfg.seed,
                                                 cfg.digits_count)
@@ -281,7 +308,8 @@ def load(cfg) -> tuple[list[dict], list[dict]]:
     else:
         test_rows, test_source = _load_rows(cfg.dataset, cfg.test_split, cfg.dataset_config), cfg.dataset
     args = (cfg.task, template, cfg.question_field, cfg.answer_field, cfg.skip_bad_rows, cfg.image_field)
-    return to_examples(train_rows, cfg.dataset, *args), to_examples(test_rows, test_source, *args)
+    videos = dict(video_field=cfg.video_field, fps=cfg.fps, max_frames=cfg.max_frames)
+    return to_examples(train_rows, cfg.dataset, *args, **videos), to_examples(test_rows, test_source, *args, **videos)
 
 
 def step_batch(examples: list[dict], step: int, size: int, seed: int) -> list[dict]:
@@ -376,6 +404,7 @@ if __name__ == "__main__":
     cfg = config.load(sys.argv[1:] or ["--dataset", "arithmetic"])
     train, test = load(cfg)
     for ex in train[:2]:
-        print({k: v for k, v in ex.items() if k != "images"}, f"({len(ex.get('images', []))} images)")
+        print({k: v for k, v in ex.items() if k not in ("images", "videos")},
+              f"({len(ex.get('images', []))} images, {len(ex.get('videos', []))} videos)")
         print("---\n" + target_text(ex), "\n")
     print(f"{cfg.dataset}: {len(train)} train / {len(test)} test examples")

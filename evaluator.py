@@ -133,6 +133,7 @@ def evaluate_gguf(path: str, examples: list[dict], cfg, shots: list[tuple[str, s
         raise config.UserError(f"--gguf {path}: no such file")
     folder, name = os.path.split(os.path.abspath(path))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)  # the file's tokenizer and chat template
+    tokenizer.chat_template_kwargs = dict(cfg.chat_template_kwargs)  # the run's switches, as llama.cpp gets them
     layout = llms.plain_template(tokenizer, list(shots))  # as export.py writes it into the file
     plain = cfg.prompt_format == "plain" or tokenizer.chat_template in (layout, llms.without_raw_blocks(layout))
     prompts = [llms.chat_messages(tokenizer, cfg.system_prompt, ex["question"]) for ex in examples]
@@ -150,7 +151,8 @@ def evaluate_gguf(path: str, examples: list[dict], cfg, shots: list[tuple[str, s
         for k in range(cfg.eval_samples):
             reply = server.handle_chat_completions({
                 "messages": messages, "max_tokens": cfg.max_completion_tokens, "temperature": cfg.eval_temperature,
-                "seed": cfg.seed + k, "stop": [llms.PLAIN_STOP] if plain else []})
+                "seed": cfg.seed + k, "stop": [llms.PLAIN_STOP] if plain else [],
+                "chat_template_kwargs": dict(cfg.chat_template_kwargs)})
             if "choices" not in reply:
                 raise config.UserError(f"llama.cpp could not answer with {path}: {str(reply)[:300]}")
             texts.append(reply["choices"][0]["message"]["content"])

@@ -32,11 +32,12 @@ TINY_VL = vision.TINY_VL
 TINY_CONTEXT = 1024  # positions of the built-in tiny models
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen's chat layout, so prompts of the tiny model look like those of the real one; content given as
-# parts (a question with images) renders an image as Qwen2-VL's does.
+# parts (a question with images or videos) renders an image and a video as Qwen2-VL's does.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
-    "{% if part['type'] == 'image' %}" + vision.IMAGE_PART + "{% else %}{{ part['text'] }}{% endif %}"
+    "{% if part['type'] == 'image' %}" + vision.IMAGE_PART + "{% elif part['type'] == 'video' %}"
+    + vision.video.VIDEO_PART + "{% else %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -87,8 +88,8 @@ def chat_messages(tokenizer, system_prompt: str, user: str) -> list[dict]:
     """The messages of one question: the system prompt, if any, then the question. With no system
     prompt, a template that would add its own default one (SmolLM2's, Qwen2.5's) gets an empty system
     message instead: the model sees no system text the run did not ask for. For a VL model, the
-    question's <image> marks become image parts (vision.py)."""
-    if vision.is_vl(tokenizer) and vision.PLACEHOLDER in user:
+    question's <image> and <video> marks become image and video parts (vision.py)."""
+    if vision.is_vl(tokenizer) and vision.has_visual(user):
         user = vision.content_parts(user)
     question = [{"role": "user", "content": user}]
     if system_prompt:
@@ -98,7 +99,11 @@ def chat_messages(tokenizer, system_prompt: str, user: str) -> list[dict]:
 
 
 def render(tokenizer, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The chat template applied to `messages`, ending where the assistant starts writing, with the run's
+    chat_template_kwargs (prepare puts them on the tokenizer; Qwen3's enable_thinking, say). Every
+    prompt of a run is rendered here: sampling, evaluation, the warm start, GHPO's hints, the verifier."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **getattr(tokenizer, "chat_template_kwargs", {}))
 
 
 def chat_prompt(tokenizer, system_prompt: str, user: str) -> str:
@@ -202,14 +207,14 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
          tiny_vocab_size: int = 512, tiny_hidden: int = 128, tiny_layers: int = 4, seed: int = 0,
          load_8bit: bool = False, min_pixels: int = 0, max_pixels: int = 0,
          model_cache: str = config.Config.model_cache, prompt_format: str = "auto",
-         shots: list[tuple[str, str]] = ()):
+         shots: list[tuple[str, str]] = (), chat_template_kwargs: dict | None = None):
     """(model, tokenizer) on `device`, in train mode, all weights trainable (see add_lora).
 
     A GGUF file or shipped real model (gguf_models.py) is converted once into model_cache and loaded
     from there. prompt_format and shots (solved examples, plain format only) set the prompt layout
-    (prepare).
+    (prepare), and chat_template_kwargs its switches (render).
 
-    A Qwen2-VL or Qwen2.5-VL checkpoint (read from its config.json, not its name) loads with
+    A Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (read from its config.json, not its name) loads with
     AutoModelForImageTextToText, and its image processor (min_pixels, max_pixels) rides on the
     tokenizer as tokenizer.image_processor (vision.py); `tiny_vl` builds a random tiny Qwen2-VL.
 
@@ -234,12 +239,15 @@ def load(model_name: str, device: str, *, dtype: str = "auto", gradient_checkpoi
             from transformers import BitsAndBytesConfig
             quantized = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
         tokenizer = _from_pretrained(AutoTokenizer, model_name, trust_remote_code=trust_remote_code)
-        vl = _from_pretrained(AutoConfig, model_name, trust_remote_code=trust_remote_code).model_type in vision.VL_TYPES
+        model_type = _from_pretrained(AutoConfig, model_name, trust_remote_code=trust_remote_code).model_type
+        vl = model_type in vision.VL_TYPES
         if vl:
             tokenizer.image_processor = vision.image_processor(model_name, min_pixels, max_pixels)
+            tokenizer.vl_family = model_type  # picks the video rules (video.py)
         model = _from_pretrained(AutoModelForImageTextToText if vl else AutoModelForCausalLM, model_name,
                                  dtype=torch_dtype, trust_remote_code=trust_remote_code, **quantized)
-    return prepare(model, tokenizer, device, gradient_checkpointing, liger, prompt_format, shots)
+    return prepare(model, tokenizer, device, gradient_checkpointing, liger, prompt_format, shots,
+                   chat_template_kwargs)
 
 
 def from_config(cfg, name: str, device: str, *, shots: list[tuple[str, str]] = (),
@@ -251,7 +259,8 @@ def from_config(cfg, name: str, device: str, *, shots: list[tuple[str, str]] = (
                 gradient_checkpointing=cfg.gradient_checkpointing if gradient_checkpointing is None
                 else gradient_checkpointing, tiny_corpus=tiny_corpus, tiny_vocab_size=cfg.tiny_vocab_size,
                 tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed, min_pixels=cfg.min_pixels,
-                max_pixels=cfg.max_pixels, model_cache=cfg.model_cache, prompt_format=cfg.prompt_format, shots=shots)
+                max_pixels=cfg.max_pixels, model_cache=cfg.model_cache, prompt_format=cfg.prompt_format, shots=shots,
+                chat_template_kwargs=cfg.chat_template_kwargs)
 
 
 def check_context(cfg) -> None:
@@ -264,10 +273,13 @@ def check_context(cfg) -> None:
 
 
 def prepare(model, tokenizer, device: str, gradient_checkpointing: bool = False, liger: bool = False,
-            prompt_format: str = "auto", shots: list[tuple[str, str]] = ()):
+            prompt_format: str = "auto", shots: list[tuple[str, str]] = (), chat_template_kwargs: dict | None = None):
     """Set up a built (model, tokenizer) pair as `load` returns it (for a model built in code, not loaded).
     prompt_format "plain" (or "auto" for a tokenizer without a chat template) installs plain_template
-    as the chat template, so every prompt of the run (and the checkpoints' tokenizers) use it."""
+    as the chat template, so every prompt of the run (and the checkpoints' tokenizers) use it.
+    chat_template_kwargs ride on the tokenizer, for render (a resumed run sets them again from its
+    config.json)."""
+    tokenizer.chat_template_kwargs = dict(chat_template_kwargs or {})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # prompts end where generation starts

@@ -12,10 +12,11 @@ A sampling idea only decides which tokens exist and which of them the policy is 
     temperature    (N,) float or None   the temperature each chain was sampled at, at which the loss takes
                                  its log-probs (None = cfg.temperature for every chain; samplers set it)
     stats          dict          the idea's own figures for the step's train line (merged as they are)
-    visual         N tuples or None     a VL policy's images of each chain's question: (pixel_values
-                                 (p, D), image_grid_thw (k, 3)), computed once per question and shared
-                                 by its chains (vision.py); each forward pass encodes a question's
-                                 images once, for all its chains (vision.model_inputs)
+    visual         N vision.Visual or None   a VL policy's images and videos of each chain's question
+                                 (pixel_values (p, D), image_grid_thw (k, 3), and the same for videos),
+                                 computed once per question and shared by its chains (vision.py); each
+                                 forward pass encodes a question's images once, for all its chains
+                                 (vision.model_inputs)
 
 N = B prompts x G chains, chains of one prompt are adjacent. Plain sampling is one batched HF
 `generate` call with every sampling setting passed explicitly. `kv_cache` picks its KV cache:
@@ -51,7 +52,7 @@ class Rollout:
     info: list[dict] = field(default_factory=list)
     reward_weight: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
-    visual: list[tuple] | None = None
+    visual: list | None = None  # vision.Visual per chain
     temperature: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -224,8 +225,10 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device
 
 
 def images_of(batch: list[dict]) -> list[list] | None:
-    """Each example's images (a list per example), or None when no example has any."""
-    return [ex.get("images", []) for ex in batch] if any(ex.get("images") for ex in batch) else None
+    """Each example's images and videos (video.Video), one list per example, or None when no example has
+    any. Every sampler passes them on as they are; vision.encode tells the kinds apart."""
+    items = [ex.get("images", []) + ex.get("videos", []) for ex in batch]
+    return items if any(items) else None
 
 
 def assemble(tokenizer, prompt_ids, prompt_mask, completions, stops, group, info, visual=None,

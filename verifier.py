@@ -41,9 +41,11 @@ from transformers import StoppingCriteria
 
 import config
 import guidance
+import llms
 import rewards
 import rollout
 import verifier_backends
+import vision
 from verifier_backends import STOP, Job
 
 STEP_ENDS = {"newline": ("\n",), "sentence": ("\n", ".", "!", "?"), "eos": ()}
@@ -149,9 +151,8 @@ def message_ids(tokenizer, text: str) -> list[int]:
     for special in tokenizer.all_special_tokens:  # a reply must not inject template tokens
         text = text.replace(special, "")
     mark = "\u2063MARK\u2063"  # invisible separator: never in a real reply
-    chat = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}, {"role": "user", "content": text}],
-        tokenize=False, add_generation_prompt=True)
+    chat = llms.render(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark},
+                                        {"role": "user", "content": text}])
     return tokenizer(chat.split(mark, 1)[1], add_special_tokens=False)["input_ids"]
 
 
@@ -228,7 +229,7 @@ def run_turns(model, tokenizer, prompts: list[str], questions: list[str], answer
         # 2. the verifier: one job per conversation that just wrote a step, all sent at once
         asking = [c for c in live if not c.done]
         jobs = [Job(questions[c.group], answers[c.group], tokenizer.batch_decode(c.turns, skip_special_tokens=True),
-                    images[c.group] if images else []) for c in asking]
+                    vision.images_only(images[c.group]) if images else []) for c in asking]  # no videos
         t0 = time.perf_counter()
         replies = backend(jobs, model, tokenizer) if jobs else []
         waited = time.perf_counter() - t0

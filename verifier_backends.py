@@ -134,7 +134,7 @@ def hf_chat(model, tokenizer, chats: list[list[dict]], max_tokens: int, temperat
             images: list[list] | None = None) -> list[str]:
     """One batched generate call: the assistant's reply to each chat (list of role/content messages);
     images: each chat's, in the order of its image parts (a VL verifier)."""
-    prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
+    prompts = [llms.render(tokenizer, chat) for chat in chats]
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 32768)  # a VL model: its LM's
     room = context - max_tokens  # long prompts keep their end
     ids, mask, visual = rollout.encode_prompts(tokenizer, prompts, room, next(model.parameters()).device, images)
@@ -237,7 +237,8 @@ def make(cfg, device: str):
         if cfg.verifier_model == "policy":
             return HFVerifier(None, None, template, cfg.verifier_max_tokens, cfg.verifier_temperature)
         vm, vt = llms.load(cfg.verifier_model, device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                           load_8bit=cfg.verifier_8bit, model_cache=cfg.model_cache)  # a GGUF verifier too
+                           load_8bit=cfg.verifier_8bit, model_cache=cfg.model_cache,  # a GGUF verifier too
+                           chat_template_kwargs=cfg.chat_template_kwargs)
         vm.eval().requires_grad_(False)
         return HFVerifier(vm, vt, template, cfg.verifier_max_tokens, cfg.verifier_temperature)
     if cfg.verifier_backend == "http":

@@ -1,23 +1,28 @@
-"""Images: vision-language policies (Qwen2-VL, Qwen2.5-VL), rows with images, and a built-in visual task.
+"""Images: vision-language policies (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), rows with images, and a built-in visual task.
 
 Guided-GRPO's multimodal setting. A question may carry images; its text holds one `<image>` placeholder
 per image (inserted at the start when the row has none; a count that disagrees with the images is an
-error). The pieces, in the order a run meets them:
+error). Videos (video.py) travel the same way: a `<video>` placeholder each, encoded with the images.
+The pieces, in the order a run meets them:
 
     data      to_image: a row's image (a path relative to the data file, raw bytes, HF datasets'
               {"bytes", "path"} dict, a PIL image) -> an RGB PIL image; with_placeholders
     prompts   content_parts: "<image>What is ..." -> chat content parts, which the chat template
               renders as <|vision_start|><|image_pad|><|vision_end|>
     encode    once per question: the image processor -> pixel_values (patches, D) and image_grid_thw
-              (images, 3); each prompt's one <|image_pad|> per image is expanded to the image's token
-              count (what transformers' processor does), so no video processor (and no torchvision) is
-              needed; the pair is shared by the question's G chains (Rollout.visual holds references)
-    forward   model_inputs: a batch of chains' images through the vision encoder, once per question
-              (not per chain), as the features the model takes, and mm_token_type_ids, from which the
-              model computes its own 3-D rope positions (the 1-D cumsum of text models is wrong here)
-    load      a checkpoint whose config.json says qwen2_vl or qwen2_5_vl loads with
-              AutoModelForImageTextToText; its image processor rides on the tokenizer (`image_processor`)
-              and is saved beside it in checkpoints; `tiny_vl` is a random tiny Qwen2-VL built here
+              (images, 3), video.py's torch-only preprocessing -> the same for videos; each prompt's one
+              <|image_pad|> per image is expanded to the image's token count, and each video's part to
+              its family's tokens (what transformers' processor does), so no transformers video processor
+              (and no torchvision) is needed; a question's Visual is shared by its G chains
+              (Rollout.visual holds references)
+    forward   model_inputs: a batch of chains' images and videos through the vision encoder, once per
+              question (not per chain), as the features the model takes (Qwen3-VL's deepstack features
+              too), and mm_token_type_ids (text 0, image 1, video 2), from which the model computes its
+              own 3-D rope positions (the 1-D cumsum of text models is wrong here)
+    load      a checkpoint whose config.json says qwen2_vl, qwen2_5_vl or qwen3_vl loads with
+              AutoModelForImageTextToText; its image processor rides on the tokenizer (`image_processor`,
+              with `vl_family`, the model_type, which picks the video rules) and is saved beside it in
+              checkpoints; `tiny_vl` is a random tiny Qwen2-VL built here
 
 The built-in visual task, `dataset: digits`, is in builtin_tasks.py.
 
@@ -26,14 +31,17 @@ The built-in visual task, `dataset: digits`, is in builtin_tasks.py.
 import base64
 import io
 import os
+import re
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 
 import config
+import video
 
 PLACEHOLDER = "<image>"
-VL_TYPES = ("qwen2_vl", "qwen2_5_vl")  # config.json model_type of the families supported
+VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # config.json model_type of the families supported
 TINY_VL = "tiny_vl"
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 IMAGE_PART = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -71,26 +79,38 @@ def to_image(value, base_dir: str) -> Image.Image:
         raise ValueError(f"unreadable image: {e}") from None
 
 
-def with_placeholders(question: str, n_images: int) -> str:
-    """The question with one <image> per image: inserted at the start when it has none; ValueError when
-    its count disagrees with the images."""
-    found = question.count(PLACEHOLDER)
-    if found == 0:
-        return PLACEHOLDER * n_images + question
-    if found != n_images:
-        raise ValueError(f"the question has {found} {PLACEHOLDER} placeholders for {n_images} images")
+def with_placeholders(question: str, n_images: int, n_videos: int = 0) -> str:
+    """The question with one <image> per image and one <video> per video: those of a kind it has none of
+    inserted at the start; ValueError when its count of a kind disagrees with the images or videos."""
+    for mark, n, kind in ((video.PLACEHOLDER, n_videos, "videos"), (PLACEHOLDER, n_images, "images")):
+        found = question.count(mark)
+        if found == 0:
+            question = mark * n + question
+        elif found != n:
+            raise ValueError(f"the question has {found} {mark} placeholders for {n} {kind}")
     return question
 
 
 def content_parts(text: str) -> list[dict]:
-    """'<image>What is shown?' -> [{"type": "image"}, {"type": "text", "text": "What is shown?"}]."""
+    """'<image>What is shown?' -> [{"type": "image"}, {"type": "text", "text": "What is shown?"}]; a
+    <video> is {"type": "video"}."""
     parts = []
-    for k, piece in enumerate(text.split(PLACEHOLDER)):
-        if k:
-            parts.append({"type": "image"})
-        if piece:
+    for piece in re.split(f"({re.escape(PLACEHOLDER)}|{re.escape(video.PLACEHOLDER)})", text):
+        if piece in (PLACEHOLDER, video.PLACEHOLDER):
+            parts.append({"type": "image" if piece == PLACEHOLDER else "video"})
+        elif piece:
             parts.append({"type": "text", "text": piece})
     return parts
+
+
+def has_visual(text: str) -> bool:
+    """Whether a question holds an <image> or <video> mark."""
+    return PLACEHOLDER in text or video.PLACEHOLDER in text
+
+
+def images_only(items: list) -> list:
+    """A question's images without its videos (what a verifier is shown)."""
+    return [x for x in items if not isinstance(x, video.Video)]
 
 
 def data_url(image: Image.Image) -> str:
@@ -109,31 +129,60 @@ def is_vl(tokenizer) -> bool:
     return getattr(tokenizer, "image_processor", None) is not None
 
 
-def encode(tokenizer, prompts: list[str], images: list[list]) -> tuple[list[str], list[tuple]]:
-    """(prompts with each image's tokens expanded, visual inputs per prompt: (pixel_values (p, D),
-    image_grid_thw (k, 3))). Each prompt's images go through the image processor once."""
+class Visual(NamedTuple):
+    """A question's visual inputs, computed once (encode) and shared by its chains."""
+    pixel_values: torch.Tensor         # (p, D) its images' patches
+    image_grid_thw: torch.Tensor       # (k, 3) per image: t, h, w in patches
+    pixel_values_videos: torch.Tensor  # (q, D) its videos' patches
+    video_grid_thw: torch.Tensor       # (v, 3) per video
+    second_per_grid_ts: torch.Tensor   # (v,) seconds per temporal patch of each video (Qwen2.5-VL's rope)
+
+
+def encode(tokenizer, prompts: list[str], items: list[list]) -> tuple[list[str], list[Visual]]:
+    """(prompts with each image's and video's tokens expanded, each prompt's Visual). items: each prompt's
+    images (PIL) and videos (video.Video), each kind in the order of its parts in the prompt; each goes
+    through its preprocessing once."""
     processor = tokenizer.image_processor
     expanded, visual = [], []
-    for prompt, imgs in zip(prompts, images, strict=True):
-        if prompt.count(IMAGE_PAD) != len(imgs):
-            raise ValueError(f"a prompt has {prompt.count(IMAGE_PAD)} image tokens for {len(imgs)} images")
-        if not imgs:
-            expanded.append(prompt)
-            visual.append(no_images())
-            continue
-        out = processor(images=imgs, return_tensors="pt")
-        grid = out["image_grid_thw"]  # (k, 3): t, h, w in patches
-        pieces = prompt.split(IMAGE_PAD)
-        counts = (grid.prod(-1) // processor.merge_size ** 2).tolist()  # language-model tokens per image
-        expanded.append(pieces[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(counts, pieces[1:])))
-        visual.append((out["pixel_values"], grid))
+    for prompt, these in zip(prompts, items, strict=True):
+        images = images_only(these)
+        videos = [x for x in these if isinstance(x, video.Video)]
+        if prompt.count(IMAGE_PAD) != len(images):
+            raise ValueError(f"a prompt has {prompt.count(IMAGE_PAD)} image tokens for {len(images)} images")
+        if prompt.count(video.VIDEO_PART) != len(videos):
+            raise ValueError(f"a prompt has {prompt.count(video.VIDEO_PART)} video parts for {len(videos)} videos")
+        v = no_images()
+        if images:
+            out = processor(images=images, return_tensors="pt")
+            grid = out["image_grid_thw"]  # (k, 3): t, h, w in patches
+            pieces = prompt.split(IMAGE_PAD)
+            counts = (grid.prod(-1) // processor.merge_size ** 2).tolist()  # language-model tokens per image
+            prompt = pieces[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(counts, pieces[1:]))
+            v = v._replace(pixel_values=out["pixel_values"], image_grid_thw=grid)
+        if videos:
+            pieces = prompt.split(video.VIDEO_PART)
+            settings = dict(patch_size=processor.patch_size, temporal_patch_size=processor.temporal_patch_size,
+                            merge_size=processor.merge_size)
+            done = [video.patches(tokenizer.vl_family, clip.frames, **settings, mean=list(processor.image_mean),
+                                  std=list(processor.image_std), min_pixels=processor.size["shortest_edge"],
+                                  max_pixels=processor.size["longest_edge"]) for clip in videos]  # [(patches, grid)]
+            tokens = [video.prompt_tokens(tokenizer.vl_family, grid[0], clip.times, merge_size=processor.merge_size,
+                                          temporal_patch_size=processor.temporal_patch_size)
+                      for (_, grid), clip in zip(done, videos)]
+            prompt = pieces[0] + "".join(t + rest for t, rest in zip(tokens, pieces[1:]))
+            v = v._replace(pixel_values_videos=torch.cat([p for p, _ in done]),
+                           video_grid_thw=torch.cat([g for _, g in done]),
+                           second_per_grid_ts=torch.tensor([processor.temporal_patch_size / clip.fps for clip in videos]))
+        expanded.append(prompt)
+        visual.append(v)
     return expanded, visual
 
 
-def no_images() -> tuple:
-    """The visual inputs of a question without images, in a batch where others have some: model_inputs
-    skips them (pixel_values (0, 0), image_grid_thw (0, 3))."""
-    return torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.long)
+def no_images() -> Visual:
+    """The visual inputs of a question without images or videos, in a batch where others have some:
+    model_inputs skips them (empty tensors)."""
+    return Visual(torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 0),
+                  torch.zeros(0, 3, dtype=torch.long), torch.zeros(0))
 
 
 def banned_ids(model) -> list[int] | None:
@@ -147,42 +196,58 @@ def banned_ids(model) -> list[int] | None:
     return [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
 
 
-def model_inputs(model, input_ids: torch.Tensor, visual: list[tuple]) -> dict:
-    """The keyword arguments that give a VL model its chains' images: one (pixel_values, grid) per row
-    of input_ids (n, L), for its forward or generate.
+def model_inputs(model, input_ids: torch.Tensor, visual: list[Visual]) -> dict:
+    """The keyword arguments that give a VL model its chains' images and videos: one Visual per row of
+    input_ids (n, L), for its forward or generate.
 
-    Each question's images go through the vision encoder once, however many of its chains the rows
-    hold: a question's chains share its tensors (Rollout.visual holds references), found here by
-    identity, and the encoder's features reach the model as mm_encoder_outputs, which forward and
-    generate take in place of pixel_values. With gradients on (train_vision), a question's features
-    feed each of its chains, so the encoder's gradient sums over them, as it would with one encoder
-    pass per chain. With mm_token_type_ids and image_grid_thw (one row per image, in row order) the
-    model computes its 3-D rope positions itself; rows without images get plain 1-D positions."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    kwargs = {"mm_token_type_ids": (input_ids == model.config.image_token_id).long()}
-    rows = [(p, g) for p, g in visual if len(g)]
-    if not rows:
-        return kwargs
+    Each question's images and videos go through the vision encoder once, however many of its chains
+    the rows hold: a question's chains share its Visual (Rollout.visual holds references), found here
+    by identity, and the encoder's features reach the model as mm_encoder_outputs, which forward and
+    generate take in place of pixel values (Qwen3-VL's carry the deepstack features of the tapped
+    vision layers too, which its language model adds to its first layers). With gradients on
+    (train_vision), a question's features feed each of its chains, so the encoder's gradient sums over
+    them, as it would with one encoder pass per chain. With mm_token_type_ids (text 0, image 1, video 2)
+    and the grids (one row per image or video, in row order) the model computes its 3-D rope positions
+    itself; rows without either get plain 1-D positions."""
+    cfg = model.config
+    kwargs = {"mm_token_type_ids": (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()}
     device = input_ids.device
-    questions = list({id(p): (p, g) for p, g in rows}.values())  # each question once, in order of first use
-    encoded = model.get_image_features(torch.cat([p for p, _ in questions]).to(device),
-                                       torch.cat([g for _, g in questions]).to(device), return_dict=True)
-    per_image = iter(encoded.pooler_output)  # one (tokens of the image, H) per image, questions in order
-    features = {id(p): [next(per_image) for _ in range(len(g))] for p, g in questions}
-    kwargs["image_grid_thw"] = torch.cat([g for _, g in rows]).to(device)
-    kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
-        pooler_output=[f for p, _ in rows for f in features[id(p)]])}
+    questions = list({id(v): v for v in visual}.values())  # each question once, in order of first use
+    outputs = {}
+    for kind, pixels, grids, encoder in (("image", "pixel_values", "image_grid_thw", model.get_image_features),
+                                         ("video", "pixel_values_videos", "video_grid_thw", model.get_video_features)):
+        rows = [v for v in visual if len(getattr(v, grids))]
+        if not rows:
+            continue
+        having = [v for v in questions if len(getattr(v, grids))]
+        encoded = encoder(torch.cat([getattr(v, pixels) for v in having]).to(device),
+                          torch.cat([getattr(v, grids) for v in having]).to(device), return_dict=True)
+
+        def per_question(features):  # one (tokens, H) per image or video, questions in order -> {question: [...]}
+            it = iter(features)
+            return {id(v): [next(it) for _ in range(len(getattr(v, grids)))] for v in having}
+        pooled = per_question(encoded.pooler_output)
+        out = type(encoded)(pooler_output=[f for v in rows for f in pooled[id(v)]])
+        if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL: per tapped layer, as pooler_output
+            layers = [per_question(layer) for layer in encoded.deepstack_features]
+            out.deepstack_features = [[f for v in rows for f in layer[id(v)]] for layer in layers]
+        outputs[kind] = out
+        kwargs[grids] = torch.cat([getattr(v, grids) for v in rows]).to(device)
+        if kind == "video" and cfg.model_type == "qwen2_5_vl":  # its rope spaces a video's frames by their time
+            kwargs["second_per_grid_ts"] = torch.cat([v.second_per_grid_ts for v in rows]).to(device)
+    if outputs:
+        kwargs["mm_encoder_outputs"] = outputs
     return kwargs
 
 
 def check(tokenizer, cfg, examples: list[dict]) -> None:
-    """Images need a VL policy; a VL policy works with every sampler, not with Liger (its fused loss
-    cannot leave out the vision tokens that sampling forbids: banned_ids)."""
-    if any(ex.get("images") for ex in examples) and not is_vl(tokenizer):
-        raise config.UserError(f"the data has images, and {cfg.model_name!r} is a text model: train a Qwen2-VL "
-                               f"or Qwen2.5-VL checkpoint (or tiny_vl), or use data without the "
-                               f"{cfg.image_field!r} column")
+    """Images and videos need a VL policy; a VL policy works with every sampler, not with Liger (its
+    fused loss cannot leave out the vision tokens that sampling forbids: banned_ids)."""
+    for kind, field in (("images", cfg.image_field), ("videos", cfg.video_field)):
+        if any(ex.get(kind) for ex in examples) and not is_vl(tokenizer):
+            raise config.UserError(f"the data has {kind}, and {cfg.model_name!r} is a text model: train a Qwen2-VL, "
+                                   f"Qwen2.5-VL or Qwen3-VL checkpoint (or tiny_vl), or use data without the "
+                                   f"{field!r} column")
     if is_vl(tokenizer) and cfg.liger:
         raise config.UserError("--liger's fused loss takes log-probs over the whole vocabulary, and a VL model "
                                "never samples its vision tokens: drop --liger for a VL model")
@@ -233,6 +298,7 @@ def build_tiny(tokenizer, hidden: int, layers: int, seed: int, min_pixels: int, 
     model = Qwen2VLForConditionalGeneration(cfg)
     tokenizer.image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels or 28 * 28,
                                                          max_pixels=max_pixels or 28 * 28 * 64)
+    tokenizer.vl_family = cfg.model_type
     return model
 
 

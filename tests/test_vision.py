@@ -1,6 +1,8 @@
-"""Vision-language policies (vision.py): tiny random Qwen2-VL and Qwen2.5-VL checkpoints built from configs
-here, saved and reloaded through from_pretrained like real ones; image data in its layouts and its errors."""
+"""Vision-language policies (vision.py): tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints built from
+configs here, saved and reloaded through from_pretrained like real ones; image and video data in its layouts
+and its errors (video.py's own: tests/test_video.py)."""
 import json
+import math
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import llms
 import logprobs
 import rollout
 import samplers
+import video
 import vision
 from helpers import read, run_train
 
@@ -25,7 +28,8 @@ MIN_PIXELS, MAX_PIXELS = 28 * 28, 28 * 28 * 8
 def build_checkpoint(family: str, path: str) -> str:
     """A tiny random checkpoint of `family` in `path`: weights, tokenizer, chat template, image processor."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration)
 
     train, _ = builtin_tasks.digits_task(80, 20, seed=0)
     tok = llms.build_tiny_tokenizer([ex["question"] + ex["solution"] for ex in train], 300, vl=True)
@@ -42,18 +46,25 @@ def build_checkpoint(family: str, path: str) -> str:
             text_config=text, tie_word_embeddings=True, **special, vision_config=dict(
                 depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2)))
-    else:  # Qwen2.5-VL names the vision width hidden_size and the merger's output out_hidden_size
+    elif family == "qwen2_5_vl":  # Qwen2.5-VL names the vision width hidden_size and the merger's output out_hidden_size
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
             text_config=text, tie_word_embeddings=True, **special, vision_config=dict(
                 depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0])))
+    else:  # Qwen3-VL: 16-pixel patches, learned vision positions, deepstack features from vision layer 0
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+            text_config=text | {"head_dim": 16}, tie_word_embeddings=True, **special, vision_config=dict(
+                depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                deepstack_visual_indexes=[0])))
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(path)
+    qwen3 = dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3) if family == "qwen3_vl" else {}
+    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **qwen3).save_pretrained(path)
     return path
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def vl(request, tmp_path_factory):
     """(model, tokenizer) reloaded with llms.load from a saved tiny checkpoint of each family."""
     path = build_checkpoint(request.param, str(tmp_path_factory.mktemp(request.param)))
@@ -86,7 +97,7 @@ def test_a_saved_vl_checkpoint_loads_with_its_image_processor(vl):
     ids, mask, visual = rollout.encode_prompts(tok, prompts, 64, "cpu", images)
     image_tokens = (ids == model.config.image_token_id).sum(1).tolist()
     assert image_tokens == [2, 3]  # one per 28 x 28 cell: the image processor's grid, merged 2 x 2
-    assert [tuple(g.tolist()[0]) for _, g in visual] == [(1, 2, 4), (1, 2, 6)]
+    assert [tuple(v.image_grid_thw.tolist()[0]) for v in visual] == [(1, 2, 4), (1, 2, 6)]
 
 
 def test_max_pixels_bounds_the_visual_tokens(tmp_path):
@@ -175,7 +186,7 @@ def test_concat_keeps_each_chains_images_when_parts_mix_text_and_images(vl):
     for order in ([text, with_images], [with_images, text]):
         joined = rollout.concat([(part, [0, 1]) for part in order], torch.arange(4), tok.pad_token_id)
         text_first = order[0] is text
-        assert [len(g) for _, g in joined.visual] == ([0, 0, 1, 1] if text_first else [1, 1, 0, 0])  # images each
+        assert [len(v.image_grid_thw) for v in joined.visual] == ([0, 0, 1, 1] if text_first else [1, 1, 0, 0])
         want = alone if text_first else alone[2:] + alone[:2]
         for g, w in zip(trained_logps(model, joined), want, strict=True):
             assert torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4)
@@ -225,8 +236,8 @@ def test_the_vision_gradient_is_that_of_one_encoder_pass_per_chain(vl):
         logprobs.head_logps(hidden, head, ids, 1, 1.0, 8, vision.banned_ids(model)).sum().backward()
         return [p.grad.clone() for p in body.visual.parameters()]
     once = vision_grads(logprobs.hidden_states(body, ids, mask, visual))
-    per_chain = vision_grads(body(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([p for p, _ in visual]),
-                                  image_grid_thw=torch.cat([g for _, g in visual]),
+    per_chain = vision_grads(body(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([v.pixel_values for v in visual]),
+                                  image_grid_thw=torch.cat([v.image_grid_thw for v in visual]),
                                   mm_token_type_ids=(ids == model.config.image_token_id).long()).last_hidden_state)
     model.zero_grad(set_to_none=True)
     assert any(g.abs().max() > 0 for g in once)
@@ -276,16 +287,21 @@ def test_a_vl_run_resumes_from_its_checkpoint_and_evaluates_the_same(tmp_path, d
     assert [r["completions"] for r in results["model"]["records"]] == [r["completions"] for r in run_records]
 
 
-def test_a_hub_style_checkpoint_trains_from_its_folder(tmp_path, demo_files):
-    """--model_name a saved Qwen2.5-VL folder: loaded with from_pretrained, trained with LoRA on its
-    language model (the vision tower untouched), with gradient checkpointing."""
-    path = build_checkpoint("qwen2_5_vl", str(tmp_path / "qwen2_5_vl"))
-    argv = vl_run(tmp_path, str(demo_files / "digits_train.jsonl"), str(demo_files / "digits_test.jsonl"),
-                  "--model_name", path, "--sft_steps", "0", "--lora_r", "4", "--lora_alpha", "8",
-                  "--gradient_checkpointing", "true")
+def test_a_hub_style_qwen3_vl_checkpoint_trains_on_videos_and_resumes(tmp_path):
+    """--model_name a saved Qwen3-VL folder on the built-in clips task: loaded with from_pretrained,
+    trained with LoRA on its language model (the vision tower untouched), with gradient checkpointing,
+    checkpointed and resumed."""
+    path = build_checkpoint("qwen3_vl", str(tmp_path / "qwen3_vl"))
+    argv = vl_run(tmp_path, "clips", "", "--model_name", path, "--sft_steps", "0", "--lora_r", "4", "--lora_alpha", "8",
+                  "--gradient_checkpointing", "true", "--digits_count", "2", "--save_every", "2",
+                  "--max_prompt_tokens", "128")
     run_train(argv)
     adapter = json.load(open(tmp_path / "run" / "checkpoints" / "step_000002" / "adapter_config.json"))
     assert "language_model" in adapter["target_modules"]
+    run_train(["--resume", str(tmp_path / "run"), "--max_steps", "3"])
+    lines = read(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in lines if r["split"] == "eval"] == [0, 2, 3]
 
 
 def write_rows(path, rows):
@@ -369,3 +385,91 @@ def test_a_verifier_gets_the_problem_images(vl):
     png = base64.b64decode(part["image_url"]["url"].removeprefix("data:image/png;base64,"))
     assert list(Image.open(io.BytesIO(png)).convert("RGB").getdata()) == list(image.getdata())
     assert verifier_backends.messages("{question}", job)[1]["content"].startswith("The student's steps")
+
+
+# ----------------------------------------------------------------------------------------------
+# Videos on each family (the preprocessing and the rows themselves: tests/test_video.py)
+
+
+def clip(digits: list[int], fps: float = 2.0):
+    return video.Video([builtin_tasks.number_image([d]) for d in digits], [k / fps for k in range(len(digits))], fps)
+
+
+def video_prompts(tok):
+    """Two questions that differ in length (left padding): a 3-frame clip; an image and a 4-frame clip."""
+    questions = ["<video>What is the sum?", "<image>and<video>: what is the sum?"]
+    items = [[clip([3, 4, 5])], [builtin_tasks.number_image([1, 2]), clip([6, 7, 8, 9], fps=4.0)]]
+    return [llms.chat_prompt(tok, "", q) for q in questions], items
+
+
+def test_video_chains_log_probs_equal_those_generate_sampled_with(vl):
+    """As for images: chains of questions with videos (and an image beside one), left padded, get the
+    log-probs generate sampled them with; other clips of the same shape change them."""
+    model, tok = vl
+    prompts, items = video_prompts(tok)
+    ids, mask, visual = rollout.encode_prompts(tok, prompts, 256, "cpu", items)
+    assert (mask == 0).any() and [len(v.video_grid_thw) for v in visual] == [1, 1]
+    assert ((ids == model.config.video_token_id).sum(1) > 0).all()
+    G = 2
+    ids, mask, visual = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), [v for v in visual for _ in range(G)]
+    model.eval()
+    torch.manual_seed(0)
+    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6,
+                                suppress_tokens=vision.banned_ids(model), pad_token_id=tok.pad_token_id,
+                                eos_token_id=model.generation_config.eos_token_id)
+    out = model.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True,
+                         generation_config=settings, **vision.model_inputs(model, ids, visual))
+    completions = out.sequences[:, ids.shape[1]:]
+    sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
+    r = rollout.assemble(tok, ids, mask, completions, model.generation_config.eos_token_id, torch.arange(4) // 2,
+                         [{} for _ in range(4)], visual)
+    start = ids.shape[1]
+    with torch.no_grad():
+        trained = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4, r.visual_of(range(4)))
+        other = [[clip([9, 9, 9])], [builtin_tasks.number_image([1, 2]), clip([0, 0, 0, 0], fps=4.0)]]
+        _, _, o_visual = rollout.encode_prompts(tok, prompts, 256, "cpu", other)
+        swapped = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4,
+                                       [v for v in o_visual for _ in range(G)])
+    keep = r.loss_mask[:, start:].bool()
+    assert (trained[keep] - sampled[keep]).abs().max() < 1e-4
+    assert (swapped[keep] - sampled[keep]).abs().max() > 1e-3
+    model.train()
+
+
+def test_the_vision_encoder_sees_each_questions_images_and_videos_once_per_pass(vl):
+    """A plain GRPO step of 2 questions x 3 chains, one with a video, one with an image and a video: the
+    prefill and the one loss pass each encode the image once and the two videos once."""
+    model, tok = vl
+    train = [{"question": q, "answer": "7", "solution": "", **kind} for q, kind in (
+        ("<video>Sum?", {"videos": [clip([3, 4])]}),
+        ("<image><video>Sum?", {"images": [builtin_tasks.number_image([5])], "videos": [clip([1, 2, 3])]}))]
+    cfg = config.Config(model_name="vl", system_prompt="", num_chains=3, prompts_per_step=2, micro_batch_size=6,
+                        max_prompt_tokens=256, max_completion_tokens=4, rewards={"correctness": 1.0})
+    seen = images_seen_by_the_encoder(model)
+    grpo.step(llms.Policy(model, tok), samplers.make(cfg, device="cpu", train_set=train), train, 1,
+              torch.optim.SGD(model.parameters(), lr=0.0), cfg)
+    model.model.visual._forward_pre_hooks.clear()
+    assert seen == [1, 2, 1, 2]  # (image call, video call) per pass: the prefill, the loss
+
+
+@pytest.mark.parametrize("sampler", list(samplers.SAMPLERS))  # a new idea is covered at once
+def test_one_step_of_every_sampler_with_video_rows(vl, sampler):
+    """grpo.step with each sampling idea on questions with videos (the built-in clips task), each family:
+    every chain keeps its question's video, and the update's loss and gradient norm are finite."""
+    model, tok = vl
+    train, _ = builtin_tasks.clips_task(6, 2, seed=0, count=2)
+    train = [ex | {"question": vision.with_placeholders(ex["question"], 0, 1)} for ex in train]  # as data.load does
+    flags = {"ghpo": dict(ghpo_start_step=1, ghpo_accuracy_reward="correctness"),
+             "verifier": dict(verifier_backend="rules", verifier_turn_tokens=3, verifier_max_turns=2),
+             "guided": dict(guide_min_prefix_tokens=1, guide_max_prefix_tokens=2, min_guide_tokens=1,
+                            max_guide_tokens=2)}.get(sampler, {})
+    cfg = config.Config(model_name="vl", system_prompt="", sampler=sampler, num_chains=2, prompts_per_step=2,
+                        micro_batch_size=4, max_prompt_tokens=256, max_completion_tokens=4,
+                        rewards={"correctness": 1.0}, **flags)
+    out = grpo.step(llms.Policy(model, tok), samplers.make(cfg, device="cpu", train_set=train), train[:2], 1,
+                    torch.optim.SGD(model.parameters(), lr=0.0), cfg)
+    r = out.rollout
+    assert len(r) >= 4 and all(len(v.video_grid_thw) == 1 for v in r.visual) and r.loss_mask.sum() > 0
+    assert ((r.input_ids == model.config.video_token_id).sum(1) > 0).all()
+    assert math.isfinite(out.metrics["loss"]) and math.isfinite(out.metrics["grad_norm"])
+    model.zero_grad(set_to_none=True)
