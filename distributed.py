@@ -6,6 +6,9 @@
 Without torchrun (no RANK in the environment) every function here is the identity of one process and
 costs nothing, so `python train.py` is unchanged. Under torchrun:
 
+With --fsdp the weights, gradients and optimizer state are sharded over the ranks instead of copied
+(the section at the end: shard_model, sampling, full_state); the update is the same.
+
 - each rank samples and scores its own prompts_per_step / N questions (shard); group advantages stay
   within a rank, since a group never spans two;
 - the loss normalisers that span the step (chains, tokens, micro-batches) are sums over the ranks
@@ -98,6 +101,8 @@ def setup(cfg, device: str) -> str:
 
 
 def teardown() -> None:
+    global _sharded
+    _sharded = False
     if dist.is_initialized():  # the barrier first: a rank that tore down its gloo connections while the
         dist.barrier()          # other was still in the last collective aborted at exit, 1 run in 3 (FINDINGS)
         dist.destroy_process_group()
@@ -243,6 +248,10 @@ class errors_stop_every_rank:
 #   inside the root's registered forward method (as_forward), which gathers the root's weights;
 # - every rank makes the same collective calls in the same order: the same number of loss-pass
 #   micro-batches (guards.MicroBatches pads with empty ones), and of generate calls (sampling below).
+# Not covered: out of memory inside a forward or backward under --fsdp leaves the other ranks waiting in
+# a collective, so the run stops at the process group's timeout (30 minutes) instead of retrying with
+# smaller micro-batches (guards.retry_smaller_on_oom) or saving; an error raised inside a per_layer
+# generate call likewise. A VL model's vision blocks are sharded but untested.
 
 
 def check_fsdp(cfg) -> None:

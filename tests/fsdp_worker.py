@@ -6,8 +6,8 @@ exact: one update on fixed teacher-forced chains for each case of CASES (rank k 
 chains; the "uneven" case gives rank 1 one group of three, so the ranks' micro-batches differ in number).
 checkpoint: two updates, a checkpoint between them (checkpoint.save, as train.py saves); the reverse run
 starts its second update from the checkpoint the other world size wrote (OUT/ckpt_world<M>).
-sampling: for each fsdp_sampling, one grpo.step of each sampler, and of dynamic sampling where rank 1
-needs every round and rank 0 one; a greedy evaluation of 5 questions in batches of 2 (rank 0 makes two
+sampling: for each fsdp_sampling, one grpo.step of each sampler, of plain sampling with LoRA, and of
+dynamic sampling where rank 1 needs every round and rank 0 one; a greedy evaluation of 5 questions in batches of 2 (rank 0 makes two
 generate calls, rank 1 one).
 """
 import copy
@@ -131,6 +131,7 @@ def sampling(out: str) -> None:
     for mode in ("unshard", "per_layer"):
         runs = {name: IDEA_SETTINGS.get(name, {}) | {"sampler": name} for name in samplers.SAMPLERS}
         runs["dynamic"] = {"dynamic_sampling": True, "max_sampling_rounds": 3, "rewards": {"rank_0_only": 1.0}}
+        runs["plain_lora"] = {"lora_r": 4, "lora_alpha": 8}  # generate through the PeftModel over the sharded base
         for name, change in runs.items():
             cfg = config.Config(**{**BASE, "fsdp_sampling": mode, "device": "cpu", "system_prompt": "",
                                    "num_chains": 4, "max_prompt_tokens": 96, "max_completion_tokens": 24,

@@ -1,7 +1,7 @@
 """--fsdp on 2 CPU ranks (gloo): the update of one process for every loss type, LoRA, beta > 0; ranks that
 never wait on each other forever, whatever their number of generate calls or micro-batches; checkpoints
 that another number of ranks resumes; the levers it cannot run with refused before any model loads.
-Every torchrun launch has a timeout, so a hang fails a test instead of the suite."""
+Every launch has a timeout (test_distributed.run), so a hang fails a test instead of the suite."""
 import os
 import signal
 import sys
@@ -28,7 +28,7 @@ def worker(tmp_path_factory):
     """fsdp_worker.py's outputs as one process (nothing sharded) and as two ranks with --fsdp."""
     out = tmp_path_factory.mktemp("fsdp")
     for argv in ([sys.executable, "tests/fsdp_worker.py", str(out)], TORCHRUN + ["tests/fsdp_worker.py", str(out)]):
-        done = run(argv, timeout=180)
+        done = run(argv)
         assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -85,11 +85,11 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_the_reverse(worker):
 
 @pytest.mark.parametrize("mode", ["unshard", "per_layer"])
 def test_every_sampler_keeps_sharded_ranks_in_step(worker, mode):
-    """Each sampler (plain, guided, GHPO, the rules verifier), and dynamic sampling where rank 1 samples 3
-    rounds and rank 0 one, runs to the end in both sampling modes (a hang would time the worker out), and
+    """Each sampler (plain, guided, GHPO, the rules verifier), plain with LoRA, and dynamic sampling where
+    rank 1 samples 3 rounds and rank 0 one, runs to the end in both sampling modes (a hang would time the worker out), and
     per-layer gathering samples the tokens of the unsharded model."""
     results = load(worker, "sampling", 2)
-    for name in [*samplers.SAMPLERS, "dynamic"]:
+    for name in [*samplers.SAMPLERS, "dynamic", "plain_lora"]:
         got = results[f"{mode}/{name}"]
         assert got["figures"]["grad_norm"] > 0 and got["texts"] == results[f"unshard/{name}"]["texts"], name
     assert results[f"{mode}/dynamic"]["calls"] == [1, 3]
@@ -124,12 +124,12 @@ def test_a_sharded_run_killed_mid_step_resumes_as_if_never_stopped(tmp_path):
     args = [*FAST, *FSDP, "--sft_steps", "20", "--save_every", "2", "--eval_every", "3", "--max_steps", "3",
             "--rewards", "correctness=1,overlong=1"]  # overlong: rewards that differ within a group
     killed, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
-    done = run(TORCHRUN + ["tests/dist_train.py", "killed_at_step_3", *args, "--out_dir", killed], timeout=120)
+    done = run(TORCHRUN + ["tests/dist_train.py", "killed_at_step_3", *args, "--out_dir", killed])
     assert done.returncode != 0 and "Signal 9 (SIGKILL)" in done.stderr, done.stderr[-3000:]
     assert checkpoint.latest(killed).endswith("step_000002")
-    done = run(TORCHRUN + ["train.py", "--resume", killed], timeout=120)
+    done = run(TORCHRUN + ["train.py", "--resume", killed])
     assert done.returncode == 0, done.stderr[-3000:]
-    done = run(TORCHRUN + ["train.py", *args, "--out_dir", whole], timeout=120)
+    done = run(TORCHRUN + ["train.py", *args, "--out_dir", whole])
     assert done.returncode == 0, done.stderr[-3000:]
     resumed, straight = (read(f"{out}/metrics.jsonl") for out in (killed, whole))
     assert [(r["step"], r["split"]) for r in resumed] == [(r["step"], r["split"]) for r in straight]
@@ -140,3 +140,15 @@ def test_a_sharded_run_killed_mid_step_resumes_as_if_never_stopped(tmp_path):
     results = evaluator.main(["--model", killed, "--out", str(tmp_path / "eval.jsonl")])
     last = [row for row in resumed if row["split"] == "eval"][-1]
     assert results["model"]["metrics"] == {k: last[k] for k in results["model"]["metrics"]}
+
+
+def test_out_of_memory_on_one_sharded_rank_stops_both_with_a_checkpoint(tmp_path):
+    """Rank 1 runs out of memory while sampling step 2: both ranks stop, the message is printed once, and
+    the checkpoint of step 1, whose gathering needs both ranks' shards, is saved whole."""
+    out = str(tmp_path / "sampling")
+    done = run(TORCHRUN + ["tests/dist_train.py", "sampler_oom", *FAST, *FSDP, "--max_steps", "3", "--eval_every", "3",
+                           "--out_dir", out])
+    assert done.returncode != 0
+    assert done.stderr.count("stopped: out of memory at step 2") == 1, done.stderr[-3000:]
+    path = checkpoint.latest(out)
+    assert path.endswith("step_000001") and checkpoint.unreadable(path) is None

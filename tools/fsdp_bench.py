@@ -7,9 +7,9 @@ gradients and optimizer state) and under torchrun with --fsdp, on the same chain
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tools/fsdp_bench.py --fsdp
 
 Each rank trains `--chains` teacher-forced chains of random tokens (prompt `--prompt` + `--completion`
-tokens), so two ranks together train twice one process's chains. Memory: the peak resident memory
-(VmHWM) of each phase, reset at its start (tools/measure.py), after a warm-up step that allocates
-AdamW's state. Sampling: `--new_tokens` tokens for each of `--chains` chains, forced to full length.
+tokens), so two ranks together train twice one process's chains. Memory, printed as "held / peak":
+the resident memory at the start of each phase, and its peak (VmHWM, reset at the start: tools/measure.py),
+after a warm-up step that allocates AdamW's state. Sampling: `--new_tokens` tokens for each of `--chains` chains, forced to full length.
 """
 import argparse
 import ctypes
@@ -26,7 +26,7 @@ import grpo  # noqa: E402
 import llms  # noqa: E402
 import optim  # noqa: E402
 import rollout  # noqa: E402
-from tools.measure import memory_mark  # noqa: E402
+from tools.measure import memory_mark, memory_now  # noqa: E402
 
 # Qwen2.5-0.5B's shape (its config.json): 494M parameters, 24 layers, tied embeddings
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -77,29 +77,32 @@ def main() -> None:
     rows = {}
     grpo.update(policy.model, None, r, adv, optimizer, cfg)  # warm-up: AdamW's state is allocated here
     release()
+    held = memory_now("cpu")
     memory_mark("cpu")
     t0 = time.perf_counter()
     for _ in range(args.steps):
         grpo.update(policy.model, None, r, adv, optimizer, cfg)
-    rows["update"] = ((time.perf_counter() - t0) / args.steps, memory_mark("cpu")[0])
+    rows["update"] = ((time.perf_counter() - t0) / args.steps, held, memory_mark("cpu")[0])
     modes = ("unshard", "per_layer") if args.fsdp else ("one process",)
     for mode in modes:
         release()
         root = distributed.fsdp_root(policy.model)
         if root is not None:
             root.grpo_sampling = mode
+        held = memory_now("cpu")
         memory_mark("cpu")
         t0 = time.perf_counter()
         with distributed.sampling(policy.model):
             rollout.generate(policy.model, ids[:, :args.prompt], torch.ones_like(ids[:, :args.prompt]),
                              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, temperature=1.0)
-        rows[f"sampling ({mode})"] = (time.perf_counter() - t0, memory_mark("cpu")[0])
+        rows[f"sampling ({mode})"] = (time.perf_counter() - t0, held, memory_mark("cpu")[0])
     table = distributed.gather(rows)
     if distributed.is_main():
         what = f"{distributed.world()} ranks, --fsdp" if args.fsdp else "one process (one data-parallel rank)"
         print(f"\n{what}: {n} chains x {width} tokens per rank; sampling {n} x {args.new_tokens} new tokens per rank")
         for phase in rows:
-            cells = " | ".join(f"{part[phase][1]:.2f} GB, {part[phase][0]:.1f} s" for part in table)
+            cells = " | ".join(f"{part[phase][1]:.2f} / {part[phase][2]:.2f} GB, {part[phase][0]:.1f} s"
+                               for part in table)
             print(f"| {phase} | {cells} |")
     distributed.teardown()
 
