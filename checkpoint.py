@@ -65,13 +65,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_model(path: str, model, tokenizer, state: dict | None = None, what: str = "model",
-               intact: str = "What was saved before") -> None:
+               intact: str = "What was saved before", weights: dict | None = None) -> None:
     """Model, tokenizer (and `state` as state.pt) written under `path.tmp`, then renamed: `path` is
-    complete or absent. A failed write (typically a full disk) leaves what was there untouched."""
+    complete or absent. A failed write (typically a full disk) leaves what was there untouched.
+    weights: the model's state dict gathered whole (--fsdp: distributed.full_state), None = its own."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-write
     try:
-        model.save_pretrained(tmp)
+        # save_pretrained empties the state dict it is given: a shallow copy
+        model.save_pretrained(tmp, **({} if weights is None else {"state_dict": dict(weights)}))
         tokenizer.save_pretrained(tmp)
         if vision.is_vl(tokenizer):  # a VL model's image processor, which llms.load reads back
             tokenizer.image_processor.save_pretrained(tmp)
@@ -85,17 +87,20 @@ def save_model(path: str, model, tokenizer, state: dict | None = None, what: str
     os.replace(tmp, path)  # a rename is atomic
 
 
-def save(out_dir: str, step: int, model, tokenizer, optimizer, scheduler, keep_last: int) -> str:
+def save(out_dir: str, step: int, model, tokenizer, optimizer, scheduler, keep_last: int,
+         whole: tuple[dict | None, dict | None] = (None, None)) -> str:
+    """whole: (weights, optimizer state) gathered from a sharded model (distributed.full_state), else (None, None)."""
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
     for d in os.listdir(root) if os.path.isdir(root) else []:  # partial folders left by crashes
         if d.endswith(".tmp"):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     os.makedirs(root, exist_ok=True)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state()}
+    weights, optimizer_state = whole
+    state = {"step": step, "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+             "scheduler": scheduler.state_dict(), "rng": rng_state()}
     save_model(final, model, tokenizer, state, what="checkpoint",
-               intact=f"The previous checkpoint ({latest(out_dir) or 'none yet'})")
+               intact=f"The previous checkpoint ({latest(out_dir) or 'none yet'})", weights=weights)
     write_atomic(os.path.join(root, "latest"), os.path.basename(final))
     complete = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
     for old in complete[:-max(1, keep_last)]:
@@ -176,7 +181,8 @@ def load_state(path: str, optimizer, scheduler) -> dict:
             return torch.serialization.default_restore_location(storage, str(device))
         return storage
     state = torch.load(os.path.join(path, "state.pt"), map_location=onto_this_device, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    # whole tensors, whatever number of ranks saved them; --fsdp: cut to this rank's shards
+    optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     return state
 
@@ -356,10 +362,12 @@ class Guard:
         return self
 
     def save(self, step: int) -> None:
+        # --fsdp: every rank takes part in gathering the shards; rank 0 alone writes
+        whole = distributed.full_state(self.policy.model, self.optimizer)
         if not self.run.writes:  # the ranks hold the same weights and optimizer state: rank 0 saves them
             return
         save(self.run.dir, step, self.policy.model, self.policy.tokenizer, self.optimizer, self.scheduler,
-             self.cfg.keep_last)
+             self.cfg.keep_last, whole)
 
     def applied(self, step: int, skipped: bool) -> None:
         """Step `step`'s update is done (or skipped): from now on a checkpoint holds it."""

@@ -255,6 +255,12 @@ class Config:
     report_to: list[str] = field(default_factory=list)  # also log to tensorboard and/or wandb (tracking.py);
     #                                    metrics.jsonl is always written
     wandb_project: str = "grpo"        # wandb: the project the runs go to
+    # --- torchrun (distributed.py)
+    fsdp: bool = False                 # under torchrun, shard weights, gradients and optimizer state over the ranks
+    #                                    (FSDP2): for a model that does not fit one GPU; one process runs as without
+    fsdp_sampling: Literal["unshard", "per_layer"] = "unshard"  # --fsdp sampling: unshard the whole model once per
+    #                                    step (fast, needs it to fit a GPU while sampling) or gather layer by layer at
+    #                                    every generated token (a shard's memory, one all-gather per layer per token)
 
 
 def _types() -> dict:

@@ -100,7 +100,8 @@ def evaluate(model, tokenizer, examples: list[dict], cfg) -> tuple[dict, list[di
     rewards.check_names({cfg.eval_format: 1.0} if cfg.eval_format else {})
     settings = rewards.settings(cfg)
     mine = {}  # batch start -> its records
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # --fsdp: the ranks' generate calls match, whatever their number of batches (distributed.sampling)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), distributed.sampling(model):
         torch.manual_seed(cfg.seed + 1_000_003 * distributed.rank())
         for i in starts[distributed.rank()::distributed.world()]:
             batch = examples[i:i + cfg.eval_batch_size]

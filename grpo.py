@@ -125,7 +125,8 @@ def step(policy, sample, batch: list[dict], step: int, optimizer, cfg, refill=No
     if cfg.dynamic_sampling and refill is None:
         raise ValueError("dynamic_sampling needs more questions than the step's batch, and this caller gives "
                          "none (refill): train with train.py, or set dynamic_sampling false")
-    with distributed.errors_stop_every_rank():  # an error while any rank samples or scores stops them all here
+    # an error while any rank samples or scores stops them all here; --fsdp: the ranks' generate calls match
+    with distributed.errors_stop_every_rank(), distributed.sampling(policy.model):
         if cfg.dynamic_sampling:
             s, rounds, filtered = dynamic_sampling(policy, sample, batch, step, cfg, refill)
         else:

@@ -34,10 +34,18 @@ class MicroBatches:
         self.ends = logprobs.last_trained_column(loss_mask).clamp(min=start) + 1  # (N,) each chain ends before it
         self.order = (torch.argsort(self.ends, descending=True, stable=True) if sort
                       else torch.arange(len(loss_mask), device=loss_mask.device))
-        self.total = len(self)
+        self.start = start
+        self.total, self.passes = len(self), self.agreed_passes()
 
     def __iter__(self):
-        return iter([(rows, int(self.ends[rows].max())) for rows in self.order.split(self.size)])
+        batches = [(rows, int(self.ends[rows].max())) for rows in self.order.split(self.size)]
+        # --fsdp: each pass gathers the weights with the other ranks, so a rank with fewer micro-batches
+        # runs empty ones (no chain, a loss of exactly 0) until it has run as many as the rank with the most
+        return iter(batches + [(self.order[:0], self.start + 1)] * (self.passes - len(batches)))
+
+    def agreed_passes(self) -> int:
+        """The micro-batches every rank iterates: its own, or under --fsdp the most any rank has."""
+        return max(distributed.gather(len(self))) if distributed.is_sharded() else len(self)
 
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.size)
@@ -45,6 +53,7 @@ class MicroBatches:
     def halve(self) -> None:
         self.size = max(1, self.size // 2)
         self.total = distributed.all_sum([len(self)])[0]
+        self.passes = self.agreed_passes()
 
 
 def free_memory() -> None:
@@ -89,7 +98,7 @@ def optimizer_step(model, optimizer, sums: dict, max_grad_norm: float) -> dict:
     step = dict(zip(sums, distributed.all_sum(list(sums.values()))))
     error, stepped = None, False
     try:
-        step["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+        step["grad_norm"] = distributed.full(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)).item()
         step["skipped"] = not (math.isfinite(step["loss"]) and math.isfinite(step["grad_norm"]))
         if not step["skipped"]:
             optimizer.step()

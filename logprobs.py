@@ -76,8 +76,19 @@ def token_logps(model, input_ids, attention_mask, start: int, temperature, chunk
     The body runs once (share_prompt: the shared prompt columns once per distinct prompt, then the rest,
     shared_prompt_hidden); the output projection runs on `chunk` positions at a time (fewer under
     chunk_mb, see head_logps) and is recomputed in backward (activation checkpointing), so only one
-    chunk of logits ever exists.
+    chunk of logits ever exists. Under --fsdp it runs inside the root's forward (distributed.as_forward),
+    where the head weight it reads directly is whole.
     """
+    return distributed.as_forward(model, _token_logps, model, input_ids, attention_mask, start, temperature, chunk,
+                                  visual, chunk_mb=chunk_mb, share_prompt=share_prompt)
+
+
+def _token_logps(model, input_ids, attention_mask, start, temperature, chunk, visual, *, chunk_mb, share_prompt):
+    if input_ids.shape[0] == 0:  # a micro-batch of no chain (--fsdp: guards.MicroBatches): one row of token 0
+        # runs instead, so that its forward and backward gather and reduce with the other ranks'; (0, L - start)
+        row = torch.zeros((1, input_ids.shape[1]), dtype=input_ids.dtype, device=input_ids.device)
+        return _token_logps(model, row, torch.ones_like(row), start, 1.0, chunk, None, chunk_mb=chunk_mb,
+                            share_prompt=False)[:0]
     body, head = llms.decoder_and_head(model)
     banned = vision.banned_ids(model)
     # share_prompt: text only, and not under gradient checkpointing, which turns the KV cache off

@@ -25,7 +25,8 @@ def test_the_cpu_rehearsal_passes_every_item(tmp_path, monkeypatch):
     failed = [(r["part"], r["name"], r.get("error")) for r in results if not r["ok"]]
     assert failed == []
     names = {(r["part"], r["name"]) for r in results}
-    assert {("smoke", v) for v in [*gpu_check.SMOKE, "resume"]} <= names  # every variant ran, and a resume
+    assert {("smoke", v) for v in [*gpu_check.SMOKE, "resume", "fsdp, one rank"]} <= names  # every variant, a
+    # resume, and --fsdp over a process group of one rank
     assert {p for p, _ in names} == {"smoke", "memory", "speed", "kahan"}
     smoke = [r for r in results if r["part"] == "smoke" and r["name"] in gpu_check.SMOKE]
     assert all(r["figures"]["grad_norm"] > 0 for r in smoke)  # a train line whose rewards gave a gradient

@@ -18,7 +18,8 @@ records its error; the suite goes on either way.
           SMOKE: plain with the dynamic and the static sampler, Liger, LoRA r=16 with beta 0.04 (the
           reference is the adapter switched off), full fine-tuning with beta 0.04 (a reference copy),
           guided, GHPO, verifier turns with the hf backend on the policy, DAPO with dynamic sampling; and
-          plain resumed for a third step from its checkpoint (optimizer state back onto the GPU).
+          plain resumed for a third step from its checkpoint (optimizer state back onto the GPU); and plain
+          with --fsdp, sharded over a process group of this one GPU (fsdp_item).
   memory  bench.py's reference workload (1 prompt x 16 chains x 786 tokens, 8-bit AdamW, gradient
           checkpointing) under a 24 GB cap, full fine-tuning and LoRA r=16: peak allocated and reserved
           memory by phase.
@@ -193,6 +194,28 @@ def smoke_item(flags: list[str], out_dir: str, resume: bool = False):
     return run
 
 
+def fsdp_item(flags: list[str], out_dir: str, device: str):
+    """train.py's two steps with --fsdp on this one GPU: a process group of one rank is made here (NCCL on a
+    GPU, gloo in the rehearsal), so the policy is sharded (over one rank) as under torchrun: bf16 compute
+    over fp32 master shards, the log-prob pass inside the root's forward, both sampling modes' plumbing."""
+    def run() -> dict:
+        import socket
+
+        import torch.distributed as dist
+        with socket.socket() as s:  # a free port for the one-rank rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                world_size=1, rank=0)
+        try:
+            return smoke_item(flags + ["--fsdp", "true", "--optimizer", "adamw", "--kahan_updates", "false"],
+                              out_dir)()
+        finally:
+            if dist.is_initialized():  # train.py's teardown closes it when the run ends normally
+                dist.destroy_process_group()
+    return run
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. memory and 3. speed: bench.py in this process
 
@@ -297,6 +320,7 @@ def main(argv: list[str]) -> list[dict]:
                 run_dir = os.path.join(work, "run")
                 items.append((name, smoke_item(smoke_flags(model_dir, device, run_dir) + extra, run_dir)))
             items.append(("resume", smoke_item(smoke_flags(model_dir, device, run_dir), run_dir, resume=True)))
+            items.append(("fsdp, one rank", fsdp_item(smoke_flags(model_dir, device, run_dir), run_dir, device)))
             run_part(results, "smoke", items, budgets["smoke"], device)
         if "memory" in parts:
             run_part(results, "memory", [
