@@ -3,7 +3,6 @@ never wait on each other forever, whatever their number of generate calls or mic
 that another number of ranks resumes; the levers it cannot run with refused before any model loads.
 Every launch has a timeout (test_distributed.run), so a hang fails a test instead of the suite."""
 import os
-import signal
 import sys
 
 import pytest
