@@ -8,7 +8,7 @@ flaky_reward (a reward `flaky` that raises on rank 1's chains: counted, the run 
 oom_once (rank 1's first loss micro-batch of 4 chains runs out of memory: both ranks retry at 2),
 oom_always (rank 1 runs out of memory on every loss micro-batch: both ranks stop, rank 0 saves),
 optimizer_oom (rank 1's GRPO optimizer step of step 2 runs out of memory; rank 0's has been taken),
-killed_at_step_3 (rank 1 is killed with SIGKILL when it starts sampling step 3).
+killed_at_step_4 (rank 1 is killed with SIGKILL when it starts sampling step 4).
 """
 import os
 import runpy
@@ -27,14 +27,14 @@ import rewards  # noqa: E402
 import samplers  # noqa: E402
 
 mode, argv = sys.argv[1], sys.argv[2:]
-if mode in ("sampler_fails", "sampler_oom", "killed_at_step_3"):
+if mode in ("sampler_fails", "sampler_oom", "killed_at_step_4"):
     make = samplers.make
 
     def failing_make(cfg, **kwargs):
         sample = make(cfg, **kwargs)
 
         def wrapped(model, tokenizer, batch, step):
-            if distributed.rank() == 1 and step == 3 and mode == "killed_at_step_3":
+            if distributed.rank() == 1 and step == 4 and mode == "killed_at_step_4":
                 os.kill(os.getpid(), signal.SIGKILL)
             if distributed.rank() == 1 and step == 2 and mode == "sampler_oom":
                 raise torch.OutOfMemoryError("CUDA out of memory (rank 1's test fault)")

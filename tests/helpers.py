@@ -6,6 +6,8 @@ train.py is a script that nothing imports; tests run it as `python train.py` wou
 import json
 import os
 import runpy
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -18,6 +20,15 @@ FAST = ["--config", "configs/tiny.yaml", "--tiny_hidden", "32", "--tiny_layers",
 def run_train(argv: list[str]) -> None:
     """train.py's main(argv): its errors reach the caller as they are (checkpoint.RunStopped, ...)."""
     runpy.run_path(TRAIN_PY, run_name="train")["main"](argv)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def run(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """A command from the repo root, one thread per process, with a timeout: a hang fails the test."""
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def read(path):

@@ -1,7 +1,6 @@
 """torchrun on the CPU (gloo, 2 processes): the same update as one process, figures over all ranks, a
 run that writes once and resumes on 2 ranks or 1, and errors that stop both ranks, printed once."""
 import os
-import subprocess
 import sys
 
 import pytest
@@ -9,18 +8,12 @@ import torch
 
 import checkpoint
 import samplers
-from helpers import FAST, ROOT, read
+from helpers import FAST, ROOT, TORCHRUN, read, run
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import dist_worker  # noqa: E402
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 SHORT = FAST + ["--prompts_per_step", "2", "--eval_every", "3"]
-
-
-def run(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,8 @@
 """--fsdp on 2 CPU ranks (gloo): the update of one process for every loss type, LoRA, beta > 0; ranks that
 never wait on each other forever, whatever their number of generate calls or micro-batches; checkpoints
 that another number of ranks resumes; the levers it cannot run with refused before any model loads.
-Every launch has a timeout (test_distributed.run), so a hang fails a test instead of the suite."""
+Every launch has a timeout (helpers.run), so a hang fails a test instead of the suite."""
 import os
-import signal
 import sys
 
 import pytest
@@ -14,8 +13,7 @@ import config
 import distributed
 import evaluator
 import samplers
-from helpers import FAST, ROOT, read
-from test_distributed import TORCHRUN, run
+from helpers import FAST, ROOT, TORCHRUN, read, run
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import fsdp_worker  # noqa: E402
@@ -117,29 +115,30 @@ def test_levers_fsdp_cannot_run_with_are_named_before_any_model_loads(monkeypatc
 
 
 def test_a_sharded_run_killed_mid_step_resumes_as_if_never_stopped(tmp_path):
-    """train.py --fsdp under torchrun: rank 1 is killed (SIGKILL) in step 3's sampling; --resume redoes
-    step 3 from step 2's checkpoint as the run that was not killed took it; the checkpoint is an HF
-    folder that evaluator.py --model scores as the run's last eval. (Resuming on another number of ranks:
-    test_a_checkpoint_of_two_ranks_resumes_on_one_and_the_reverse.)"""
-    args = [*FAST, *FSDP, "--sft_steps", "20", "--save_every", "2", "--eval_every", "3", "--max_steps", "3",
-            "--rewards", "correctness=1,overlong=1"]  # overlong: rewards that differ within a group
-    killed, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
-    done = run(TORCHRUN + ["tests/dist_train.py", "killed_at_step_3", *args, "--out_dir", killed])
+    """train.py --fsdp under torchrun: rank 1 is killed (SIGKILL) as it starts sampling step 4, after step
+    3's lines were logged; --resume goes back to step 2's checkpoint and redoes step 3 with the figures the
+    killed run logged for it; the checkpoint is an HF folder that evaluator.py --model scores as the run's
+    last eval. (Resuming on another number of ranks: test_a_checkpoint_of_two_ranks_resumes_on_one_and_the_reverse.)"""
+    out = str(tmp_path / "killed")
+    args = [*FAST, *FSDP, "--sft_steps", "20", "--save_every", "2", "--eval_every", "3", "--max_steps", "4",
+            "--rewards", "correctness=1,overlong=1", "--out_dir", out]  # overlong: rewards that differ in a group
+    done = run(TORCHRUN + ["tests/dist_train.py", "killed_at_step_4", *args])
     assert done.returncode != 0 and "Signal 9 (SIGKILL)" in done.stderr, done.stderr[-3000:]
-    assert checkpoint.latest(killed).endswith("step_000002")
-    done = run(TORCHRUN + ["train.py", "--resume", killed])
+    assert checkpoint.latest(out).endswith("step_000002")
+    logged = read(f"{out}/metrics.jsonl")
+    assert any(row.get("grad_norm", 0) > 0 for row in logged)  # the checkpoint's weights moved
+    before = [row for row in logged if row["step"] == 3]  # step 3's train and eval lines, from those weights
+    assert [row["split"] for row in before] == ["train", "eval"]
+    done = run(TORCHRUN + ["train.py", "--resume", out])
     assert done.returncode == 0, done.stderr[-3000:]
-    done = run(TORCHRUN + ["train.py", *args, "--out_dir", whole])
-    assert done.returncode == 0, done.stderr[-3000:]
-    resumed, straight = (read(f"{out}/metrics.jsonl") for out in (killed, whole))
-    assert [(r["step"], r["split"]) for r in resumed] == [(r["step"], r["split"]) for r in straight]
-    for a, b in zip(resumed, straight):
+    rows = read(f"{out}/metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in rows if r["split"] == "train"] == [(s, "train") for s in (1, 2, 3, 4)]
+    for old, new in zip(before, [row for row in rows if row["step"] == 3]):
         for key in ("reward", "loss", "grad_norm", "accuracy"):
-            assert a.get(key) == pytest.approx(b.get(key), rel=1e-4, abs=1e-6), (a["step"], key)
-    assert any(r.get("grad_norm", 0) > 0 for r in resumed)  # a step that trained, not all-equal rewards
-    results = evaluator.main(["--model", killed, "--out", str(tmp_path / "eval.jsonl")])
-    last = [row for row in resumed if row["split"] == "eval"][-1]
-    assert results["model"]["metrics"] == {k: last[k] for k in results["model"]["metrics"]}
+            assert new.get(key) == pytest.approx(old.get(key), rel=1e-4, abs=1e-6), (old["split"], key)
+    results = evaluator.main(["--model", out, "--out", str(tmp_path / "eval.jsonl")])
+    last = [row for row in rows if row["split"] == "eval"][-1]
+    assert last["step"] == 4 and results["model"]["metrics"] == {k: last[k] for k in results["model"]["metrics"]}
 
 
 def test_out_of_memory_on_one_sharded_rank_stops_both_with_a_checkpoint(tmp_path):
