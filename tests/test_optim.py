@@ -97,5 +97,7 @@ def test_the_after_step_hook_needs_chunk_sized_temporaries_not_weight_sized_ones
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
         return float(out.stdout.split()[-1])
     whole, chunked = growth_mb(2**27), growth_mb(optim.CHUNK)
-    assert whole > 1200, whole  # measured: 1516 MB, three weight-sized fp32 temporaries at once
+    # measured: 1516 MB alone, three weight-sized fp32 temporaries at once; 1181 MB once while two other
+    # test runs shared the machine. Two 512 MB temporaries at once is the claim
+    assert whole > 1000, whole
     assert chunked < 400, chunked  # measured: 252 MB
