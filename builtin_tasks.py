@@ -195,7 +195,8 @@ def clips_task(n_train: int, n_test: int, seed: int, count: int = 3, fps: float 
     examples = []
     for p in digit_problems(n_train + n_test, seed, count):
         frames = [number_image([n]) for n in p for _ in range(hold)]
-        examples.append({"question": f"What is the sum of the {words} numbers shown in the clip?", "answer": str(sum(p)),
+        examples.append({"question": f"What is the sum of the {words} numbers shown in the clip?",
+                         "answer": str(sum(p)),
                          "solution": running_sums(p),
                          "videos": [video.Video(frames, [k / fps for k in range(len(frames))], fps)]})
     return examples[n_test:], examples[:n_test]

@@ -435,8 +435,8 @@ def validate(cfg: Config) -> None:
         if not 0 <= getattr(cfg, key) <= 1:
             raise UserError(f"{key} is a share of the warm-start targets, between 0 and 1; got {getattr(cfg, key)}")
     if cfg.sft_slip_rate > 0 and cfg.dataset not in ("arithmetic", "digits", "clips"):
-        raise UserError("sft_slip_rate reworks the built-in tasks' solutions (dataset arithmetic, digits or clips); set it "
-                        f"to 0 for {cfg.dataset!r}")
+        raise UserError("sft_slip_rate reworks the built-in tasks' solutions (dataset arithmetic, digits or clips); "
+                        f"set it to 0 for {cfg.dataset!r}")
     if cfg.dataset == "arithmetic" and cfg.arithmetic_max_value < 12:
         raise UserError(f"arithmetic_max_value must be at least 12 (problems start from up to 12 items), "
                         f"got {cfg.arithmetic_max_value}")

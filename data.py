@@ -272,9 +272,9 @@ def to_examples(rows: list[tuple[str, object]], source: str, task: str, template
 
 
 def load(cfg) -> tuple[list[dict], list[dict]]:
-    """(train, test) examples of cfg.dataset: "arithmetic", "addition", "digits" or "clips" (builtin_tasks.py), a hub name,
-    or a local file or folder; cfg.task says how rows become examples (math: question/answer columns;
-    judge_*: the OpenJudge layout)."""
+    """(train, test) examples of cfg.dataset: "arithmetic", "addition", "digits" or "clips" (builtin_tasks.py), a
+    hub name, or a local file or folder; cfg.task says how rows become examples (math: question/answer
+    columns; judge_*: the OpenJudge layout)."""
     template = load_template(cfg.prompt_template, cfg.task)
     if cfg.dataset == "clips":
         train, test = builtin_tasks.clips_task(cfg.digits_train_size, cfg.digits_test_size, cfg.seed, cfg.digits_count,

@@ -115,7 +115,8 @@ def frame_size(family: str, frames: int, height: int, width: int, *, factor: int
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if frames_rounded * h * w > max_pixels:
         beta = math.sqrt(budget_frames * height * width / max_pixels)
-        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
     elif frames_rounded * h * w < min_pixels:
         beta = math.sqrt(min_pixels / (budget_frames * height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
@@ -127,7 +128,8 @@ def patches(family: str, frames: list[Image.Image], *, patch_size: int, temporal
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel_values_videos (t*h*w, 3*temporal_patch_size*patch_size**2), video_grid_thw (1, 3)) of one
     video, with min_pixels and max_pixels per frame."""
-    video = torch.from_numpy(np.stack([np.asarray(f.convert("RGB")) for f in frames])).permute(0, 3, 1, 2)  # (T, 3, H, W)
+    video = torch.from_numpy(np.stack([np.asarray(f.convert("RGB")) for f in frames]))  # (T, H, W, 3) uint8
+    video = video.permute(0, 3, 1, 2)  # (T, 3, H, W)
     height, width = frame_size(family, len(frames), *video.shape[-2:], factor=patch_size * merge_size,
                                min_pixels=min_pixels, max_pixels=max_pixels)
     if (height, width) != tuple(video.shape[-2:]):  # torchvision's CPU path for uint8 bicubic: antialiased, in uint8
@@ -157,7 +159,8 @@ def prompt_tokens(family: str, grid: torch.Tensor, times: list[float], *, merge_
     if family not in QWEN3_RULE:
         return VISION_START + VIDEO_PAD * (t * per_frame) + VISION_END
     times = list(times) + [times[-1]] * (-len(times) % temporal_patch_size)  # padded as the frames are
-    stamps = [sum(times[i:i + temporal_patch_size]) / temporal_patch_size for i in range(0, len(times), temporal_patch_size)]
+    tp = temporal_patch_size
+    stamps = [sum(times[i:i + tp]) / tp for i in range(0, len(times), tp)]
     return "".join(f"<{s:.1f} seconds>" + VISION_START + VIDEO_PAD * per_frame + VISION_END for s in stamps)
 
 

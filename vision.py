@@ -172,7 +172,8 @@ def encode(tokenizer, prompts: list[str], items: list[list]) -> tuple[list[str],
             prompt = pieces[0] + "".join(t + rest for t, rest in zip(tokens, pieces[1:]))
             v = v._replace(pixel_values_videos=torch.cat([p for p, _ in done]),
                            video_grid_thw=torch.cat([g for _, g in done]),
-                           second_per_grid_ts=torch.tensor([processor.temporal_patch_size / clip.fps for clip in videos]))
+                           second_per_grid_ts=torch.tensor([processor.temporal_patch_size / clip.fps
+                                                            for clip in videos]))
         expanded.append(prompt)
         visual.append(v)
     return expanded, visual
@@ -210,7 +211,8 @@ def model_inputs(model, input_ids: torch.Tensor, visual: list[Visual]) -> dict:
     and the grids (one row per image or video, in row order) the model computes its 3-D rope positions
     itself; rows without either get plain 1-D positions."""
     cfg = model.config
-    kwargs = {"mm_token_type_ids": (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()}
+    kinds = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()  # text 0
+    kwargs = {"mm_token_type_ids": kinds}
     device = input_ids.device
     questions = list({id(v): v for v in visual}.values())  # each question once, in order of first use
     outputs = {}

@@ -93,7 +93,8 @@ def test_video_rows_load_from_jsonl_and_parquet(tmp_path):
                                           fps=2.0))
     assert [ex["question"] for ex in examples] == ["<video>Sum?", "What is <video> about?"]
     assert examples[0]["videos"][0].times == [0.0, 0.25, 0.5] and examples[1]["videos"][0].times == [0.0, 0.5]
-    from_parquet, _ = data.load(config.Config(dataset=str(parquet), test_dataset=str(parquet), question_field="problem"))
+    from_parquet, _ = data.load(config.Config(dataset=str(parquet), test_dataset=str(parquet),
+                                              question_field="problem"))
     for a, b in zip(from_parquet[0]["videos"][0].frames, examples[0]["videos"][0].frames, strict=True):
         assert list(a.getdata()) == list(b.getdata())
 
@@ -132,7 +133,8 @@ def test_a_bad_video_is_an_error_naming_the_row_or_is_skipped_and_counted(tmp_pa
     write_clip(tmp_path, [1, 2], "a")
     (tmp_path / "clip.mp4").write_bytes(b"a video file")
     train = write_rows(tmp_path / "train.jsonl", [{"problem": "<video>Sum?", "answer": "3", "videos": videos},
-                                                   {"problem": "Sum?", "answer": "3", "videos": [["a/0.png", "a/1.png"]]}])
+                                                   {"problem": "Sum?", "answer": "3",
+                                                    "videos": [["a/0.png", "a/1.png"]]}])
     cfg = config.Config(dataset=train, test_dataset=train, question_field="problem")
     with pytest.raises(data.BadRow, match=error + ".*--skip_bad_rows"):
         data.load(cfg)

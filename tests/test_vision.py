@@ -46,7 +46,7 @@ def build_checkpoint(family: str, path: str) -> str:
             text_config=text, tie_word_embeddings=True, **special, vision_config=dict(
                 depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2)))
-    elif family == "qwen2_5_vl":  # Qwen2.5-VL names the vision width hidden_size and the merger's output out_hidden_size
+    elif family == "qwen2_5_vl":  # Qwen2.5-VL names the vision width hidden_size, the merger's output out_hidden_size
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
             text_config=text, tie_word_embeddings=True, **special, vision_config=dict(
                 depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
@@ -236,7 +236,8 @@ def test_the_vision_gradient_is_that_of_one_encoder_pass_per_chain(vl):
         logprobs.head_logps(hidden, head, ids, 1, 1.0, 8, vision.banned_ids(model)).sum().backward()
         return [p.grad.clone() for p in body.visual.parameters()]
     once = vision_grads(logprobs.hidden_states(body, ids, mask, visual))
-    per_chain = vision_grads(body(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([v.pixel_values for v in visual]),
+    per_chain = vision_grads(body(input_ids=ids, attention_mask=mask,
+                                  pixel_values=torch.cat([v.pixel_values for v in visual]),
                                   image_grid_thw=torch.cat([v.image_grid_thw for v in visual]),
                                   mm_token_type_ids=(ids == model.config.image_token_id).long()).last_hidden_state)
     model.zero_grad(set_to_none=True)
