@@ -31,6 +31,13 @@ def run(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def one_process_and_two_ranks(script: str, out) -> None:
+    """tests/<script> run as one process, then as two torchrun ranks, each writing its outputs to `out`."""
+    for argv in ([sys.executable, f"tests/{script}", str(out)], TORCHRUN + [f"tests/{script}", str(out)]):
+        done = run(argv)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+
 def read(path):
     with open(path) as f:
         return [json.loads(line) for line in f]

@@ -8,7 +8,7 @@ import torch
 
 import checkpoint
 import samplers
-from helpers import FAST, ROOT, TORCHRUN, read, run
+from helpers import FAST, ROOT, TORCHRUN, one_process_and_two_ranks, read, run
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import dist_worker  # noqa: E402
@@ -20,9 +20,7 @@ SHORT = FAST + ["--prompts_per_step", "2", "--eval_every", "3"]
 def worker(tmp_path_factory):
     """dist_worker.py's outputs as one process and as two ranks."""
     out = tmp_path_factory.mktemp("dist")
-    for argv in ([sys.executable, "tests/dist_worker.py", str(out)], TORCHRUN + ["tests/dist_worker.py", str(out)]):
-        done = run(argv)
-        assert done.returncode == 0, done.stderr[-3000:]
+    one_process_and_two_ranks("dist_worker.py", out)
     return out
 
 

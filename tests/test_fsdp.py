@@ -13,7 +13,7 @@ import config
 import distributed
 import evaluator
 import samplers
-from helpers import FAST, ROOT, TORCHRUN, read, run
+from helpers import FAST, ROOT, TORCHRUN, one_process_and_two_ranks, read, run
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import fsdp_worker  # noqa: E402
@@ -25,9 +25,7 @@ FSDP = ["--fsdp", "true", "--optimizer", "adamw", "--kahan_updates", "false"]
 def worker(tmp_path_factory):
     """fsdp_worker.py's outputs as one process (nothing sharded) and as two ranks with --fsdp."""
     out = tmp_path_factory.mktemp("fsdp")
-    for argv in ([sys.executable, "tests/fsdp_worker.py", str(out)], TORCHRUN + ["tests/fsdp_worker.py", str(out)]):
-        done = run(argv)
-        assert done.returncode == 0, done.stderr[-3000:]
+    one_process_and_two_ranks("fsdp_worker.py", out)
     return out
 
 

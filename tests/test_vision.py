@@ -110,14 +110,12 @@ def test_max_pixels_bounds_the_visual_tokens(tmp_path):
         llms.load(path, "cpu", min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 2)
 
 
-def test_training_log_probs_equal_those_generate_sampled_with(vl):
-    """Sampled chains with images, left padded: the loss's forward pass (with the model's own 3-D rope
-    positions) gives the log-probs generate sampled the tokens with. Swapping the two questions' images
-    changes them: the test sees the images."""
-    model, tok = vl
-    prompts, images = prompts_and_images(tok)
-    ids, mask, visual = rollout.encode_prompts(tok, prompts, 64, "cpu", images)
-    G = 2
+G = 2  # chains per prompt in sampled_and_trained
+
+
+def sampled_and_trained(model, tok, ids, mask, visual):
+    """Two chains per prompt sampled as rollout.generate samples them: (the rollout, where completions start,
+    generate's log-probs of the sampled tokens, the training pass's log-probs of the same tokens)."""
     ids, mask, visual = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), [v for v in visual for _ in range(G)]
     model.eval()
     torch.manual_seed(0)
@@ -128,11 +126,23 @@ def test_training_log_probs_equal_those_generate_sampled_with(vl):
                          generation_config=settings, **vision.model_inputs(model, ids, visual))
     completions = out.sequences[:, ids.shape[1]:]
     sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    r = rollout.assemble(tok, ids, mask, completions, model.generation_config.eos_token_id, torch.arange(4) // 2,
-                         [{} for _ in range(4)], visual)
+    n = len(ids)
+    r = rollout.assemble(tok, ids, mask, completions, model.generation_config.eos_token_id, torch.arange(n) // G,
+                         [{} for _ in range(n)], visual)
     start = ids.shape[1]
     with torch.no_grad():
-        trained = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4, r.visual_of(range(4)))
+        trained = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4, r.visual_of(range(n)))
+    return r, start, sampled, trained
+
+
+def test_training_log_probs_equal_those_generate_sampled_with(vl):
+    """Sampled chains with images, left padded: the loss's forward pass (with the model's own 3-D rope
+    positions) gives the log-probs generate sampled the tokens with. Swapping the two questions' images
+    changes them: the test sees the images."""
+    model, tok = vl
+    prompts, images = prompts_and_images(tok)
+    ids, mask, visual = rollout.encode_prompts(tok, prompts, 64, "cpu", images)
+    r, start, sampled, trained = sampled_and_trained(model, tok, ids, mask, visual)
     keep = r.loss_mask[:, start:].bool()
     assert (trained[keep] - sampled[keep]).abs().max() < 1e-4
     # the same prompts with other images of the same sizes
@@ -141,7 +151,7 @@ def test_training_log_probs_equal_those_generate_sampled_with(vl):
     with torch.no_grad():
         swapped = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4,
                                      [v for v in o_visual for _ in range(G)])
-    assert torch.equal(o_ids.repeat_interleave(G, 0), ids)
+    assert torch.equal(o_ids, ids)
     assert (swapped[keep] - sampled[keep]).abs().max() > 1e-3
     model.train()
 
@@ -411,22 +421,8 @@ def test_video_chains_log_probs_equal_those_generate_sampled_with(vl):
     ids, mask, visual = rollout.encode_prompts(tok, prompts, 256, "cpu", items)
     assert (mask == 0).any() and [len(v.video_grid_thw) for v in visual] == [1, 1]
     assert ((ids == model.config.video_token_id).sum(1) > 0).all()
-    G = 2
-    ids, mask, visual = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), [v for v in visual for _ in range(G)]
-    model.eval()
-    torch.manual_seed(0)
-    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6,
-                                suppress_tokens=vision.banned_ids(model), pad_token_id=tok.pad_token_id,
-                                eos_token_id=model.generation_config.eos_token_id)
-    out = model.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True,
-                         generation_config=settings, **vision.model_inputs(model, ids, visual))
-    completions = out.sequences[:, ids.shape[1]:]
-    sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
-    r = rollout.assemble(tok, ids, mask, completions, model.generation_config.eos_token_id, torch.arange(4) // 2,
-                         [{} for _ in range(4)], visual)
-    start = ids.shape[1]
+    r, start, sampled, trained = sampled_and_trained(model, tok, ids, mask, visual)
     with torch.no_grad():
-        trained = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4, r.visual_of(range(4)))
         other = [[clip([9, 9, 9])], [builtin_tasks.number_image([1, 2]), clip([0, 0, 0, 0], fps=4.0)]]
         _, _, o_visual = rollout.encode_prompts(tok, prompts, 256, "cpu", other)
         swapped = logprobs.token_logps(model, r.input_ids, r.attention_mask, start, 1.0, 4,
