@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import config
 import distributed
+import fsdp
 import tracking
 import vision
 
@@ -68,7 +69,7 @@ def save_model(path: str, model, tokenizer, state: dict | None = None, what: str
                intact: str = "What was saved before", weights: dict | None = None) -> None:
     """Model, tokenizer (and `state` as state.pt) written under `path.tmp`, then renamed: `path` is
     complete or absent. A failed write (typically a full disk) leaves what was there untouched.
-    weights: the model's state dict gathered whole (--fsdp: distributed.full_state), None = its own."""
+    weights: the model's state dict gathered whole (--fsdp: fsdp.full_state), None = its own."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-write
     try:
@@ -89,7 +90,7 @@ def save_model(path: str, model, tokenizer, state: dict | None = None, what: str
 
 def save(out_dir: str, step: int, model, tokenizer, optimizer, scheduler, keep_last: int,
          whole: tuple[dict | None, dict | None] = (None, None)) -> str:
-    """whole: (weights, optimizer state) gathered from a sharded model (distributed.full_state), else (None, None)."""
+    """whole: (weights, optimizer state) gathered from a sharded model (fsdp.full_state), else (None, None)."""
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
     for d in os.listdir(root) if os.path.isdir(root) else []:  # partial folders left by crashes
@@ -182,7 +183,7 @@ def load_state(path: str, optimizer, scheduler) -> dict:
         return storage
     state = torch.load(os.path.join(path, "state.pt"), map_location=onto_this_device, weights_only=False)
     # whole tensors, whatever number of ranks saved them; --fsdp: cut to this rank's shards
-    optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, state["optimizer"]))
+    optimizer.load_state_dict(fsdp.shard_optimizer_state(optimizer, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     return state
 
@@ -363,7 +364,7 @@ class Guard:
 
     def save(self, step: int) -> None:
         # --fsdp: every rank takes part in gathering the shards; rank 0 alone writes
-        whole = distributed.full_state(self.policy.model, self.optimizer)
+        whole = fsdp.full_state(self.policy.model, self.optimizer)
         if not self.run.writes:  # the ranks hold the same weights and optimizer state: rank 0 saves them
             return
         save(self.run.dir, step, self.policy.model, self.policy.tokenizer, self.optimizer, self.scheduler,

@@ -37,6 +37,7 @@ import config
 import builtin_tasks
 import data
 import distributed
+import fsdp
 import judge_rewards
 import llms
 import rewards
@@ -100,8 +101,8 @@ def evaluate(model, tokenizer, examples: list[dict], cfg) -> tuple[dict, list[di
     rewards.check_names({cfg.eval_format: 1.0} if cfg.eval_format else {})
     settings = rewards.settings(cfg)
     mine = {}  # batch start -> its records
-    # --fsdp: the ranks' generate calls match, whatever their number of batches (distributed.sampling)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), distributed.sampling(model):
+    # --fsdp: the ranks' generate calls match, whatever their number of batches (fsdp.sampling)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), fsdp.sampling(model):
         torch.manual_seed(cfg.seed + 1_000_003 * distributed.rank())
         for i in starts[distributed.rank()::distributed.world()]:
             batch = examples[i:i + cfg.eval_batch_size]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 import distributed
+import fsdp
 import guards
 import logprobs
 import rewards
@@ -126,7 +127,7 @@ def step(policy, sample, batch: list[dict], step: int, optimizer, cfg, refill=No
         raise ValueError("dynamic_sampling needs more questions than the step's batch, and this caller gives "
                          "none (refill): train with train.py, or set dynamic_sampling false")
     # an error while any rank samples or scores stops them all here; --fsdp: the ranks' generate calls match
-    with distributed.errors_stop_every_rank(), distributed.sampling(policy.model):
+    with distributed.errors_stop_every_rank(), fsdp.sampling(policy.model):
         if cfg.dynamic_sampling:
             s, rounds, filtered = dynamic_sampling(policy, sample, batch, step, cfg, refill)
         else:

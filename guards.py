@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
+import fsdp
 import logprobs
 
 
@@ -98,7 +99,7 @@ def optimizer_step(model, optimizer, sums: dict, max_grad_norm: float) -> dict:
     step = dict(zip(sums, distributed.all_sum(list(sums.values()))))
     error, stepped = None, False
     try:
-        step["grad_norm"] = distributed.full(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)).item()
+        step["grad_norm"] = fsdp.full(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)).item()
         step["skipped"] = not (math.isfinite(step["loss"]) and math.isfinite(step["grad_norm"]))
         if not step["skipped"]:
             optimizer.step()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute
 
 import distributed
+import fsdp
 import llms
 import rollout
 import vision
@@ -76,10 +77,10 @@ def token_logps(model, input_ids, attention_mask, start: int, temperature, chunk
     The body runs once (share_prompt: the shared prompt columns once per distinct prompt, then the rest,
     shared_prompt_hidden); the output projection runs on `chunk` positions at a time (fewer under
     chunk_mb, see head_logps) and is recomputed in backward (activation checkpointing), so only one
-    chunk of logits ever exists. Under --fsdp it runs inside the root's forward (distributed.as_forward),
+    chunk of logits ever exists. Under --fsdp it runs inside the root's forward (fsdp.as_forward),
     where the head weight it reads directly is whole.
     """
-    return distributed.as_forward(model, _token_logps, model, input_ids, attention_mask, start, temperature, chunk,
+    return fsdp.as_forward(model, _token_logps, model, input_ids, attention_mask, start, temperature, chunk,
                                   visual, chunk_mb=chunk_mb, share_prompt=share_prompt)
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 import config
-import distributed
+import fsdp
 import llms
 import vision
 
@@ -138,7 +138,7 @@ def prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     width = input_ids.shape[1]
     ids, mask = unique[:, :width - 1], unique[:, width:2 * width - 1].to(attention_mask.dtype)
     body, _ = llms.decoder_and_head(model)
-    cache = distributed.as_forward(  # --fsdp: the body runs inside the root's forward, as in logprobs.token_logps
+    cache = fsdp.as_forward(  # --fsdp: the body runs inside the root's forward, as in logprobs.token_logps
         model, lambda: body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True).cache)
     cache.batch_select_indices(inverse)
     return cache
@@ -174,7 +174,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     extra = vision.model_inputs(model, input_ids, visual) if visual is not None else {}
     multi = [s for s in stops_of(model) if len(s) > 1]  # callers cut rows at them (completion_mask, ends_at)
     criteria = (stopping_criteria or []) + ([StopSequences(multi, input_ids.shape[1])] if multi else [])
-    synced = distributed.before_generate(model)  # --fsdp: keeps the ranks' calls matched (distributed.sampling)
+    synced = fsdp.before_generate(model)  # --fsdp: keeps the ranks' calls matched (fsdp.sampling)
     # the shared prefill is one more forward pass, which a per-layer-gathering rank's partner would not match
     share = visual is None and kv_cache == "dynamic" and not synced.get("synced_gpus")
     cache = prefilled_cache(model, input_ids, attention_mask) if share else None

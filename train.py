@@ -32,6 +32,7 @@ import checkpoint
 import config
 import data
 import distributed
+import fsdp
 import evaluator
 import grpo
 import llms
@@ -78,7 +79,7 @@ def main(argv: list[str]) -> None:
         policy = llms.for_training(model, tokenizer, cfg, adapter_path=run.adapter_path, load_reference=lambda: (
             llms.from_config(cfg, run.base, device, shots=shots, tiny_corpus=corpus, gradient_checkpointing=False)[0]))
     distributed.broadcast_weights(policy.model)  # torchrun: every rank starts from rank 0's weights
-    distributed.shard_policy(policy, cfg)  # --fsdp: layers and root sharded over the ranks, the reference too
+    fsdp.shard_policy(policy, cfg)  # --fsdp: layers and root sharded over the ranks, the reference too
     with distributed.errors_stop_every_rank():
         optimizer, scheduler = optim.make_optimizer(policy.model, cfg)
         first_step = run.restore(optimizer, scheduler)

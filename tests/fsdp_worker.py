@@ -22,6 +22,7 @@ import checkpoint  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
+import fsdp  # noqa: E402
 import evaluator  # noqa: E402
 import grpo  # noqa: E402
 import llms  # noqa: E402
@@ -51,7 +52,7 @@ def tiny(examples, seed=0):
 
 def trained_weights(model) -> dict:
     """The trained weights, whole (a collective under --fsdp: every rank calls it)."""
-    return {k: distributed.full(v).detach().float().clone() for k, v in model.named_parameters() if v.requires_grad}
+    return {k: fsdp.full(v).detach().float().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
 def policy_of(base, tokenizer, cfg):
@@ -59,7 +60,7 @@ def policy_of(base, tokenizer, cfg):
     model, _ = llms.prepare(copy.deepcopy(base).to(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32),
                             tokenizer, "cpu", cfg.gradient_checkpointing)
     policy = llms.for_training(model, tokenizer, cfg, load_reference=lambda: copy.deepcopy(model))
-    distributed.shard_policy(policy, cfg)  # one process: nothing
+    fsdp.shard_policy(policy, cfg)  # one process: nothing
     return policy
 
 
@@ -99,7 +100,7 @@ def two_updates(out: str) -> None:
     grpo.update(policy.model, policy.ref_model, part, adv, optimizer, cfg)
     scheduler.step()
     out_dir = os.path.join(out, f"ckpt_world{distributed.world()}")
-    whole = distributed.full_state(policy.model, optimizer)
+    whole = fsdp.full_state(policy.model, optimizer)
     if distributed.is_main():
         checkpoint.save(out_dir, 1, policy.model, tokenizer, optimizer, scheduler, 1, whole)
     grpo.update(policy.model, policy.ref_model, part, adv, optimizer, cfg)
@@ -113,7 +114,7 @@ def resume(path: str, cfg, tokenizer, part, adv) -> dict:
     """Update 2 from the checkpoint at `path`, loaded as a resumed run loads it; its trained weights."""
     model, _ = llms.load(path, "cpu")
     policy = llms.for_training(model, tokenizer, cfg, load_reference=lambda: None)
-    distributed.shard_policy(policy, cfg)
+    fsdp.shard_policy(policy, cfg)
     optimizer, scheduler = optim.make_optimizer(policy.model, cfg)
     checkpoint.load_state(path, optimizer, scheduler)
     grpo.update(policy.model, policy.ref_model, part, adv, optimizer, cfg)
@@ -158,7 +159,7 @@ def sampling(out: str) -> None:
             for p in model.parameters():
                 p.normal_(0, 0.3)
         policy = llms.Policy(model, tokenizer)
-        distributed.shard_policy(policy, cfg)
+        fsdp.shard_policy(policy, cfg)
         results[f"{mode}/eval"] = evaluator.evaluate(policy.model.eval(), tokenizer, test[:5], cfg)
     save(out, "sampling", results)
 

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import distributed  # noqa: E402
+import fsdp  # noqa: E402
 import grpo  # noqa: E402
 import llms  # noqa: E402
 import optim  # noqa: E402
@@ -61,7 +62,7 @@ def main() -> None:
     model.generation_config = GenerationConfig(eos_token_id=0, pad_token_id=0)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = llms.Policy(model, None)
-    distributed.shard_policy(policy, cfg)
+    fsdp.shard_policy(policy, cfg)
     optimizer, _ = optim.make_optimizer(policy.model, cfg)
     release()
 
@@ -86,13 +87,13 @@ def main() -> None:
     modes = ("unshard", "per_layer") if args.fsdp else ("one process",)
     for mode in modes:
         release()
-        root = distributed.fsdp_root(policy.model)
+        root = fsdp.root_of(policy.model)
         if root is not None:
             root.grpo_sampling = mode
         held = memory_now("cpu")
         memory_mark("cpu")
         t0 = time.perf_counter()
-        with distributed.sampling(policy.model):
+        with fsdp.sampling(policy.model):
             rollout.generate(policy.model, ids[:, :args.prompt], torch.ones_like(ids[:, :args.prompt]),
                              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, temperature=1.0)
         rows[f"sampling ({mode})"] = (time.perf_counter() - t0, held, memory_mark("cpu")[0])
