@@ -187,15 +187,14 @@ def write_hparams(w, arch: str, cfg) -> None:
 
 def source_gguf(model, model_name: str | None, cache: str) -> str | None:
     """The GGUF file the model was first converted from (its tokenizer is copied from there), or None."""
-    import gguf_models as gm
-
     record = getattr(model.config, "gguf_source", None)
     if record:
         path = record["file"]
-        if os.path.isfile(path) and gm.file_hash(path) == record["sha256"]:
+        if os.path.isfile(path) and gguf_models.file_hash(path) == record["sha256"]:
             return path
     if model_name:  # a run from before the record: its model_name names the file
-        path = gm.SHIPPED[model_name](os.path.expanduser(cache)) if model_name in gm.SHIPPED else gm.gguf_file(model_name)
+        path = (gguf_models.SHIPPED[model_name](os.path.expanduser(cache)) if model_name in gguf_models.SHIPPED
+                else gguf_models.gguf_file(model_name))
         if path and os.path.isfile(path):
             return path
     if record:
