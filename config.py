@@ -108,7 +108,7 @@ class Config:
     #                                    tokenizer has a template, else plain
     few_shot: int = 0                  # plain format: this many solved training examples (seeded) open every
     #                                    prompt, each ending with a blank line, where answers stop (llms.PLAIN_STOP)
-    task: Literal["math", "judge_pointwise", "judge_pairwise"] = "math"  # math: checked by rewards.is_correct;
+    task: Literal["math", "judge_pointwise", "judge_pairwise"] = "math"  # math: checked by answers.is_correct;
     #                                    judge_*: the verdict parsers of judge_rewards.py
     prompt_template: str = ""          # file whose {placeholders} make the user message (data.py); "" = the
     #                                    question as-is for math, configs/prompts/<task>.txt for judges

@@ -3,7 +3,7 @@ tasks (builtin_tasks.py) by name.
 
 Every loader returns plain lists of examples, one dict per problem:
     {"question": str, "answer": str, "solution": str}  (+ "images": [PIL images], "videos": [video.Video])
-`answer` is the final answer (what rewards.is_correct compares against; a judge's label), `solution`
+`answer` is the final answer (what answers.is_correct compares against; a judge's label), `solution`
 is the worked solution without the answer line (what the SFT warm start imitates and GHPO hints are
 cut from). Judge examples add "target", the verdict the warm start imitates.
 

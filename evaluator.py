@@ -2,7 +2,7 @@
 
 The protocol is fixed so that curves of different sampling ideas compare: the test split (or a fixed
 seeded subset of it), plain sampling only (never guided or hinted), greedy or one fixed temperature,
-and correctness from the task's checker, never from a reward value: rewards.is_correct for math,
+and correctness from the task's checker, never from a reward value: answers.is_correct for math,
 the judge parsers of judge_rewards.py for judges. One loop samples and grades; `task_metrics` turns
 the records into the task's figures:
     math             accuracy
@@ -34,6 +34,7 @@ import torch
 
 import checkpoint
 import config
+import answers
 import builtin_tasks
 import data
 import distributed
@@ -57,7 +58,7 @@ def grade(task: str, completion: str, answer: str) -> tuple[bool, int | str | No
     if task == "judge_pairwise":
         pred = judge_rewards.parse_preference(completion)
         return pred == answer, pred
-    return rewards.is_correct(completion, answer), None
+    return answers.is_correct(completion, answer), None
 
 
 def task_metrics(task: str, records: list[dict], samples: int) -> dict:

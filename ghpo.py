@@ -2,7 +2,7 @@
 solution as a hint in the prompt, with more of it at each stage, until some chain succeeds.
 
 Stage 0 is plain sampling of all B groups. A group is all wrong when the accuracy reward of each of
-its G chains is <= 0 and its reference answer is checkable (rewards.checkable); it is then eligible.
+its G chains is <= 0 and its reference answer is checkable (answers.checkable); it is then eligible.
 Stage k (ratio r_k of hint_ratios) regenerates all G chains of every eligible group that the earlier
 stages left all wrong and whose hint make_hint(r_k) is new to it, in one batched generate call, from
 the question + HINT_INSTRUCTION + hint (hint_in "user", as in GHPO), or from the plain prompt whose
@@ -28,6 +28,7 @@ import re
 
 import torch
 
+import answers
 import config
 import llms
 import rewards
@@ -60,7 +61,7 @@ def make_hint(solution: str, ratio: float, unit: str) -> str:
 
 def needs_hint(accuracy: torch.Tensor, answer: str) -> bool:
     """All wrong: every chain's accuracy reward (G,) is <= 0, and the reference answer parses."""
-    return bool((accuracy <= 0).all()) and rewards.checkable(answer)
+    return bool((accuracy <= 0).all()) and answers.checkable(answer)
 
 
 def check_solutions(examples: list[dict], source: str) -> None:

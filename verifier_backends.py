@@ -33,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 
 import equations
+import answers
 import config
 import llms
 import rewards
@@ -89,7 +90,7 @@ def rules_reply(answer: str, steps: list[str]) -> str:
     if wrong:  # short replies: every inserted token lengthens every later turn and the trained sequence
         return "; ".join(wrong) + ".\n[SCORE] hallucination_detect=1"
     if answered(steps):
-        if rewards.is_correct(work, answer):
+        if answers.is_correct(work, answer):
             return f"{STOP}\n[SCORE] hallucination_detect=0"
         return "Your final answer is wrong.\n[SCORE] hallucination_detect=1"
     return "[SCORE] hallucination_detect=0" if checked else ""

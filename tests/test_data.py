@@ -6,6 +6,7 @@ import re
 import pytest
 
 import config
+import answers
 import builtin_tasks
 import data
 import evaluator
@@ -37,7 +38,7 @@ def test_arithmetic_task_is_deterministic_and_disjoint():
             lhs, rhs = eq.rstrip(".").split(" = ")
             a, op, b = lhs.split()
             assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(rhs)
-        assert rewards.is_correct(data.target_text(ex), ex["answer"])
+        assert answers.is_correct(data.target_text(ex), ex["answer"])
 
 
 def test_addition_task_is_every_pair_of_two_digit_numbers_shuffled_and_split():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rewards as R
-from rewards import extract_answer, is_correct, parse_number, reference_answer
+from answers import extract_answer, is_correct, parse_number, reference_answer
 
 GSM8K_ANSWER = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
