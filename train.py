@@ -45,6 +45,27 @@ import sft
 import vision
 
 
+def load_policy(cfg, run: checkpoint.Run, device, train_set: list[dict], eval_set: list[dict]):
+    """The policy: a fresh run starts from model_name (warm-started if sft_steps), a resumed one from its latest
+    checkpoint; then LoRA or train_only, the frozen reference when beta > 0, and --fsdp's sharding."""
+    with distributed.errors_stop_every_rank():
+        shots = data.run_shots(cfg, train_set)  # the plain format's solved examples
+        corpus = data.tiny_corpus(train_set, cfg.system_prompt)  # the built-in tiny model's tokenizer trains on it
+        model, tokenizer = llms.from_config(cfg, run.model_path, device, shots=shots, tiny_corpus=corpus)
+        rollout.check_prompts_fit(tokenizer, cfg, train_set + eval_set)  # a judge prompt must keep its instructions
+        vision.check(tokenizer, cfg, train_set + eval_set)  # images need a VL model (and no Liger)
+        if run.fresh and cfg.sft_steps > 0:
+            sft.warm_start_cached(model, tokenizer, train_set, cfg)
+    if run.fresh and (cfg.sft_steps > 0 or cfg.model_name in (llms.TINY, llms.TINY_VL)):
+        run.save_base(model, tokenizer)  # the starting weights: resume, LoRA and the reference load them
+    with distributed.errors_stop_every_rank():
+        policy = llms.for_training(model, tokenizer, cfg, adapter_path=run.adapter_path, load_reference=lambda: (
+            llms.from_config(cfg, run.base, device, shots=shots, tiny_corpus=corpus, gradient_checkpointing=False)[0]))
+    distributed.broadcast_weights(policy.model)  # torchrun: every rank starts from rank 0's weights
+    fsdp.shard_policy(policy, cfg)  # --fsdp: layers and root sharded over the ranks, the reference too
+    return policy, tokenizer
+
+
 def main(argv: list[str]) -> None:
     hf_logging.disable_progress_bar()  # keep the terminal to our own bar
     cfg = config.load(argv)
@@ -64,22 +85,7 @@ def main(argv: list[str]) -> None:
         sample = samplers.make(cfg, device=device, train_set=train_set)
         llms.check_context(cfg)
 
-        # 2. the policy: a fresh run starts from model_name (warm-started if sft_steps), a resumed one from
-        #    its latest checkpoint; then LoRA or train_only, and the frozen reference when beta > 0
-        shots = data.run_shots(cfg, train_set)  # the plain format's solved examples
-        corpus = data.tiny_corpus(train_set, cfg.system_prompt)  # the built-in tiny model's tokenizer trains on it
-        model, tokenizer = llms.from_config(cfg, run.model_path, device, shots=shots, tiny_corpus=corpus)
-        rollout.check_prompts_fit(tokenizer, cfg, train_set + eval_set)  # a judge prompt must keep its instructions
-        vision.check(tokenizer, cfg, train_set + eval_set)  # images need a VL model (and no Liger)
-        if run.fresh and cfg.sft_steps > 0:
-            sft.warm_start_cached(model, tokenizer, train_set, cfg)
-    if run.fresh and (cfg.sft_steps > 0 or cfg.model_name in (llms.TINY, llms.TINY_VL)):
-        run.save_base(model, tokenizer)  # the starting weights: resume, LoRA and the reference load them
-    with distributed.errors_stop_every_rank():
-        policy = llms.for_training(model, tokenizer, cfg, adapter_path=run.adapter_path, load_reference=lambda: (
-            llms.from_config(cfg, run.base, device, shots=shots, tiny_corpus=corpus, gradient_checkpointing=False)[0]))
-    distributed.broadcast_weights(policy.model)  # torchrun: every rank starts from rank 0's weights
-    fsdp.shard_policy(policy, cfg)  # --fsdp: layers and root sharded over the ranks, the reference too
+    policy, tokenizer = load_policy(cfg, run, device, train_set, eval_set)  # 2. the policy
     with distributed.errors_stop_every_rank():
         optimizer, scheduler = optim.make_optimizer(policy.model, cfg)
         first_step = run.restore(optimizer, scheduler)
