@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 import config
 import evaluator
 import export
+import gguf_models
 import llms
 from helpers import ROOT
 
@@ -116,6 +117,27 @@ def test_a_tiny_qwen_reads_back_and_runs_in_llama_cpp(tiny_models, tmp_path, kin
     reply = llama_cpp(path).handle_completions({"prompt": prompt, "max_tokens": 8, "temperature": 0})
     assert reply["usage"]["prompt_tokens"] == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert reply["choices"][0]["text"] == greedy(model, tokenizer, prompt, 8)
+
+
+def test_an_exported_file_converts_back_as_model_name_parsing_it_once(tiny_models, tmp_path, monkeypatch):
+    """--model_name FILE.gguf on a file export wrote: the cached HF folder holds the same weights and
+    tokenizer, and the gguf package parses the file once (transformers would build three readers)."""
+    folder = tiny_models["qwen2"]
+    path = export.export(folder, str(tmp_path / "m.gguf"), "f32")
+    parses = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            parses.append(args[0])
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    converted = gguf_models.resolve(path, str(tmp_path / "cache"))
+    assert len(parses) == 1 and gguf.GGUFReader is Counting  # one parse, and the class is put back
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    back, back_tok = AutoModelForCausalLM.from_pretrained(converted), AutoTokenizer.from_pretrained(converted)
+    ids = tokenizer(MIXED, add_special_tokens=False)["input_ids"]
+    assert back_tok(MIXED, add_special_tokens=False)["input_ids"] == ids
+    assert same_logits(model, back, ids) < 1e-5
 
 
 def test_each_split_of_the_table_is_recognised(task):
