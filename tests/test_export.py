@@ -68,12 +68,6 @@ def tiny_models(tmp_path_factory, task):
     return out
 
 
-def read_back(path: str):
-    folder, name = os.path.split(path)
-    return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32),
-            AutoTokenizer.from_pretrained(folder, gguf_file=name))
-
-
 def same_logits(a, b, ids: list[int]) -> float:
     with torch.no_grad():
         x = torch.tensor([ids])
@@ -105,7 +99,7 @@ def test_a_tiny_qwen_reads_back_and_runs_in_llama_cpp(tiny_models, tmp_path, kin
     folder = tiny_models[kind]
     path = export.export(folder, str(tmp_path / "m.gguf"), "f32")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    back, back_tok = read_back(path)
+    back, back_tok = gguf_models.read(path)
     ids = tokenizer(MIXED, add_special_tokens=False)["input_ids"]
     assert back_tok(MIXED, add_special_tokens=False)["input_ids"] == ids and tokenizer.eos_token_id in ids
     assert same_logits(model, back, ids) < 1e-5
@@ -175,7 +169,7 @@ def test_a_lora_checkpoint_exports_merged(tiny_models, tmp_path):
     assert not os.path.exists(tmp_path / "merged" / "adapter_config.json")
     assert same_logits(lora.eval(), merged, ids) < 1e-3  # merging rounds: logits here are in the tens
     assert same_logits(AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"]), merged, ids) > 0.1
-    back, _ = read_back(export.export(str(step), str(tmp_path / "m.gguf"), "f32"))
+    back, _ = gguf_models.read(export.export(str(step), str(tmp_path / "m.gguf"), "f32"))
     assert same_logits(merged, back, ids) < 1e-5
 
 
@@ -190,7 +184,7 @@ def test_quantized_types_keep_the_model_close(tiny_models, tmp_path):
         types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
         assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.0.ffn_up.weight"] == export.TYPES[kind]
         if kind not in ("f16", "bf16"):
-            errors[kind] = same_logits(model, read_back(path)[0], ids)
+            errors[kind] = same_logits(model, gguf_models.read(path)[0], ids)
     assert errors["q8_0"] < errors["q5_0"] < errors["q4_0"]
     assert export.encode(torch.ones(4, 48).numpy(), "q8_0")[1] == gguf.GGMLQuantizationType.F16
 
@@ -237,7 +231,7 @@ def test_smollm2_in_llama_cpp_continues_as_transformers_and_prompts_with_the_run
     ids = tokenizer(MIXED, add_special_tokens=False)["input_ids"]
     for kind, close in (("f16", 0.1), ("q8_0", 2.0)):
         path = export.export(str(folder), str(tmp_path / f"smol_{kind}.gguf"), kind)
-        back, back_tok = read_back(path)
+        back, back_tok = gguf_models.read(path)
         assert back_tok(MIXED, add_special_tokens=False)["input_ids"] == ids
         assert same_logits(model, back, ids) < close, kind
         assert llms.render(back_tok, messages) == rendered and "{% raw %}" not in back_tok.chat_template
