@@ -10,11 +10,14 @@ one process's and the ranks from waiting on each other forever:
   inside the root's registered forward method (as_forward), which gathers the root's weights;
 - every rank makes the same collective calls in the same order: the same number of loss-pass
   micro-batches (guards.MicroBatches pads with empty ones), and of generate calls (sampling below).
-Not covered: out of memory inside a forward or backward under --fsdp leaves the other ranks waiting in
-a collective, so the run stops at the process group's timeout (30 minutes) instead of retrying with
-smaller micro-batches (guards.retry_smaller_on_oom) or saving; an error raised inside a per_layer
-generate call likewise. A VL model's vision blocks are sharded but untested.
+Out of memory inside the loss pass (a forward or backward) leaves the other ranks waiting in that pass's
+weight gathers, which the rank that ran out will never join: no retry with smaller micro-batches and no
+checkpoint is possible, so that rank ends the run at once (stop_now) and the run keeps its last
+checkpoint. Not covered: an error raised inside a per_layer generate call leaves the other ranks waiting
+until the process group's timeout (30 minutes). A VL model's vision blocks are sharded but untested.
 """
+import os
+import sys
 import types
 
 import torch
@@ -198,3 +201,17 @@ def shard_optimizer_state(optimizer, state: dict) -> dict:
                 per_param[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements,
                                                    src_data_rank=None)  # every rank holds the full tensor
     return state
+
+
+def stop_now(error: Exception, where: str) -> None:
+    """Out of memory `where` on this rank, inside a pass whose weight gathers the other ranks wait in: say
+    why and end this process at once, with no collective call (an agreement, a checkpoint's gathering) that
+    the others could never match. torchrun then stops the other ranks; the run keeps its last checkpoint,
+    which was written whole or not at all."""
+    print(f"stopped: out of memory {where} under --fsdp on rank {distributed.rank()} ({str(error).splitlines()[0]}). "
+          f"The other ranks wait inside this pass's weight gathers, so the ranks can neither retry with smaller "
+          f"micro-batches nor save: the run keeps its last checkpoint. Lower micro_batch_size, "
+          f"max_completion_tokens or num_chains, or turn on gradient_checkpointing; then continue with --resume",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)

@@ -4,6 +4,7 @@
                             column (and sorted by that width); halves on out of memory
     retry_smaller_on_oom    run a pass over the micro-batches; when any rank runs out of memory, every
                             rank retries it with micro-batches of half the size, down to one chain
+                            (under --fsdp the run stops at once: fsdp.stop_now)
     optimizer_step          the step's gradient summed over the ranks, clipped, and applied, unless the
                             loss or gradient is not finite (then skipped); out of memory here stops every
                             rank together, with a checkpoint (checkpoint.Guard)
@@ -65,13 +66,16 @@ def free_memory() -> None:
 def retry_smaller_on_oom(fn, batches: MicroBatches, optimizer):
     """fn(), a pass over `batches` that holds no collective call; when it runs out of memory on any rank,
     every rank drops the pass's gradients and retries it with micro-batches of half the size, down to one
-    chain. Only then does the error stop the run: the rank that ran out raises it, the others
+    chain. (Under --fsdp the pass gathers weights with the other ranks: out of memory ends the run at once,
+    fsdp.stop_now.) Only then does the error stop the run: the rank that ran out raises it, the others
     distributed.OtherRankFailed (rank 0 then saves a checkpoint: checkpoint.Guard). No optimizer step has
     been taken when a pass is retried."""
     while True:
         try:
             out, error = fn(), None
         except torch.OutOfMemoryError as e:
+            if distributed.is_sharded():  # the other ranks are inside this pass's weight gathers
+                fsdp.stop_now(e, "in the loss pass")
             out, error = None, e
         notes = distributed.gather((error is not None, batches.size))  # every rank retries, or stops, together
         if not any(oom for oom, _ in notes):

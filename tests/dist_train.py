@@ -7,6 +7,7 @@ sampler_oom (rank 1's sampler runs out of memory at step 2),
 flaky_reward (a reward `flaky` that raises on rank 1's chains: counted, the run goes on),
 oom_once (rank 1's first loss micro-batch of 4 chains runs out of memory: both ranks retry at 2),
 oom_always (rank 1 runs out of memory on every loss micro-batch: both ranks stop, rank 0 saves),
+oom_at_step_2 (rank 1's loss micro-batch of step 2 runs out of memory: under --fsdp the run ends at once),
 optimizer_oom (rank 1's GRPO optimizer step of step 2 runs out of memory; rank 0's has been taken),
 killed_at_step_4 (rank 1 is killed with SIGKILL when it starts sampling step 4).
 """
@@ -49,11 +50,13 @@ elif mode == "flaky_reward":
             raise ValueError("rank 1's test fault")
         return 1.0
     rewards.REWARDS["flaky"] = flaky
-elif mode in ("oom_once", "oom_always"):
-    token_logps, failed = logprobs.token_logps, []
+elif mode in ("oom_once", "oom_always", "oom_at_step_2"):
+    token_logps, failed, calls = logprobs.token_logps, [], []
 
     def tight(model, input_ids, *args, **kwargs):  # GRPO's micro-batches (the warm start's batches are larger)
-        if distributed.rank() == 1 and input_ids.shape[0] <= 4 and (mode == "oom_always" or not failed):
+        calls.append(input_ids.shape[0] <= 4)
+        at = {"oom_always": True, "oom_once": not failed, "oom_at_step_2": sum(calls) == 2}[mode]
+        if distributed.rank() == 1 and input_ids.shape[0] <= 4 and at:
             failed.append(input_ids.shape[0])
             raise torch.OutOfMemoryError("CUDA out of memory (rank 1's test fault)")
         return token_logps(model, input_ids, *args, **kwargs)

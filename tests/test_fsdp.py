@@ -82,8 +82,8 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_the_reverse(worker):
 @pytest.mark.parametrize("mode", ["unshard", "per_layer"])
 def test_every_sampler_keeps_sharded_ranks_in_step(worker, mode):
     """Each sampler (plain, guided, GHPO, the rules verifier), plain with LoRA, and dynamic sampling where
-    rank 1 samples 3 rounds and rank 0 one, runs to the end in both sampling modes (a hang would time the worker out), and
-    per-layer gathering samples the tokens of the unsharded model."""
+    rank 1 samples 3 rounds and rank 0 one, runs to the end in both sampling modes (a hang would time the
+    worker out), and per-layer gathering samples the tokens of the unsharded model."""
     results = load(worker, "sampling", 2)
     for name in [*samplers.SAMPLERS, "dynamic", "plain_lora"]:
         got = results[f"{mode}/{name}"]
@@ -137,6 +137,21 @@ def test_a_sharded_run_killed_mid_step_resumes_as_if_never_stopped(tmp_path):
     results = evaluator.main(["--model", out, "--out", str(tmp_path / "eval.jsonl")])
     last = [row for row in rows if row["split"] == "eval"][-1]
     assert last["step"] == 4 and results["model"]["metrics"] == {k: last[k] for k in results["model"]["metrics"]}
+
+
+def test_out_of_memory_in_a_sharded_loss_pass_ends_the_run_at_once_keeping_its_checkpoint(tmp_path):
+    """Rank 1 runs out of memory in step 2's loss pass, where rank 0 waits in the pass's weight gathers:
+    the run ends in seconds (not at the process group's 30-minute timeout), says why once, and keeps
+    step 1's checkpoint whole."""
+    out = str(tmp_path / "pass")
+    done = run(TORCHRUN + ["tests/dist_train.py", "oom_at_step_2", *FAST, *FSDP, "--max_steps", "3", "--eval_every",
+                           "3", "--save_every", "1", "--out_dir", out], timeout=150)
+    assert done.returncode != 0
+    message = "stopped: out of memory in the loss pass under --fsdp on rank 1"
+    assert done.stderr.count(message) == 1, done.stderr[-3000:]
+    path = checkpoint.latest(out)
+    assert path.endswith("step_000001") and checkpoint.unreadable(path) is None
+    assert [r["step"] for r in read(os.path.join(out, "metrics.jsonl")) if r["split"] == "train"] == [1]
 
 
 def test_out_of_memory_on_one_sharded_rank_stops_both_with_a_checkpoint(tmp_path):

@@ -51,7 +51,7 @@ def test_conversion_gives_a_plain_cached_hf_folder(smol_dir, model_cache, monkey
     with open(os.path.join(smol_dir, "config.json")) as f:
         assert "quantization_config" not in json.load(f)  # a reload is not marked as quantized again
     assert not [d for d in os.listdir(model_cache) if d.endswith(".tmp")]
-    monkeypatch.setattr(gguf_models, "_read", lambda path: pytest.fail("converted twice"))
+    monkeypatch.setattr(gguf_models, "read", lambda path: pytest.fail("converted twice"))
     assert gguf_models.resolve("smollm2-135m-instruct", model_cache) == smol_dir  # the cache, by file hash
     gguf = os.path.join(model_cache, os.path.basename(gguf_models.SMOLLM2_MEMBER))
     assert gguf_models.resolve(gguf, model_cache) == smol_dir  # the file itself, the same folder
