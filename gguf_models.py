@@ -10,16 +10,15 @@ of a model this project ships a way to get:
                             (its dependencies build llama.cpp)
 
 transformers reads a GGUF file through the gguf package by dequantizing every tensor to float, which is
-slow (about 25 s for Gemma 3 on 2 cores; the gguf package parses its 262k-token vocabulary for 10 s, which
-transformers would do three times, so one parse is shared: `_one_parse`), and marks the model as
-quantized, so `save_pretrained` refuses it and a folder saved from it keeps `quantization_config` in
-config.json (every reload is marked again). So the first load converts: model and tokenizer are read from
-the file, the marker is cleared, and both are saved (fp32 safetensors) under a temporary name, renamed
-when complete, in `model_cache/<file stem>-<sha256 prefix>/`. Every later load (the reference model,
-resume, evaluation, the next run) reads that folder in seconds; a failed conversion leaves nothing behind,
-and the next run converts again. The folder's config.json records the file it came from (`gguf_source`:
-path and sha256 prefix); every checkpoint saved from the model carries it, and export.py copies the
-tokenizer from that file.
+slow (about 25 s for Gemma 3 on 2 cores, with the gguf package's work done once: `_one_parse`), and marks
+the model as quantized, so `save_pretrained` refuses it and a folder saved from it keeps
+`quantization_config` in config.json (every reload is marked again). So the first load converts: model and
+tokenizer are read from the file, the marker is cleared, and both are saved (fp32 safetensors) under a
+temporary name, renamed when complete, in `model_cache/<file stem>-<sha256 prefix>/`. Every later load
+(the reference model, resume, evaluation, the next run) reads that folder in seconds; a failed conversion
+leaves nothing behind, and the next run converts again. The folder's config.json records the file it came
+from (`gguf_source`: path and sha256 prefix); every checkpoint saved from the model carries it, and
+export.py copies the tokenizer from that file.
 
     python gguf_models.py smollm2-135m-instruct     # fetch and convert (once), print the folder
 """
@@ -183,25 +182,32 @@ def read(path: str):
 
 @contextlib.contextmanager
 def _one_parse():
-    """Inside it, gguf.GGUFReader(path) parses each file once: transformers builds a reader for the config,
-    the tokenizer and the weights alike (it imports the class at each call, so replacing the module's
-    attribute reaches it). The reader only reads (a memory map), so one can serve all three."""
+    """Inside it, the gguf package builds each file's reader and each architecture's tensor-name table once.
+    transformers builds a reader for the config, the tokenizer and the weights alike (10 s each for Gemma
+    3's vocabulary), and a name table for every module of the model (hundreds, 3 s for SmolLM2); it imports
+    both at each call, so replacing the module's attributes reaches it. Both are only read after they are
+    built (the reader is a memory map), so one serves every call."""
     import gguf
-    original, parsed = gguf.GGUFReader, {}
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers, maps = {}, {}
 
     def reader(path, *args, **kwargs):
         if args or kwargs:  # another mode: not ours to share
-            return original(path, *args, **kwargs)
+            return reader_class(path, *args, **kwargs)
         key = os.path.realpath(path)
-        if key not in parsed:
-            parsed[key] = original(path)
-        return parsed[key]
-    gguf.GGUFReader = reader
+        if key not in readers:
+            readers[key] = reader_class(path)
+        return readers[key]
+
+    def tensor_name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = name_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
     try:
         yield
     finally:
-        gguf.GGUFReader = original
-
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
 
 if __name__ == "__main__":
     print(resolve(sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m-instruct", config.Config.model_cache))

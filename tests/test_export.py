@@ -115,7 +115,8 @@ def test_a_tiny_qwen_reads_back_and_runs_in_llama_cpp(tiny_models, tmp_path, kin
 
 def test_an_exported_file_converts_back_as_model_name_parsing_it_once(tiny_models, tmp_path, monkeypatch):
     """--model_name FILE.gguf on a file export wrote: the cached HF folder holds the same weights and
-    tokenizer, and the gguf package parses the file once (transformers would build three readers)."""
+    tokenizer, and the gguf package parses the file once (transformers would build three readers) and
+    builds its tensor-name table once."""
     folder = tiny_models["qwen2"]
     path = export.export(folder, str(tmp_path / "m.gguf"), "f32")
     parses = []
@@ -125,8 +126,11 @@ def test_an_exported_file_converts_back_as_model_name_parsing_it_once(tiny_model
             parses.append(args[0])
             super().__init__(*args, **kwargs)
     monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    name_map, tables = gguf.get_tensor_name_map, []
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda *args: tables.append(args) or name_map(*args))
     converted = gguf_models.resolve(path, str(tmp_path / "cache"))
     assert len(parses) == 1 and gguf.GGUFReader is Counting  # one parse, and the class is put back
+    assert len(tables) == 1  # one tensor-name table (transformers asks for one per module)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     back, back_tok = AutoModelForCausalLM.from_pretrained(converted), AutoTokenizer.from_pretrained(converted)
     ids = tokenizer(MIXED, add_special_tokens=False)["input_ids"]
