@@ -141,3 +141,4 @@ if __name__ == "__main__":
         sys.exit(f"stopped: {e}" if distributed.reports(e) else 1)
     except config.UserError as e:  # a mistake in what was asked: its message names the fix, no traceback
         sys.exit(f"error: {e}" if distributed.reports(e) else 1)
+    distributed.leave()  # torchrun: the rank ends here, past the interpreter's teardown (distributed.leave)

@@ -157,3 +157,4 @@ if __name__ == "__main__":
     figures(sys.argv[1])
     ideas(sys.argv[1])
     distributed.teardown()
+    distributed.leave()

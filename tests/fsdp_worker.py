@@ -170,3 +170,4 @@ if __name__ == "__main__":
     two_updates(sys.argv[1])
     sampling(sys.argv[1])
     distributed.teardown()
+    distributed.leave()
