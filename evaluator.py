@@ -39,6 +39,7 @@ import builtin_tasks
 import data
 import distributed
 import fsdp
+import gguf_models
 import judge_rewards
 import llms
 import rewards
@@ -130,12 +131,9 @@ def evaluate_gguf(path: str, examples: list[dict], cfg, shots: list[tuple[str, s
     except ImportError:
         raise config.UserError("a GGUF file is evaluated in llama.cpp: pip install xllamacpp (requirements.txt "
                                "lists it)") from None
-    from transformers import AutoTokenizer
-
     if not os.path.isfile(path):
         raise config.UserError(f"--gguf {path}: no such file")
-    folder, name = os.path.split(os.path.abspath(path))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)  # the file's tokenizer and chat template
+    tokenizer = gguf_models.read_tokenizer(path)  # the file's tokenizer and chat template
     tokenizer.chat_template_kwargs = dict(cfg.chat_template_kwargs)  # the run's switches, as llama.cpp gets them
     layout = llms.plain_template(tokenizer, list(shots))  # as export.py writes it into the file
     plain = cfg.prompt_format == "plain" or tokenizer.chat_template in (layout, llms.without_raw_blocks(layout))

@@ -158,14 +158,14 @@ def _record_source(folder: str, source: dict) -> None:
 def read(path: str):
     """(model, tokenizer) dequantized from the GGUF file, the quantized marker cleared: plain fp32 weights."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     folder, name = os.path.split(os.path.abspath(path))
     hf_logging.disable_progress_bar()
     try:
-        with _one_parse():
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        with _one_parse():  # the tokenizer's parse serves the weights too
+            tokenizer = read_tokenizer(path)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as e:  # the gguf reader's and transformers' errors for a cut or foreign file vary widely
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -180,13 +180,22 @@ def read(path: str):
     return model, tokenizer
 
 
+def read_tokenizer(path: str):
+    """The tokenizer and chat template stored in a GGUF file, as transformers reads them (one parse)."""
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(path))
+    with _one_parse():
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
 @contextlib.contextmanager
 def _one_parse():
     """Inside it, the gguf package builds each file's reader and each architecture's tensor-name table once.
     transformers builds a reader for the config, the tokenizer and the weights alike (10 s each for Gemma
     3's vocabulary), and a name table for every module of the model (hundreds, 3 s for SmolLM2); it imports
     both at each call, so replacing the module's attributes reaches it. Both are only read after they are
-    built (the reader is a memory map), so one serves every call."""
+    built (the reader is a memory map), so one serves every call. Nested, the outer one's cache serves."""
     import gguf
     reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers, maps = {}, {}
