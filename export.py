@@ -193,8 +193,7 @@ def source_gguf(model, model_name: str | None, cache: str) -> str | None:
         if os.path.isfile(path) and gguf_models.file_hash(path) == record["sha256"]:
             return path
     if model_name:  # a run from before the record: its model_name names the file
-        path = (gguf_models.SHIPPED[model_name](os.path.expanduser(cache)) if model_name in gguf_models.SHIPPED
-                else gguf_models.gguf_file(model_name))
+        path = gguf_models.source_file(model_name, cache)
         if path and os.path.isfile(path):
             return path
     if record:

@@ -78,7 +78,7 @@ SHIPPED = {"gemma-3-270m": _gemma_3_270m, "smollm2-135m-instruct": _smollm2_135m
 
 def gguf_file(name: str) -> str | None:
     """The .gguf file that `name` means (a file, or the one .gguf in a folder without config.json);
-    None for anything else (a hub name, an HF folder). A shipped short name is handled by resolve."""
+    None for anything else (a hub name, an HF folder). A shipped short name is handled by source_file."""
     if name.endswith(".gguf"):
         return name
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
@@ -90,15 +90,21 @@ def gguf_file(name: str) -> str | None:
     return None
 
 
+def source_file(name: str, cache: str) -> str | None:
+    """The GGUF file `name` means, a shipped short name's fetched into `cache` the first time (gguf_file
+    for the rest); None for a hub name or an HF folder."""
+    if name in SHIPPED:
+        cache = os.path.expanduser(cache)
+        os.makedirs(cache, exist_ok=True)
+        return SHIPPED[name](cache)
+    return gguf_file(name)
+
+
 def resolve(name: str, cache: str) -> str:
     """The HF folder to load for `name`: itself, unless it is a shipped short name or a GGUF file (or
     a folder holding one), which are converted into `cache` the first time."""
-    cache = os.path.expanduser(cache)
-    if name in SHIPPED:
-        os.makedirs(cache, exist_ok=True)
-        return convert(SHIPPED[name](cache), cache)
-    path = gguf_file(name)
-    return name if path is None else convert(path, cache)
+    path = source_file(name, cache)
+    return name if path is None else convert(path, os.path.expanduser(cache))
 
 
 def file_hash(path: str) -> str:
